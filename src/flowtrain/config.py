@@ -1,0 +1,166 @@
+"""The run's config tree: typed sections, loaded from YAML, adjusted by dotted overrides, validated at once.
+
+A run is described by one RunConfig (model, data, optim, schedule, clip, train, log). Files in configs/ are
+partial trees over the defaults; `key.sub=value` overrides are parsed as YAML scalars. Every problem (unknown
+key, wrong type, impossible value) becomes a ConfigError naming the key and, for typos, the nearest valid key,
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from flowtrain._base import Section
+from flowtrain.data.config import DataConfig
+from flowtrain.errors import ConfigError
+from flowtrain.model.config import ModelConfig
+from flowtrain.optim.config import ClipConfig, OptimConfig, ScheduleConfig
+from flowtrain.train.config import LogConfig, TrainConfig
+
+
+class RunConfig(Section):
+    """Everything that defines a run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.schedule.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} is longer than "
+                f"train.max_steps={self.train.max_steps}; shorten the warmup or train longer"
+            )
+        if self.schedule.kind != "inverse_sqrt" and self.schedule.min_lr > self.optim.lr:
+            raise ValueError(
+                f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}; lower min_lr"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the configs that ship inside the package (configs/*.yaml)."""
+    folder = resources.files("flowtrain") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix and name_or_path in shipped_config_names():
+        text = (resources.files("flowtrain") / "configs" / f"{name_or_path}.yaml").read_text()
+        source = f"shipped config {name_or_path!r}"
+    else:
+        if not path.is_file():
+            raise ConfigError(
+                f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_config_names())}"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {name_or_path}: {exc}") from None
+        source = str(path)
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} must be a mapping of sections (model:, data:, ...), not {type(tree).__name__}")
+    tree.pop("base", None)
+    return tree
+
+
+def _valid_keys(section: type[Section] = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in section.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, Section):
+            keys.extend(_valid_keys(sub, dotted + "."))
+    return keys
+
+
+def _nearest_key(dotted: str) -> str:
+    match = difflib.get_close_matches(dotted, _valid_keys(), n=1, cutoff=0.5)
+    if not match:  # try the last component alone, anywhere in the tree
+        leaf = dotted.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in _valid_keys()}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        match = [leaves[close[0]]] if close else []
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1 c.d=[x,y]` → nested dict; values are YAML scalars/lists (so 3e-4, true, null work)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.strip() != key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. optim.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).isdigit() or True)
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}{_nearest_key(loc)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"invalid config: {msg}"
+    return f"invalid config value for {loc!r} (got {err.get('input')!r}): {msg}"
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a RunConfig, or raise ConfigError with one readable line."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The config named (shipped name or YAML path; default: `default`), with overrides applied."""
+    tree = _read_yaml(config or "default")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)

@@ -1,0 +1,45 @@
+"""Configuration of data preparation and batch loading (see data/prepare.py and data/loader.py)."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from flowtrain._base import Section
+
+BUILTIN_CORPORA = ("python-stdlib", "python-docs")
+
+
+class DataConfig(Section):
+    """Where the text comes from, how it is tokenized and split, and how batches are drawn."""
+
+    sources: list[str] = Field(
+        default_factory=lambda: ["python-stdlib", "python-docs"],
+        description="built-in corpus names (python-stdlib, python-docs) and/or paths to files or directories",
+    )
+    dataset: str | None = Field(
+        None, description="a prepared dataset directory (from `flowtrain prepare`); overrides `sources`"
+    )
+    text_field: str = Field("text", description="field holding the text in JSONL / Parquet / HF datasets")
+    include: list[str] = Field(default_factory=list, description="glob patterns a directory's files must match")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of files to skip")
+    tokenizer: Literal["char", "byte", "bpe"] = "byte"
+    tokenizer_path: str | None = Field(None, description="an existing tokenizer.json to use instead of training one")
+    bpe_vocab_size: int = Field(8192, ge=260, le=1 << 20)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_by: Literal["auto", "document", "tokens"] = Field(
+        "auto",
+        description="document: whole documents go to val; tokens: the last fraction of the token stream "
+        "(the classic single-file split); auto: document when the corpus has >= 10 documents",
+    )
+    loader: Literal["random", "packed", "varlen"] = "random"
+    doc_mask: bool = Field(False, description="packed loader: block-diagonal mask, no attention across documents")
+    bucket_by_length: bool = Field(False, description="varlen loader: group documents of similar length")
+    cache_dir: str | None = Field(
+        None, description="where `train` keeps datasets it prepares itself (default: $FLOWTRAIN_CACHE or ~/.cache/flowtrain)"
+    )
+
+    @model_validator(mode="after")
+    def _has_input(self) -> "DataConfig":
+        if not self.sources and not self.dataset:
+            raise ValueError("no data: set data.sources (a path or python-stdlib/python-docs) or data.dataset")
+        return self

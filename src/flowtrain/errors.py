@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad path, bad config, corrupt checkpoint...) is a FlowtrainError whose message
+names the bad thing and what to do about it. The CLI turns it into one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class FlowtrainError(Exception):
+    """A problem with the user's input, described in one line with a suggested fix."""
+
+
+class ConfigError(FlowtrainError):
+    """The config tree (file or override) is invalid."""
+
+
+class DataError(FlowtrainError):
+    """A corpus, dataset directory or tokenizer cannot be used."""
+
+
+class CheckpointError(FlowtrainError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model."""

@@ -1,0 +1,50 @@
+"""Configuration of the GPT model (see model/gpt.py)."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from flowtrain._base import Section
+
+
+class ModelConfig(Section):
+    """Shape and architecture choices of the decoder-only transformer."""
+
+    n_layer: int = Field(4, ge=1, description="number of transformer blocks")
+    n_head: int = Field(4, ge=1, description="attention heads per block")
+    n_embd: int = Field(128, ge=1, description="model width (d_model)")
+    block_size: int = Field(64, ge=1, description="context length in tokens")
+    vocab_size: int | None = Field(
+        None, ge=2, description="filled in from the dataset's tokenizer; set only to pad it up"
+    )
+    pos_encoding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_placement: Literal["pre", "post", "none"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    activation: Literal["relu", "gelu", "swiglu"] = "gelu"
+    mlp_ratio: float = Field(4.0, gt=0, description="FFN hidden width / n_embd (SwiGLU uses 2/3 of it)")
+    residual: bool = Field(True, description="residual connections (off only for gradient-flow studies)")
+    bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    init: Literal["normal", "xavier", "kaiming", "scaled"] = "scaled"
+    init_std: float = Field(0.02, gt=0)
+    embd_dropout: float = Field(0.0, ge=0, lt=1)
+    attn_dropout: float = Field(0.0, ge=0, lt=1)
+    resid_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "choose n_embd as a multiple of n_head"
+            )
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("RoPE needs an even head dimension (n_embd / n_head); change n_embd or n_head")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head

@@ -1,0 +1,42 @@
+"""Configuration of the training loop and of logging."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from flowtrain._base import Section
+
+
+class TrainConfig(Section):
+    """How long, how big a batch, on what device and precision, and when to evaluate and checkpoint."""
+
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    z_loss: float = Field(0.0, ge=0, description="weight of the z-loss term (log-sum-exp of the logits)^2")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="autocast precision (bfloat16 on CPU and CUDA, float16 with GradScaler on CUDA)"
+    )
+    compile: bool = False
+    seed: int = 1337
+    eval_interval: int = Field(250, ge=1, description="evaluate every N steps (and at the end)")
+    eval_batches: int = Field(20, ge=1, description="batches in the fixed validation subset")
+    eval_full_at_end: bool = Field(False, description="also evaluate the whole val split at the end")
+    checkpoint_interval: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best one")
+    out_dir: str = Field("runs", description="parent directory of run directories")
+    run_name: str | None = Field(None, description="default: a timestamp")
+    sample_tokens: int = Field(200, ge=0, description="length of the sample printed at the end")
+
+
+class LogConfig(Section):
+    """Where the per-step record goes."""
+
+    interval: int = Field(1, ge=1, description="write metrics every N steps")
+    console: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "flowtrain"
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
