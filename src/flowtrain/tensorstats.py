@@ -1,0 +1,104 @@
+"""The one place that reduces over lists of tensors (parameters, gradients, updates).
+
+Everything here is fused (torch._foreach_* kernels: one launch per dtype/device group instead of one per tensor)
+and returns device tensors: nothing calls .item(), so a caller can batch many statistics and move them to the
+host once per logging step.
+
+Sharded parameters: for DTensor inputs (FSDP2), a tensor's local shard holds only part of the elements. We reduce
+the local shards to sums of squares / maxima / counts and let `_full` finish the reduction over the mesh, so every
+rank gets the numbers one process would get on the unsharded tensors. Plain tensors take the fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:  # DTensor is public from torch 2.4 on; keep import-time cheap and optional
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - builds without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _full(values: torch.Tensor, tensors: Sequence[torch.Tensor], op: str) -> torch.Tensor:
+    """Finish per-tensor reductions of local shards over the device mesh of sharded tensors.
+
+    `values[i]` is the local partial result of tensors[i] (a sum for op="sum", a max for op="max"). Replicated
+    placements are already complete; sharded ones are all-reduced over their mesh. All sharded tensors of one
+    model share a mesh under FSDP2, so we all-reduce once for all of them.
+    """
+    sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t) and any(p.is_shard() for p in t.placements)]
+    if not sharded:
+        return values
+    import torch.distributed as dist
+
+    mesh = tensors[sharded[0]].device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    part = values[sharded].clone()
+    dist.all_reduce(part, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    out = values.clone()
+    out[sharded] = part
+    return out
+
+
+def _stack(parts: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not parts:
+        device = like[0].device if like else torch.device("cpu")
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    return torch.stack([p.float() for p in parts])
+
+
+def sums_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor sum of squared elements (float32), complete over shards."""
+    local = [_local(t) for t in tensors]
+    norms = torch._foreach_norm(local, 2) if local else []
+    sq = _stack(norms, local) ** 2
+    return _full(sq, tensors, "sum")
+
+
+def l2_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norm, shape [len(tensors)]."""
+    return sums_of_squares(tensors).sqrt()
+
+
+def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all tensors taken together (0-dim). NaN/Inf elements propagate, on purpose."""
+    return sums_of_squares(tensors).sum().sqrt()
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor max |x| (the inf-norm), shape [len(tensors)]."""
+    local = [_local(t) for t in tensors]
+    norms = torch._foreach_norm(local, float("inf")) if local else []
+    return _full(_stack(norms, local), tensors, "max")
+
+
+def numels(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor element count of the full (unsharded) tensors, float32 on the tensors' device."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float32, device=device)
+
+
+def rms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor root mean square, shape [len(tensors)]."""
+    return (sums_of_squares(tensors) / numels(tensors).clamp_min(1)).sqrt()
+
+
+def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor count of NaN/Inf elements (float32), complete over shards.
+
+    Uses the fact that x - x is 0 for finite x and NaN otherwise, summed with nansum's complement: counting is
+    one fused pass per tensor via isfinite; fine for the rate at which it runs (once per monitored step).
+    """
+    local = [_local(t) for t in tensors]
+    parts = [(~torch.isfinite(t)).sum() for t in local]
+    return _full(_stack(parts, local), tensors, "sum")
