@@ -1,0 +1,82 @@
+"""Device, precision and randomness: the parts of a run that depend on the machine.
+
+RNG state is captured as plain uint8 tensors (torch's own format) so checkpoints can store it in safetensors
+and restore it exactly; that is what makes `--resume` bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flowtrain.errors import ConfigError
+
+
+def select_device(requested: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is not there is a config error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: autocast dtype (or none) and whether fp16 loss scaling is needed."""
+
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def select_precision(name: str, device: torch.device) -> Precision:
+    if name == "float32":
+        return Precision(None, device.type)
+    if name == "float16" and device.type != "cuda":
+        raise ConfigError("train.dtype=float16 needs a CUDA device (GradScaler); use bfloat16 or float32 here")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bfloat16; use train.dtype=float16 or float32")
+    return Precision(dtype, device.type)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run might touch (torch CPU/CUDA, numpy, random)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The global torch RNG states as uint8 tensors (CPU, and each CUDA device when present)."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"].cpu())
+    cuda = sorted((k for k in state if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state[k].cpu() for k in cuda][: torch.cuda.device_count()])
