@@ -43,9 +43,7 @@ class RunConfig(Section):
                 f"train.max_steps={self.train.max_steps}; shorten the warmup or train longer"
             )
         if self.schedule.kind != "inverse_sqrt" and self.schedule.min_lr > self.optim.lr:
-            raise ValueError(
-                f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}; lower min_lr"
-            )
+            raise ValueError(f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}; lower min_lr")
         return self
 
     def to_yaml(self) -> str:

@@ -29,6 +29,9 @@ class TrainConfig(Section):
     out_dir: str = Field("runs", description="parent directory of run directories")
     run_name: str | None = Field(None, description="default: a timestamp")
     sample_tokens: int = Field(200, ge=0, description="length of the sample printed at the end")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="the device's matmul peak for MFU (default: known GPUs; unset on CPU = no MFU)"
+    )
 
 
 class LogConfig(Section):

@@ -1,0 +1,23 @@
+"""TensorBoard event files (the live view): `tensorboard --logdir runs/`."""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any
+
+
+class TensorBoardSink:
+    def __init__(self, logdir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # imported lazily: pulls in tensorboard
+
+        self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        for key, value in scalars.items():
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self._writer.add_scalar(key.replace(".", "/", 1) if "/" not in key else key, value, step)
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()

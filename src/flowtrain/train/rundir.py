@@ -1,0 +1,92 @@
+"""The run directory: the contract between training and everything that reads a run (report, diagnose, lab).
+
+See docs/run-dir.md for the schema. Paths are named here once so no reader spells them differently.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowtrain import __version__
+from flowtrain.fsutil import atomic_write_text
+
+RUN_DIR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval.jsonl"
+
+    @property
+    def flow(self) -> Path:
+        return self.root / "flow.parquet"
+
+    @property
+    def alerts(self) -> Path:
+        return self.root / "alerts.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def env(self) -> Path:
+        return self.root / "env.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def default_run_name() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_env(run: RunDir, device: torch.device) -> None:
+    """Versions and machine facts, so a report can say what produced the numbers."""
+    env = {
+        "run_dir_version": RUN_DIR_VERSION,
+        "flowtrain_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "num_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_text(run.env, json.dumps(env, indent=1))

@@ -1,0 +1,45 @@
+"""One optimizer step, exactly as the textbook draws it: one named call per arrow.
+
+batch load → model (embedding → attention → FFN → prediction) → cross-entropy → backprop (× micro-steps)
+→ observe gradients → clip → optimizer + schedule → observe the update
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowtrain.model.loss import lm_loss
+from flowtrain.optim.clipping import ClipStats
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # mean training loss over the step's real target tokens (device tensor, no sync)
+    clip: ClipStats
+    tokens: int  # input tokens processed (for tokens/s)
+
+
+def train_step(run) -> StepOutput:
+    """Run one optimizer step of `run` (a Trainer: loader, model, optimizer, ...). Returns device tensors."""
+    micro_batches = [run.loader.next() for _ in range(run.grad_accum)]  # batch load
+    real_targets = sum(b.n_targets for b in micro_batches)
+    step_loss = torch.zeros((), device=run.device)
+    for batch in micro_batches:
+        inputs, targets, doc_ids = run.to_device(batch)
+        with run.precision.autocast():
+            logits = run.model(inputs, doc_ids=doc_ids)  # embedding → attention → FFN → prediction
+        loss = lm_loss(logits, targets, **run.loss_options).loss  # cross-entropy (+ smoothing, z-loss)
+        weight = batch.n_targets / max(real_targets, 1)  # mean over all real tokens of the step
+        run.backward(loss * weight)  # backprop → gradients (accumulate)
+        step_loss += loss.detach() * weight
+    run.unscale_gradients()  # fp16 only: gradients back to true scale before anyone looks at them
+    run.flow.after_backward()  # observe gradients (reads only)
+    clip = run.clipper(run.params)  # gradient clipping
+    run.optimizer_step()  # AdamW → weight update
+    run.scheduler.step()  # LR schedule
+    run.flow.after_step(clip_stats=clip)  # update/weight ratios
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b.inputs.numel() for b in micro_batches)
+    return StepOutput(loss=step_loss, clip=clip, tokens=tokens)
