@@ -140,12 +140,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def _format_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).isdigit() or True)
+    loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown config key {loc!r}{_nearest_key(loc)}"
+        hint = _nearest_key(loc)
+        if not hint and "." not in loc:
+            hint = f"; the sections are {', '.join(RunConfig.model_fields)}"
+        return f"unknown config key {loc!r}{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:
         return f"invalid config: {msg}"
+    if isinstance(err.get("input"), dict):  # a whole-section check (e.g. n_embd vs n_head)
+        return f"invalid config section {loc!r}: {msg}"
     return f"invalid config value for {loc!r} (got {err.get('input')!r}): {msg}"
 
 

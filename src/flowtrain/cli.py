@@ -1,0 +1,157 @@
+"""The `flowtrain` command. The only place that turns a FlowtrainError into one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flowtrain import __version__
+from flowtrain.errors import FlowtrainError
+
+EPILOG_OVERRIDES = (
+    "Config overrides are dotted key=value pairs, e.g. model.n_layer=6 optim.lr=3e-4 train.max_steps=500."
+)
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate key=value overrides from positional arguments."""
+    overrides = [x for x in items if "=" in x and not Path(x).exists()]
+    rest = [x for x in items if x not in overrides]
+    return rest, overrides
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flowtrain.config import load_config
+    from flowtrain.data.prepare import prepare_dataset
+
+    sources, overrides = _split_overrides(args.items)
+    if sources:
+        overrides.append("data.sources=[" + ",".join(repr(s) for s in sources) + "]")
+    if args.tokenizer:
+        overrides.append(f"data.tokenizer={args.tokenizer}")
+    cfg = load_config(args.config, overrides)
+    out = prepare_dataset(cfg.data, Path(args.out))
+    print(f"prepared dataset: {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flowtrain.config import load_config
+    from flowtrain.train.trainer import Trainer, config_for_resume
+
+    rest, overrides = _split_overrides(args.items)
+    if rest:
+        raise FlowtrainError(f"unexpected argument {rest[0]!r}; overrides look like key.sub=value, configs go after -c")
+    if args.resume:
+        cfg = config_for_resume(Path(args.resume), overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume_dir=Path(args.resume) if args.resume else None, stop_after=args.stop_after)
+    summary = trainer.run_loop()
+    print(f"run directory: {summary.run_dir}")
+    if summary.best_val_loss is not None:
+        print(f"best val loss: {summary.best_val_loss:.4f}")
+    if summary.sample:
+        print("sample:")
+        print(summary.sample)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from flowtrain.sample import generate
+    from flowtrain.train.load import load_trained
+
+    loaded = load_trained(Path(args.run), args.checkpoint)
+    tok = loaded.tokenizer
+    prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    new = generate(
+        loaded.model,
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=None if args.no_stop else tok.eot_id,
+    )
+    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowtrain",
+        description="Train GPT-style language models and see how their gradients flow.",
+    )
+    parser.add_argument("--version", action="version", version=f"flowtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into a dataset directory",
+        description="Tokenize text (files, directories, or the built-in python-stdlib / python-docs corpora) into "
+        "memory-mapped token files with a train/val split.",
+        epilog=EPILOG_OVERRIDES,
+    )
+    p.add_argument("items", nargs="*", metavar="SOURCE|KEY=VALUE", help="paths or built-in corpus names; overrides")
+    p.add_argument("-c", "--config", help="a shipped config name or YAML path (its data: section is used)")
+    p.add_argument("-o", "--out", required=True, help="the dataset directory to write")
+    p.add_argument("--tokenizer", choices=["char", "byte", "bpe"], help="shortcut for data.tokenizer=...")
+    p.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: a small GPT on the built-in corpus)",
+        description="Train a GPT. With no arguments: the default config on the built-in Python corpus, offline.",
+        epilog=EPILOG_OVERRIDES,
+    )
+    t.add_argument("items", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    t.add_argument("-c", "--config", help="a shipped config name (default, shakespeare-char, gpt2-124m) or a YAML path")
+    t.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint dir)"
+    )
+    t.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after step N; resume later")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate text from a trained run", description="Generate text with a KV cache.")
+    s.add_argument("run", metavar="RUN_DIR", help="a run directory or a checkpoints/step_N directory")
+    s.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")
+    s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    s.set_defaults(func=cmd_sample)
+    return parser
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    if args.command != "sample":
+        return
+    if args.max_new_tokens < 0:
+        raise FlowtrainError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise FlowtrainError("--temperature must be >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise FlowtrainError("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise FlowtrainError("--top-p must be in (0, 1]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_sample_args(args)
+        return args.func(args)
+    except FlowtrainError as exc:
+        print(f"flowtrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "flowtrain: interrupted (the last complete checkpoint is intact; --resume continues from it)",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,62 @@
+"""Load a trained model (weights + tokenizer + config) from a run directory or checkpoint, for sampling and
+diagnosis. Only safetensors and JSON/YAML are read: nothing from the checkpoint can execute code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from flowtrain.config import RunConfig, build_config
+from flowtrain.data.tokenizers import tokenizer_from_json
+from flowtrain.errors import CheckpointError
+from flowtrain.model.gpt import GPT
+from flowtrain.train import checkpoint as ckpt
+from flowtrain.train.rundir import RunDir
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: object
+    cfg: RunConfig
+    checkpoint: ckpt.Checkpoint
+
+
+def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
+    """A checkpoint directory from a run directory (`latest`, `best` or a step number) or a checkpoint path."""
+    path = Path(path)
+    if (path / "meta.json").is_file() or path.parent.name == "checkpoints":
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist; give a run directory or a checkpoints/step_N directory")
+    found = ckpt.list_checkpoints(RunDir(path).checkpoints)
+    if not found:
+        raise CheckpointError(f"{path} has no complete checkpoint; train it first (or give another run directory)")
+    if which == "latest":
+        return found[-1][1]
+    if which == "best":
+        state = json.loads((found[-1][1] / "state.json").read_text())
+        best = state.get("best_step")
+        match = [p for s, p in found if s == best]
+        return match[0] if match else found[-1][1]
+    try:
+        step = int(which)
+    except ValueError:
+        raise CheckpointError(f"checkpoint {which!r} is not latest, best or a step number") from None
+    match = [p for s, p in found if s == step]
+    if not match:
+        raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {[s for s, _ in found]}")
+    return match[0]
+
+
+def load_trained(path: Path, which: str = "latest", device: str | torch.device = "cpu") -> LoadedModel:
+    c = ckpt.read_checkpoint(resolve_checkpoint(path, which))
+    cfg = build_config(yaml.safe_load(c.config_yaml) or {})
+    model = GPT(cfg.model)
+    ckpt.restore_model(c, model)
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer_from_json(c.tokenizer_json), cfg, c)
