@@ -1,0 +1,67 @@
+import pytest
+
+from flowtrain.config import RunConfig, load_config, parse_overrides, shipped_config_names
+from flowtrain.errors import ConfigError
+
+
+def test_shipped_configs_load():
+    assert {"default", "shakespeare-char", "gpt2-124m"} <= set(shipped_config_names())
+    assert load_config("default").data.sources == ["python-stdlib", "python-docs"]
+    big = load_config("gpt2-124m")
+    assert (big.model.n_layer, big.model.n_embd, big.train.dtype) == (12, 768, "bfloat16")
+
+
+def test_shakespeare_char_matches_nanogpt_cpu_recipe():
+    cfg = load_config("shakespeare-char", ["data.sources=[x.txt]"])
+    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
+    assert (t.batch_size, t.max_steps, o.lr, s.warmup_steps, s.min_lr, s.kind) == (12, 2000, 1e-3, 100, 1e-4, "cosine")
+    assert m.embd_dropout == m.attn_dropout == m.resid_dropout == 0.0
+
+
+def test_overrides_are_typed():
+    cfg = load_config("default", ["optim.lr=3e-4", "model.n_layer=6", "train.compile=true", "optim.betas=[0.8,0.9]"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.n_layer == 6 and cfg.train.compile is True
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layr=3", "did you mean 'model.n_layer'"),
+        ("optim.learning_rate=1", "did you mean"),
+        ("nonsense.key=1", "the sections are"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("model.n_embd=130", "not divisible by n_head"),
+        ("schedule.warmup_steps=5000", "longer than train.max_steps"),
+        ("train.batch_size=big", "train.batch_size"),
+        ("optim.name=lion", "optim.name"),
+        ("model.norm_placement=middle", "model.norm_placement"),
+    ],
+)
+def test_bad_config_fails_with_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("default", [override])
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config("default", ["=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config("default", ["model.n_layer=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+    assert RunConfig() != cfg
