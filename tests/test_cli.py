@@ -1,0 +1,114 @@
+"""The `flowtrain` command through real subprocesses: the happy path and every bad input of issue 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_overrides
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "flowtrain", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_for_every_subcommand():
+    for sub in ("prepare", "train", "sample"):
+        proc = run_cli(sub, "--help")
+        assert proc.returncode == 0 and "usage: flowtrain" in proc.stdout
+
+
+def test_prepare_train_sample(small_text, tmp_path):
+    data = tmp_path / "ds"
+    proc = run_cli("prepare", small_text, "--tokenizer", "char", "-o", data, "data.split_by=tokens")
+    assert proc.returncode == 0, proc.stderr
+    assert (data / "meta.json").is_file() and (data / "tokenizer.json").is_file()
+
+    overrides = tiny_overrides(small_text, tmp_path, **{"data.dataset": data})
+    proc = run_cli("train", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample:" in proc.stdout
+    run_dir = tmp_path / "runs" / "tiny"
+
+    a = run_cli("sample", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
+    b = run_cli("sample", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout) > len("ROMEO:\n")
+
+
+def test_missing_path(tmp_path):
+    proc = run_cli("prepare", tmp_path / "nope.txt", "-o", tmp_path / "ds")
+    assert_user_error(proc, "nope.txt")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run_cli("prepare", empty, "--tokenizer", "char", "-o", tmp_path / "ds")
+    assert_user_error(proc, "empty")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_undecodable_bytes(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 ol\u00e9 ".encode("latin-1") * 10)
+    proc = run_cli("prepare", bad, "--tokenizer", "char", "-o", tmp_path / "ds")
+    assert_user_error(proc, "latin1.txt")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_context_longer_than_data(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be " * 20)
+    proc = run_cli("train", *tiny_overrides(short, tmp_path, **{"model.block_size": 512}))
+    assert_user_error(proc, "block_size")
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_unknown_config_key(tmp_path):
+    proc = run_cli("train", "optim.lrr=1e-3")
+    assert_user_error(proc, "optim.lrr", "optim.lr")
+
+
+def test_checkpoint_problems(small_text, tmp_path):
+    proc = run_cli("train", *tiny_overrides(small_text, tmp_path, **{"train.max_steps": 4, "train.sample_tokens": 0}))
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+
+    # a checkpoint from a different model shape
+    proc = run_cli("train", "--resume", run_dir, "model.n_embd=64", "train.max_steps=8")
+    assert_user_error(proc, "different model shape")
+
+    # a truncated checkpoint
+    weights = run_dir / "checkpoints" / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_cli("sample", run_dir)
+    assert_user_error(proc, "truncated or corrupt")
+
+    # a run directory without checkpoints, and no such directory
+    assert_user_error(run_cli("sample", tmp_path), "no complete checkpoint")
+    assert_user_error(run_cli("sample", tmp_path / "missing"), "does not exist")
+
+
+@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "2"]])
+def test_bad_sampling_arguments(tmp_path, flag):
+    assert_user_error(run_cli("sample", tmp_path, *flag), flag[0])

@@ -1,0 +1,68 @@
+"""End-to-end behaviour of the trainer on a tiny real run (char-level Shakespeare excerpt)."""
+
+import json
+import math
+
+import pytest
+
+from flowtrain.config import load_config
+from flowtrain.sinks.jsonl import read_jsonl
+from flowtrain.train.trainer import Trainer, config_for_resume
+from tests.conftest import tiny_overrides
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_run_directory_contract(small_text, tmp_path):
+    cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"log.tensorboard": True}))
+    summary = Trainer(cfg).run_loop()
+    run = summary.run_dir
+    assert summary.steps == 20
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    for r in records:
+        assert {"loss", "lr", "grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped", "tokens_per_s"} <= set(r)
+        assert r["grad_norm_postclip"] <= 1.0 + 1e-5
+        assert math.isclose(r["grad_norm_postclip"], r["grad_norm_preclip"] * r["clip_coef"], rel_tol=1e-4)
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [10, 20]
+    assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
+    assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert isinstance(summary.sample, str) and summary.sample
+
+
+def test_tensorboard_events_hold_the_scalars(small_text, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"log.tensorboard": True, "train.max_steps": 6}))
+    run = Trainer(cfg).run_loop().run_dir
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "grad_norm_preclip", "lr", "val_loss"} <= set(tags)
+    tb_loss = [e.value for e in acc.Scalars("loss")]
+    jsonl_loss = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert tb_loss == pytest.approx(jsonl_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("extra", [{}, {"train.grad_accum": 2, "model.embd_dropout": 0.1}])
+def test_resume_is_bitwise_identical(small_text, tmp_path, extra):
+    """2N steps straight == N steps, stop, resume, N more: identical losses at every step (CPU)."""
+    straight = load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "straight", **extra}))
+    full = Trainer(straight).run_loop()
+
+    split = load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "split", **extra}))
+    first = Trainer(split, stop_after=10).run_loop()
+    assert first.steps == 10 and not (first.run_dir / "summary.json").exists()
+    resumed = Trainer(config_for_resume(first.run_dir, []), resume_dir=first.run_dir).run_loop()
+    assert resumed.steps == 20
+
+    assert _losses(resumed.run_dir) == _losses(full.run_dir)
+    assert [e["val_loss"] for e in read_jsonl(resumed.run_dir / "eval.jsonl")] == [
+        e["val_loss"] for e in read_jsonl(full.run_dir / "eval.jsonl")
+    ]
