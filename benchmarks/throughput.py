@@ -1,0 +1,97 @@
+"""Training throughput of `shakespeare-char` (nanoGPT's CPU recipe) at fp32 and bf16 autocast.
+
+Prints tokens/s, step time and MFU against the fp32 and bf16 matmul peaks measured in the same run.
+Variants are interleaved in rounds so machine noise hits both alike; we report median [min, max].
+
+    python benchmarks/throughput.py [--steps 60] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import corpus_path, matmul_peak, summarize  # noqa: E402
+
+from flowtrain.config import load_config  # noqa: E402
+from flowtrain.train.step import train_step  # noqa: E402
+from flowtrain.train.trainer import Trainer  # noqa: E402
+
+
+def build(dtype: str, workdir: Path) -> Trainer:
+    cfg = load_config(
+        "shakespeare-char",
+        [
+            f"data.sources=[{corpus_path()}]",
+            f"data.cache_dir={workdir / 'cache'}",
+            f"train.dtype={dtype}",
+            f"train.out_dir={workdir / 'runs'}",
+            f"train.run_name={dtype}",
+            "log.console=false",
+            "log.tensorboard=false",
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.model.train()
+    return trainer
+
+
+def time_steps(trainer: Trainer, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = train_step(trainer)
+        out.loss.item()  # the step is done when its loss is known
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {d: build(d, Path(tmp)) for d in ("float32", "bfloat16")}
+        flops_per_token = trainers["float32"].raw_model.flops_per_token()
+        tokens_per_step = trainers["float32"].cfg.train.batch_size * trainers["float32"].cfg.model.block_size
+        for t in trainers.values():
+            time_steps(t, args.warmup)
+        samples: dict[str, list[float]] = {d: [] for d in trainers}
+        for _ in range(args.rounds):
+            for name, trainer in trainers.items():
+                samples[name].append(statistics.median(time_steps(trainer, args.steps)))
+
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; model: shakespeare-char "
+        f"({trainers['float32'].raw_model.num_parameters() / 1e6:.2f}M params, {tokens_per_step} tokens/step, "
+        f"{flops_per_token / 1e6:.2f} MFLOP/token)"
+    )
+    print(
+        f"matmul peaks measured now: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"{'dtype':<10}{'step ms (median [min,max] of rounds)':<40}{'tokens/s':>10}{'MFU vs fp32':>13}{'MFU vs bf16':>13}"
+    )
+    for name, per_round in samples.items():
+        step = statistics.median(per_round)
+        tps = tokens_per_step / step
+        mfu32 = flops_per_token * tps / peaks["float32"]
+        mfu16 = flops_per_token * tps / peaks["bfloat16"]
+        print(f"{name:<10}{summarize([s * 1e3 for s in per_round]):<40}{tps:>10,.0f}{mfu32:>13.1%}{mfu16:>13.1%}")
+
+
+if __name__ == "__main__":
+    main()
