@@ -79,12 +79,10 @@ def main() -> None:
         f"({trainers['float32'].raw_model.num_parameters() / 1e6:.2f}M params, {tokens_per_step} tokens/step, "
         f"{flops_per_token / 1e6:.2f} MFLOP/token)"
     )
-    print(
-        f"matmul peaks measured now: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
-    )
-    print(
-        f"{'dtype':<10}{'step ms (median [min,max] of rounds)':<40}{'tokens/s':>10}{'MFU vs fp32':>13}{'MFU vs bf16':>13}"
-    )
+    fp32, bf16 = peaks["float32"] / 1e9, peaks["bfloat16"] / 1e9
+    print(f"matmul peaks measured now: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
+    header = f"{'dtype':<10}{'step ms (median [min,max] of rounds)':<40}{'tokens/s':>10}"
+    print(f"{header}{'MFU vs fp32':>13}{'MFU vs bf16':>13}")
     for name, per_round in samples.items():
         step = statistics.median(per_round)
         tps = tokens_per_step / step
