@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flowtrain._base import Section
 
@@ -14,7 +14,9 @@ class OptimConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(
+        0.1, ge=0, description="adamw: decoupled; sgd/rmsprop: L2; adam: ignored (its wd is L2), use adamw"
+    )
     no_decay: list[str] = Field(
         default_factory=lambda: ["bias", "norm", "embedding"],
         description="parameter kinds that get no weight decay: any of bias, norm, embedding",
@@ -25,6 +27,14 @@ class OptimConfig(Section):
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
         "auto", description="auto: fused where torch supports it on the device, else foreach"
     )
+
+    @field_validator("no_decay")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - {"bias", "norm", "embedding"})
+        if unknown:
+            raise ValueError(f"unknown parameter kind(s) {unknown}; use any of bias, norm, embedding")
+        return kinds
 
 
 class ScheduleConfig(Section):
@@ -47,6 +57,17 @@ class ScheduleConfig(Section):
 class ClipConfig(Section):
     """Gradient clipping. The pre-clip global norm is recorded whatever the kind."""
 
-    kind: Literal["norm", "value", "off"] = "norm"
-    max_norm: float = Field(1.0, gt=0, description="norm: clip the global L2 norm to this")
+    kind: Literal["norm", "value", "off", "per_tensor", "agc", "zclip"] = "norm"
+    max_norm: float = Field(
+        1.0, gt=0, description="norm: clip the global L2 norm to this; per_tensor: clip each tensor's norm to this"
+    )
     max_value: float = Field(1.0, gt=0, description="value: clamp every gradient element to +-this")
+    agc_lambda: float = Field(
+        0.01, gt=0, description="agc: largest allowed ||grad|| / max(||weight||, agc_eps) per unit (row)"
+    )
+    agc_eps: float = Field(1e-3, gt=0, description="agc: floor on a unit's weight norm (zero-initialised params)")
+    zclip_alpha: float = Field(0.97, gt=0, lt=1, description="zclip: EMA decay of the grad-norm mean and variance")
+    zclip_z: float = Field(2.5, gt=0, description="zclip: clip when the grad norm's z-score exceeds this")
+    zclip_warmup: int = Field(
+        25, ge=2, description="zclip: finite grad norms collected (no clipping) before the z-score is used"
+    )
