@@ -24,10 +24,12 @@ def run_cli(*args, cwd=None, timeout=300):
 def assert_user_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
+    # progress output may precede it, but the error itself is exactly one line, and the last one
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("flowtrain: error: "), proc.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in errors[0], errors[0]
 
 
 def test_help_for_every_subcommand():
@@ -90,7 +92,12 @@ def test_unknown_config_key(tmp_path):
 
 
 def test_checkpoint_problems(small_text, tmp_path):
-    proc = run_cli("train", *tiny_overrides(small_text, tmp_path, **{"train.max_steps": 4, "train.sample_tokens": 0}))
+    proc = run_cli(
+        "train",
+        *tiny_overrides(
+            small_text, tmp_path, **{"train.max_steps": 4, "schedule.warmup_steps": 2, "train.sample_tokens": 0}
+        ),
+    )
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "tiny"
 

@@ -142,7 +142,14 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # positionals (sources, key=value overrides) may come after options; anything else is a real error
+    unknown = [x for x in extra if x.startswith("-")]
+    if unknown or (extra and not hasattr(args, "items")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.items = [*args.items, *extra]
     try:
         _check_sample_args(args)
         return args.func(args)

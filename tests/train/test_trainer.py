@@ -23,7 +23,9 @@ def test_run_directory_contract(small_text, tmp_path):
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))
     for r in records:
-        assert {"loss", "lr", "grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped", "tokens_per_s"} <= set(r)
+        assert {"loss", "lr", "grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped", "tokens_per_s"} <= set(
+            r
+        )
         assert r["grad_norm_postclip"] <= 1.0 + 1e-5
         assert math.isclose(r["grad_norm_postclip"], r["grad_norm_preclip"] * r["clip_coef"], rel_tol=1e-4)
     evals = read_jsonl(run / "eval.jsonl")
@@ -39,7 +41,9 @@ def test_run_directory_contract(small_text, tmp_path):
 def test_tensorboard_events_hold_the_scalars(small_text, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"log.tensorboard": True, "train.max_steps": 6}))
+    cfg = load_config(
+        "default", tiny_overrides(small_text, tmp_path, **{"log.tensorboard": True, "train.max_steps": 6})
+    )
     run = Trainer(cfg).run_loop().run_dir
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
