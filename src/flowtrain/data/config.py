@@ -31,6 +31,10 @@ class DataConfig(Section):
         description="document: whole documents go to val; tokens: the last fraction of the token stream "
         "(the classic single-file split); auto: document when the corpus has >= 10 documents",
     )
+    split_seed: int = Field(0, description="seed of the document split (fixed, so every run sees the same val set)")
+    token_dtype: Literal["auto", "uint16", "uint32"] = Field(
+        "auto", description="dtype of the token files; auto: uint16 when the vocab fits, else uint32"
+    )
     loader: Literal["random", "packed", "varlen"] = "random"
     doc_mask: bool = Field(False, description="packed loader: block-diagonal mask, no attention across documents")
     bucket_by_length: bool = Field(False, description="varlen loader: group documents of similar length")

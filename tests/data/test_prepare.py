@@ -1,0 +1,177 @@
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from flowtrain.data.config import DataConfig
+from flowtrain.data.dataset import TokenDataset
+from flowtrain.data.prepare import dataset_for, prepare_dataset, token_dtype
+from flowtrain.data.tokenizers import ByteTokenizer
+from flowtrain.errors import DataError
+
+from .conftest import SHAKESPEARE, make_docs, prepare
+
+
+def _split_docs(ds: TokenDataset, split: str) -> list[np.ndarray]:
+    starts, lengths = ds.documents(split)
+    data = np.asarray(ds.split(split))
+    return [data[s : s + n] for s, n in zip(starts, lengths, strict=True)]
+
+
+def test_document_split_holds_every_document_once(byte_ds):
+    docs = make_docs()
+    eot = byte_ds.tokenizer.eot_id
+    seen = {}
+    for split in ("train", "val"):
+        for piece in _split_docs(byte_ds, split):
+            assert piece[-1] == eot and eot not in piece[:-1]  # each document followed by one EOT
+            text = bytes(piece[:-1].astype(np.uint8)).decode("utf-8")
+            assert text not in seen, "a document is in both splits"
+            seen[text] = split
+    assert set(seen) == set(docs)
+    assert sum(s == "val" for s in seen.values()) == round(len(docs) * 0.1)
+    meta = byte_ds.meta
+    assert meta["split"]["split_by"] == "document" and meta["dtype"] == "uint16"
+    val_docs = [d for d in docs if seen[d] == "val"]
+    assert meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in val_docs)
+    assert meta["splits"]["val"]["documents"] == len(val_docs)
+    total_tokens = sum(len(d.encode()) + 1 for d in docs)
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == total_tokens
+    assert byte_ds.bytes_per_token("val") == pytest.approx(
+        meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
+    )
+
+
+def test_token_split_is_the_last_fraction_of_the_stream(tmp_path):
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    ds = prepare(tmp_path, [SHAKESPEARE], tokenizer="char", split_by="auto")
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    ids = np.array([lookup[c] for c in text])
+    stream = np.append(ids, len(chars))  # + EOT
+    cut = round(len(stream) * 0.9)
+    assert ds.meta["split"]["split_by"] == "tokens" and ds.vocab_size == len(chars) + 1
+    assert np.array_equal(ds.split("train"), stream[:cut])
+    assert np.array_equal(ds.split("val"), stream[cut:])
+    counts = ds.meta["splits"]
+    assert counts["train"]["bytes"] == len(text[:cut].encode()) and counts["val"]["bytes"] == len(text[cut:].encode())
+    assert list(ds.documents("val")[0]) == [0] and list(ds.documents("train")[0]) == [0]
+
+
+def test_same_input_same_bytes(tmp_path, docs_dir):
+    cfg = DataConfig(sources=[str(docs_dir)], tokenizer="char")
+    a, b = prepare_dataset(cfg, tmp_path / "a", progress=False), prepare_dataset(cfg, tmp_path / "b", progress=False)
+    names = sorted(os.listdir(a))
+    assert (
+        names
+        == sorted(os.listdir(b))
+        == sorted(["meta.json", "tokenizer.json", "train.bin", "val.bin", "train_docs.npy", "val_docs.npy"])
+    )
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_failed_prepare_leaves_nothing(tmp_path, docs_dir):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff")
+    cfg = DataConfig(sources=[str(docs_dir), str(bad)])
+    with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
+        prepare_dataset(cfg, tmp_path / "out", progress=False)
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_incomplete_or_truncated_dataset_refuses_to_open(tmp_path, byte_ds):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(DataError, match="incomplete dataset .*re-run prepare"):
+        TokenDataset.open(half)
+    train = byte_ds.path / "train.bin"
+    train.write_bytes(train.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        TokenDataset.open(byte_ds.path)
+    with pytest.raises(DataError, match="does not exist"):
+        TokenDataset.open(tmp_path / "nowhere")
+
+
+def test_empty_corpus_is_a_data_error(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "a.txt").write_text("")
+    with pytest.raises(DataError, match="hold no documents.*1 empty"):
+        prepare_dataset(DataConfig(sources=[str(tmp_path / "e")]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_dtype_choice():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    assert token_dtype(300, "uint32") == np.uint32
+    with pytest.raises(DataError, match="does not fit data.token_dtype=uint16"):
+        token_dtype(70000, "uint16")
+
+
+def test_uint32_tokens_when_asked(tmp_path, docs_dir):
+    ds = prepare(tmp_path, [docs_dir], token_dtype="uint32")
+    assert ds.split("train").dtype == np.uint32
+    assert ds.tokenizer.decode(ds.split("train")[:5].tolist()) == make_docs()[0][:5]
+
+
+def test_dataset_for_caches_and_rekeys(tmp_path, docs_dir):
+    cfg = DataConfig(sources=[str(docs_dir)], cache_dir=str(tmp_path / "cache"))
+    first = dataset_for(cfg, progress=False)
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert first.parent == tmp_path / "cache" / "datasets"
+    assert dataset_for(cfg, progress=False) == first and (first / "meta.json").stat().st_mtime_ns == stamp
+    assert dataset_for(cfg.model_copy(update={"tokenizer": "char"}), progress=False) != first
+    time.sleep(0.01)
+    (docs_dir / "d000.txt").write_text("changed", encoding="utf-8")
+    assert dataset_for(cfg, progress=False) != first
+    assert dataset_for(DataConfig(dataset=str(first)), progress=False) == first
+
+
+def test_losing_a_race_keeps_the_complete_dataset(tmp_path, docs_dir):
+    cfg = DataConfig(sources=[str(docs_dir)])
+    out = prepare_dataset(cfg, tmp_path / "ds", progress=False)
+    (out / "marker").write_text("first")
+    prepare_dataset(cfg.model_copy(update={"tokenizer": "char"}), out, progress=False, replace=False)
+    assert (out / "marker").exists() and TokenDataset.open(out).tokenizer.kind == "byte"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "ds"]
+    prepare_dataset(cfg.model_copy(update={"tokenizer": "char"}), out, progress=False)  # replace=True
+    assert not (out / "marker").exists() and TokenDataset.open(out).tokenizer.kind == "char"
+
+
+def test_builtin_corpus_with_byte_tokenizer_is_fast(tmp_path):
+    start = time.perf_counter()
+    ds = prepare(tmp_path, ["python-stdlib", "python-docs"], tokenizer="byte")
+    assert time.perf_counter() - start < 15
+    counts = ds.meta["splits"]
+    assert counts["train"]["tokens"] > 10_000_000 and counts["val"]["documents"] > 100
+    assert ds.meta["skipped"].get("undecodable", 0) >= 0
+    assert [s["source"] for s in ds.meta["sources"]] == ["python-stdlib", "python-docs"]
+    assert counts["train"]["bytes"] + counts["val"]["bytes"] == sum(
+        counts[s]["tokens"] - counts[s]["documents"] for s in ("train", "val")
+    )  # byte tokenizer: one token per byte + one EOT per document
+
+
+def test_bpe_dataset_and_tokenizer_reuse(tmp_path, docs_dir):
+    ds = prepare(tmp_path, [docs_dir], name="bpe", tokenizer="bpe", bpe_vocab_size=300)
+    assert ds.tokenizer.kind == "bpe" and ds.vocab_size == 300
+    assert ds.meta["tokenizer"]["fingerprint"] == ds.tokenizer.fingerprint
+    texts = sorted(ds.tokenizer.decode(p[:-1].tolist()) for s in ("train", "val") for p in _split_docs(ds, s))
+    assert texts == sorted(make_docs())
+    again = prepare(tmp_path, [docs_dir], name="bpe2", tokenizer="byte", tokenizer_path=str(ds.path / "tokenizer.json"))
+    assert again.tokenizer.fingerprint == ds.tokenizer.fingerprint
+    with pytest.raises(DataError, match="prepare the data with the model's tokenizer"):
+        ds.check_tokenizer(ByteTokenizer().fingerprint)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(DataError, match="bad.json does not parse"):
+        prepare(tmp_path, [docs_dir], name="bpe3", tokenizer_path=str(bad))
+    assert not (tmp_path / "bpe3").exists()
+
+
+def test_meta_json_is_plain_json(byte_ds):
+    meta = json.loads((byte_ds.path / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["tokenizer"]["kind"] == "byte"
+    assert meta["sources"][0]["sha256"] and meta["skipped"] == {}
