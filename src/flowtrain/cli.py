@@ -79,6 +79,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from flowtrain.report import build_report
+
+    runs = [Path(r) for r in args.runs]
+    if args.out:
+        out = Path(args.out)
+    elif len(runs) == 1:
+        out = runs[0] / "report.html"
+    else:
+        raise FlowtrainError("several run directories need -o REPORT.html (one report for all of them)")
+    written = build_report(runs, out, figures_dir=Path(args.figures) if args.figures else None)
+    print(f"report: {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowtrain",
@@ -125,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")
     s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     s.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report of one or more runs",
+        description="Read run directories (metrics, eval, flow statistics, alerts, config) and write one HTML file "
+        "with inline figures that opens anywhere without network. Several runs are overlaid and their config "
+        "differences tabled.",
+    )
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/NAME)")
+    r.add_argument("-o", "--out", help="the HTML file to write (default: RUN_DIR/report.html for a single run)")
+    r.add_argument("--figures", metavar="DIR", help="also write every figure as PNG and SVG into DIR")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
