@@ -86,6 +86,14 @@ class TokenDataset:
             raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return self.tokens[name]
 
+    def fresh_view(self, name: str) -> np.ndarray:
+        """A new memmap of a split. Loaders take one per batch and drop it, so pages touched by earlier
+        batches are unmapped and resident memory stays flat however large the file (the trick nanoGPT uses)."""
+        view = self.split(name)
+        if not isinstance(view, np.memmap):
+            return view
+        return np.memmap(view.filename, dtype=view.dtype, mode="r")
+
     def documents(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(starts, lengths) of every document of `split`, as int64 arrays (lengths include the EOT)."""
         starts = np.asarray(self.doc_starts[split], dtype=np.int64)

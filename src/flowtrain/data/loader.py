@@ -108,7 +108,8 @@ class BatchLoader:
             raise DataError(f"unknown loader mode {mode!r}; use random, packed or varlen")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.data = dataset.split(split)
+        self.dataset = dataset
+        self.data = dataset.split(split)  # replaced by a fresh memmap for every batch (see next())
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
         self.doc_mask, self.bucket_by_length = doc_mask, bucket_by_length
@@ -136,6 +137,7 @@ class BatchLoader:
             yield self.next()
 
     def next(self) -> Batch:
+        self.data = self.dataset.fresh_view(self.split)
         if self.mode == "random":
             batch = self._random_batch(self.step)
         elif self.mode == "packed":
@@ -169,7 +171,7 @@ class BatchLoader:
             else:
                 # at a row start, or a document longer than a row: continue it next row; else crop it.
                 take, carry_on = space, filled == 0 or left > row_len
-            pieces.append(self.data[start : start + take])
+            pieces.append(np.asarray(self.data[start : start + take]))
             ids.append(np.full(take, len(ids)))
             self._cursor.advance(take, row_len, carry_on)
             filled += take
@@ -252,6 +254,7 @@ class BatchLoader:
         self._cursor.load(state["cursor"])
         self._pending = []
         if "pool_taken" in state:
+            self.data = self.dataset.fresh_view(self.split)
             self._pool_state, self._pool_taken = dict(state["cursor"]), int(state["pool_taken"])
             self._pending = self._build_pool()[self._pool_taken :]
 
@@ -273,17 +276,17 @@ def eval_batches(
         offsets = np.linspace(0, n - block_size - 1, n_batches * batch_size).round().astype(np.int64)
         for b in range(n_batches):
             chunk = offsets[b * batch_size : (b + 1) * batch_size]
-            windows = data[chunk[:, None] + np.arange(block_size + 1)]
+            windows = dataset.fresh_view(split)[chunk[:, None] + np.arange(block_size + 1)]
             yield _make_batch(windows[:, :-1], windows[:, 1:], None)
         return
-    starts = np.arange(0, n - 1, block_size)
     pad = dataset.tokenizer.pad_id if dataset.tokenizer.pad_id is not None else dataset.tokenizer.eot_id
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
-        inputs = np.full((len(chunk), block_size), pad, dtype=np.int64)
-        targets = np.full((len(chunk), block_size), IGNORE_INDEX, dtype=np.int64)
-        for i, s in enumerate(chunk):
-            window = np.asarray(data[s : s + block_size + 1])
-            inputs[i, : len(window) - 1] = window[:-1]
-            targets[i, : len(window) - 1] = window[1:]
+    n_windows = -(-(n - 1) // block_size)  # windows start at 0, T, 2T, ... while a target remains
+    for first in range(0, n_windows, batch_size):
+        data = dataset.fresh_view(split)
+        starts = np.arange(first, min(first + batch_size, n_windows), dtype=np.int64) * block_size
+        positions = starts[:, None] + np.arange(block_size + 1)
+        window = np.asarray(data[np.minimum(positions, n - 1)]).astype(np.int64)
+        beyond = positions >= n  # only the split's last window runs past its end
+        inputs = np.where(beyond[:, :-1], pad, window[:, :-1])
+        targets = np.where(beyond[:, 1:], IGNORE_INDEX, window[:, 1:])
         yield _make_batch(inputs, targets, None)
