@@ -133,12 +133,27 @@ def test_dataset_for_caches_and_rekeys(tmp_path, docs_dir):
 def test_losing_a_race_keeps_the_complete_dataset(tmp_path, docs_dir):
     cfg = DataConfig(sources=[str(docs_dir)])
     out = prepare_dataset(cfg, tmp_path / "ds", progress=False)
-    (out / "marker").write_text("first")
+    stamp = (out / "meta.json").stat().st_mtime_ns
     prepare_dataset(cfg.model_copy(update={"tokenizer": "char"}), out, progress=False, replace=False)
-    assert (out / "marker").exists() and TokenDataset.open(out).tokenizer.kind == "byte"
+    assert (out / "meta.json").stat().st_mtime_ns == stamp and TokenDataset.open(out).tokenizer.kind == "byte"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "ds"]
     prepare_dataset(cfg.model_copy(update={"tokenizer": "char"}), out, progress=False)  # replace=True
-    assert not (out / "marker").exists() and TokenDataset.open(out).tokenizer.kind == "char"
+    assert TokenDataset.open(out).tokenizer.kind == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "ds"]
+
+
+def test_never_replaces_a_directory_that_is_not_a_dataset(tmp_path, docs_dir):
+    with pytest.raises(DataError, match="exists and is not a dataset directory"):
+        prepare_dataset(DataConfig(sources=[str(docs_dir)]), docs_dir, progress=False)
+    assert len(list(docs_dir.iterdir())) == 40
+
+
+def test_summary_names_what_was_skipped(tmp_path, docs_dir, capsys):
+    (docs_dir / "blob.bin").write_bytes(b"\0\1\2")
+    prepare_dataset(DataConfig(sources=[str(docs_dir)]), tmp_path / "ds")
+    err = capsys.readouterr().err
+    assert "tokenize" in err and "B/s" in err  # the progress bar shows throughput
+    assert "skipped 1 binary" in err
 
 
 def test_builtin_corpus_with_byte_tokenizer_is_fast(tmp_path):

@@ -190,6 +190,7 @@ def prepare_dataset(
     (`replace=False`, what the cache does when another process got there first).
     """
     out = Path(out_dir).expanduser()
+    _refuse_foreign(out)
     corpus = Corpus(cfg.sources, text_field=cfg.text_field, include=cfg.include, exclude=cfg.exclude)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
@@ -252,6 +253,15 @@ def prepare_dataset(
     return out
 
 
+_DATASET_FILES = {"meta.json", "tokenizer.json", "train.bin", "val.bin", "train_docs.npy", "val_docs.npy"}
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Replacing `out` deletes it, so it must be absent, empty, or a dataset directory (complete or not)."""
+    if out.exists() and (not out.is_dir() or any(p.name not in _DATASET_FILES for p in out.iterdir())):
+        raise DataError(f"{out} exists and is not a dataset directory; choose another output path")
+
+
 def _install(tmp: Path, out: Path, replace: bool) -> bool:
     """Rename the finished directory into place. Returns False when a complete dataset already there wins."""
     old = None
@@ -288,7 +298,9 @@ def cache_key(cfg: DataConfig) -> str:
                 f"cannot read data.tokenizer_path {cfg.tokenizer_path} ({exc.strerror}); fix the path"
             ) from None
     elif cfg.tokenizer == "bpe":
-        tok["bpe_vocab_size"] = cfg.bpe_vocab_size
+        import tokenizers  # the trained merges may change with the library's version
+
+        tok.update(bpe_vocab_size=cfg.bpe_vocab_size, tokenizers=tokenizers.__version__)
     key = {
         "format_version": FORMAT_VERSION,
         "sources": corpus.identity(),
