@@ -96,9 +96,33 @@ def rms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor count of NaN/Inf elements (float32), complete over shards.
 
-    Uses the fact that x - x is 0 for finite x and NaN otherwise, summed with nansum's complement: counting is
-    one fused pass per tensor via isfinite; fine for the rate at which it runs (once per monitored step).
+    One isfinite pass per tensor (no fused foreach kernel exists for it); callers that only need "is anything
+    non-finite?" should test the global norm instead, which is already computed and propagates NaN/Inf.
     """
     local = [_local(t) for t in tensors]
     parts = [(~torch.isfinite(t)).sum() for t in local]
     return _full(_stack(parts, local), tensors, "sum")
+
+
+def abs_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor sum of |x| (the L1 norm, float32), complete over shards.
+
+    For non-negative tensors (Adam's exp_avg_sq) this is their plain sum, so mean = abs_sums / numels in one
+    fused pass.
+    """
+    local = [_local(t) for t in tensors]
+    norms = torch._foreach_norm(local, 1) if local else []
+    return _full(_stack(norms, local), tensors, "sum")
+
+
+def sumsq_and_max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squares and max |x| of one (unsharded, e.g. activation) tensor, both float32 0-dim.
+
+    Used by hooks on activations and their gradients, which arrive one tensor at a time. Activations are
+    split by batch, not sharded: under data parallelism each rank sees its own rows, and these sums of
+    squares are what an all-reduce over ranks would add up.
+    """
+    x = t.detach()
+    sq = torch.linalg.vector_norm(x, 2, dtype=torch.float32) ** 2
+    mx = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    return sq, mx

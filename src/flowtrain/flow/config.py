@@ -1,0 +1,28 @@
+"""Configuration of the gradient-flow microscope (flow/monitor.py). Lives in the run config as `flow:`."""
+
+from pydantic import Field
+
+from flowtrain._base import Section
+
+
+class FlowConfig(Section):
+    """What the microscope measures and how often. Everything defaults to on: it is cheap by design."""
+
+    enabled: bool = Field(True, description="off: no hooks, no snapshots, collect() returns None")
+    interval: int = Field(1, ge=1, description="per-tensor, per-layer and depth statistics every N steps")
+    updates: bool = Field(
+        True,
+        description="update norms and ||dW||/||W|| every step (keeps one copy of the parameters in memory)",
+    )
+    residual: bool = Field(True, description="residual-stream gradient norm ||dL/dh_l|| at every block boundary")
+    activations: bool = Field(True, description="activation RMS and max |x| at every block boundary")
+    attention: bool = Field(True, description="attention entropy and max logit per block, from a sample")
+    attn_heads: int = Field(4, ge=1, description="attention sample: first N heads")
+    attn_positions: int = Field(16, ge=1, description="attention sample: N query positions, evenly spaced")
+    attn_batch: int = Field(1, ge=1, description="attention sample: first N sequences of the first micro-batch")
+    logits: bool = Field(True, description="output logits: max |z| and mean log-sum-exp (hook on the head)")
+    histogram_interval: int = Field(
+        0, ge=0, description="per-layer gradient samples for TensorBoard histograms every N steps (0 = off)"
+    )
+    histogram_values: int = Field(4096, ge=16, description="at most this many values per layer histogram")
+    clip_rate_window: int = Field(100, ge=1, description="steps in the rolling clip rate")

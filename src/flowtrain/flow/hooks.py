@@ -1,0 +1,234 @@
+"""Hooks along depth: the residual stream h_0 (input of the first block) .. h_L (output of the last block).
+
+Attached from outside to any stack of modules (GPT's `blocks`, an MLP's layers, LSTM layers); the model knows
+nothing about them. Hooks only read: forward hooks return None, tensor gradient hooks return None, sampled
+attention is recomputed under no_grad with the RNG state restored, so training is bitwise unchanged.
+
+Accumulation over micro-batches: each micro-batch has its own activations h_l^(m), disjoint variables of the
+step's loss L = sum_m L_m. The gradient with respect to the whole step's activations is therefore the
+concatenation of the per-micro-batch gradients, and its squared norm is the sum of their squared norms. So we
+add up sums of squares (no gradient tensor is kept), which gives exactly ||dL/dh_l|| of the accumulated step:
+the number one big batch of the same rows would give (tested with grad_accum=2).
+
+When not armed (non-monitored steps, evaluation under no_grad) every hook returns after one flag check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flowtrain import tensorstats
+
+DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "attn_max_logit")
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    """A block's output may be a tensor or a tuple whose first element is the hidden state (LSTM, HF)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def find_attention(block: nn.Module) -> nn.Module | None:
+    """The submodule of a block that can show its attention (has `attention_probs` or `attention_logits`)."""
+    for module in block.modules():
+        if callable(getattr(module, "attention_logits", None)) or callable(getattr(module, "attention_probs", None)):
+            return module
+    return None
+
+
+def attention_stats(
+    module: nn.Module, x: torch.Tensor, heads: int, positions: int, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[entropy, max logit] of a sample: the first `heads` heads, `positions` evenly spaced query rows.
+
+    Entropy (nats) is the mean over sampled rows of -sum_j p_ij log p_ij. The max logit needs the
+    pre-softmax scores, available when the module has `attention_logits(x)` ([B,H,T,T], masked entries
+    -inf); with only `attention_probs(x)` it is NaN. `doc_ids` (the forward's document mask) is passed on
+    when the forward got one.
+    """
+    extra = (doc_ids,) if doc_ids is not None else ()
+    logits_fn = getattr(module, "attention_logits", None)
+    if callable(logits_fn):
+        scores = logits_fn(x, *extra).float()
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        scores, probs = None, module.attention_probs(x, *extra).float()
+    t = probs.shape[-2]
+    rows = torch.linspace(0, t - 1, min(positions, t), device=probs.device).round().long()
+    p = probs[:, :heads, rows, :]
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-38)), torch.zeros_like(p))
+    entropy = -plogp.sum(-1).mean()
+    if scores is None:
+        max_logit = torch.full((), float("nan"), device=probs.device)
+    else:
+        max_logit = scores[:, :heads, rows, :].amax()
+    return torch.stack([entropy, max_logit])
+
+
+class DepthProbe:
+    """Forward/backward hooks on a stack of blocks; accumulates depth statistics while armed."""
+
+    def __init__(self, blocks: Sequence[nn.Module], cfg) -> None:
+        self.blocks = list(blocks)
+        self.cfg = cfg
+        self.n = len(self.blocks) + 1  # boundaries h_0..h_L
+        self.attn_modules = [find_attention(b) if cfg.attention else None for b in self.blocks]
+        self.armed = False
+        self._handles: list = []
+        self._reset()
+        self._handles.append(self.blocks[0].register_forward_pre_hook(self._on_block_input))
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_hook(self._make_output_hook(i + 1)))
+        for i, attn in enumerate(self.attn_modules):
+            if attn is not None:
+                hook = self._make_attn_input_hook(i)
+                self._handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _reset(self) -> None:
+        self.resid_sumsq: list[torch.Tensor | None] = [None] * self.n
+        self.act_sumsq: list[torch.Tensor | None] = [None] * self.n
+        self.act_max: list[torch.Tensor | None] = [None] * self.n
+        self.act_count = [0] * self.n
+        self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
+
+    def arm(self) -> None:
+        self._reset()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.armed = False
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def _observe(self, index: int, h: torch.Tensor | None) -> None:
+        if h is None or not torch.is_grad_enabled():
+            return
+        if self.cfg.activations:
+            sq, mx = tensorstats.sumsq_and_max_abs(h)
+            prev = self.act_sumsq[index]
+            self.act_sumsq[index] = sq if prev is None else prev + sq
+            prev = self.act_max[index]
+            self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
+            self.act_count[index] += h.numel()
+        if self.cfg.residual and h.requires_grad:
+            h.register_hook(self._make_grad_hook(index))
+
+    def _make_grad_hook(self, index: int):
+        def on_grad(grad: torch.Tensor) -> None:
+            sq, _ = tensorstats.sumsq_and_max_abs(grad)
+            prev = self.resid_sumsq[index]
+            self.resid_sumsq[index] = sq if prev is None else prev + sq
+
+        return on_grad
+
+    def _on_block_input(self, module, args) -> None:
+        if self.armed and args:
+            self._observe(0, _first_tensor(args[0]))
+
+    def _make_output_hook(self, index: int):
+        def on_output(module, args, output) -> None:
+            if self.armed:
+                self._observe(index, _first_tensor(output))
+
+        return on_output
+
+    def _make_attn_input_hook(self, block: int):
+        def on_attn_input(module, args, kwargs) -> None:
+            if self.armed and self.attn_inputs[block] is None and args and torch.is_grad_enabled():
+                x = _first_tensor(args[0])
+                if x is None:
+                    return
+                n = self.cfg.attn_batch
+                self.attn_inputs[block] = x.detach()[:n].clone()
+                doc_ids = kwargs.get("doc_ids", args[1] if len(args) > 1 else None)
+                self.attn_doc_ids[block] = doc_ids[:n] if isinstance(doc_ids, torch.Tensor) else None
+
+        return on_attn_input
+
+    # -- results ---------------------------------------------------------------------------------------------
+
+    def attention(self) -> list[torch.Tensor | None]:
+        """Recompute attention stats on the sampled inputs (call before the weights change)."""
+        out: list[torch.Tensor | None] = [None] * len(self.blocks)
+        devices = [x.device for x in self.attn_inputs if x is not None and x.device.type == "cuda"]
+        with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
+            for i, (module, x) in enumerate(zip(self.attn_modules, self.attn_inputs, strict=True)):
+                if module is not None and x is not None:
+                    cfg = self.cfg
+                    out[i] = attention_stats(module, x, cfg.attn_heads, cfg.attn_positions, self.attn_doc_ids[i])
+        self.attn_inputs = [None] * len(self.blocks)
+        self.attn_doc_ids = [None] * len(self.blocks)
+        return out
+
+    def matrix(self, attention: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """[L+1, len(DEPTH_STATS)] float32 on the device; row l is boundary h_l, attention of block l-1."""
+        nan = torch.full((), float("nan"), device=device)
+        rows = []
+        for l in range(self.n):
+            resid = self.resid_sumsq[l].sqrt() if self.resid_sumsq[l] is not None else nan
+            if self.act_sumsq[l] is not None:
+                act_rms = (self.act_sumsq[l] / max(self.act_count[l], 1)).sqrt()
+                act_max = self.act_max[l]
+            else:
+                act_rms = act_max = nan
+            att = attention[l - 1] if l >= 1 and attention[l - 1] is not None else None
+            ent, mlog = (att[0], att[1]) if att is not None else (nan, nan)
+            rows.append(torch.stack([t.to(device) for t in (resid, act_rms, act_max, ent, mlog)]))
+        return torch.stack(rows)
+
+
+class LogitsProbe:
+    """Forward hook on the output head: max |z| and mean log-sum-exp over every position of the step."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.armed = False
+        self._reset()
+        self._handle = head.register_forward_hook(self._on_output)
+
+    def _reset(self) -> None:
+        self.max_abs: torch.Tensor | None = None
+        self.lse_sum: torch.Tensor | None = None
+        self.rows = 0
+
+    def arm(self) -> None:
+        self._reset()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.armed = False
+
+    def _on_output(self, module, args, output) -> None:
+        z = _first_tensor(output)
+        if not self.armed or z is None or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            z = z.detach()
+            _, mx = tensorstats.sumsq_and_max_abs(z)
+            lse = torch.logsumexp(z.float(), dim=-1).sum()
+        self.max_abs = mx if self.max_abs is None else torch.maximum(self.max_abs, mx)
+        self.lse_sum = lse if self.lse_sum is None else self.lse_sum + lse
+        self.rows += math.prod(z.shape[:-1])
+
+    def values(self, device: torch.device) -> torch.Tensor:
+        """[max |z|, mean lse] float32 on the device (NaN when nothing was seen)."""
+        if self.max_abs is None:
+            return torch.full((2,), float("nan"), device=device)
+        return torch.stack([self.max_abs, self.lse_sum / max(self.rows, 1)]).to(device)

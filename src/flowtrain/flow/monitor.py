@@ -1,0 +1,252 @@
+"""FlowMonitor: the gradient-flow microscope, attached from outside to any model and optimizer.
+
+    monitor = FlowMonitor(model, optimizer, FlowConfig())
+    for step in ...:
+        for micro in batches: loss_fn(model(micro)).backward()
+        monitor.after_backward()             # the accumulated gradients of the whole step: read only
+        clip = clipper(params)               # optional; its ClipStats are reported, not recomputed
+        optimizer.step()
+        monitor.after_step(clip_stats=clip)  # ΔW from the step that actually happened
+        record = monitor.collect(step)       # host numbers (one device->host transfer), or None
+
+Every call between collect()s only launches fused device work; collect() is the single host transfer.
+Hooks fire on monitored steps only (step % interval == 0); on the others they return after one flag check.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowtrain.flow.config import FlowConfig
+from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
+from flowtrain.flow.records import FlowRecord, aggregate_layers
+from flowtrain.flow.stats import TENSOR_STATS, ParamStats
+
+CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped")
+
+
+def default_layer_of(model: nn.Module) -> Callable[[str], str]:
+    """Group parameters by top-level child; children that are ModuleList/Sequential split by index.
+
+    GPT-like names: tok_emb.weight -> "tok_emb", blocks.3.attn.qkv.weight -> "blocks.3", lm_head.weight ->
+    "lm_head". A model with its own `layer_of(name)` method (flowtrain's GPT) is asked instead.
+    """
+    own = getattr(model, "layer_of", None)
+    if callable(own):
+        return own
+    containers = {n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    if isinstance(model, (nn.ModuleList, nn.Sequential)):
+
+        def by_index(name: str) -> str:
+            return name.split(".", 1)[0]
+
+        return by_index
+
+    def by_child(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] in containers and len(parts) > 2:
+            return f"{parts[0]}.{parts[1]}"
+        return parts[0]
+
+    return by_child
+
+
+def _default_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
+        return list(blocks)
+    return []
+
+
+class FlowMonitor:
+    """Statistics of gradients, updates and the residual stream, for any nn.Module and torch optimizer.
+
+    blocks: the modules whose outputs are the residual stream (default: `model.blocks` when it is a
+    ModuleList); head: the module that produces the logits (default: `model.lm_head`); layer_of: parameter
+    name -> layer label (default: `model.layer_of`, else default_layer_of); start_step: the step number of the
+    first step (so a resumed run monitors the same steps).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        cfg: FlowConfig | None = None,
+        layer_of: Callable[[str], str] | None = None,
+        *,
+        blocks: Sequence[nn.Module] | None = None,
+        head: nn.Module | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.cfg = cfg or FlowConfig()
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.layer_of = layer_of or default_layer_of(model)
+        self.layers = [self.layer_of(n) for n in self.names]
+        self.step_index = start_step
+        self._pending: dict | None = None
+        self._ready: dict | None = None
+        self._clipped: deque[float] = deque(maxlen=self.cfg.clip_rate_window)
+        self.params: ParamStats | None = None
+        self.depth: DepthProbe | None = None
+        self.logits: LogitsProbe | None = None
+        if not self.cfg.enabled:
+            return
+        self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates)
+        self._numels = self.params.numels.cpu().numpy().astype(np.float64)
+        blocks = list(blocks) if blocks is not None else _default_blocks(model)
+        if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
+            self.depth = DepthProbe(blocks, self.cfg)
+            self.depth_layers = self._depth_layers(model, blocks)
+        if head is None and isinstance(getattr(model, "lm_head", None), nn.Module):
+            head = model.lm_head
+        if self.cfg.logits and head is not None:
+            self.logits = LogitsProbe(head)
+        self._arm()
+
+    def _depth_layers(self, model: nn.Module, blocks: list[nn.Module]) -> list[str]:
+        """Layer label of each boundary: h_l (l >= 1) gets block l-1's layer, h_0 the first non-block layer."""
+        prefix = {id(m): n for n, m in model.named_modules()}
+        labels = []
+        block_prefixes = []
+        for i, block in enumerate(blocks):
+            pre = prefix.get(id(block), "")
+            block_prefixes.append(pre + "." if pre else "")
+            first = next((n for n in self.names if pre and n.startswith(pre + ".")), None)
+            labels.append(self.layer_of(first) if first else f"block.{i}")
+        outside = next((n for n in self.names if not any(bp and n.startswith(bp) for bp in block_prefixes)), None)
+        return [self.layer_of(outside) if outside else "input", *labels]
+
+    # -- the three calls of the step -------------------------------------------------------------------------
+
+    def is_monitored(self, step: int | None = None) -> bool:
+        """Whether per-tensor and depth statistics are taken at `step` (default: the step now running)."""
+        step = self.step_index if step is None else step
+        return self.cfg.enabled and step % self.cfg.interval == 0
+
+    def _arm(self) -> None:
+        on = self.is_monitored()
+        for probe in (self.depth, self.logits):
+            if probe is not None:
+                probe.arm() if on else probe.disarm()
+
+    def after_backward(self) -> None:
+        """Read the accumulated gradients (and snapshot the weights) before clipping and the optimizer step."""
+        if self.params is None:
+            return
+        pending: dict = {"step": self.step_index, "monitored": self.is_monitored()}
+        pending["weight_sumsq"] = self.params.weights_and_snapshot()
+        if pending["monitored"]:
+            pending["grads"] = self.params.grad_stats()
+            if self.depth is not None:
+                pending["attention"] = self.depth.attention()
+            hist = self.cfg.histogram_interval
+            if hist and self.step_index % hist == 0:
+                pending["histograms"] = self._histogram_samples()
+        self._pending = pending
+
+    def after_step(self, clip_stats=None) -> None:
+        """Measure the update that happened; `clip_stats` (ClipStats or anything with its fields) is reported."""
+        if self.params is None:
+            return
+        if self._pending is None:
+            raise RuntimeError("FlowMonitor.after_step() called without after_backward() for this step")
+        pending, self._pending = self._pending, None
+        pending["update_sumsq"] = self.params.update_sumsq()
+        if clip_stats is not None:
+            pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
+        if pending["monitored"]:
+            pending["adam"] = self.params.adam_v_rms()
+            device = self.params.device
+            if self.depth is not None:
+                pending["depth"] = self.depth.matrix(pending.pop("attention", [None] * len(self.depth.blocks)), device)
+            if self.logits is not None:
+                pending["logits"] = self.logits.values(device)
+        self._ready = pending
+        self.step_index += 1
+        self._arm()
+
+    def collect(self, step: int | None = None) -> FlowRecord | None:
+        """The last finished step's record as host numbers (one transfer), or None if there is none."""
+        ready, self._ready = self._ready, None
+        if ready is None or self.params is None:
+            return None
+        device = self.params.device
+        parts: dict[str, torch.Tensor] = {}
+        wsq, usq = ready["weight_sumsq"], ready["update_sumsq"]
+        parts["param_norm"] = wsq.sum().sqrt().reshape(1)
+        if usq is not None:
+            parts["update_norm"] = usq.sum().sqrt().reshape(1)
+        if "clip" in ready:
+            parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in ready["clip"]])
+        if ready["monitored"]:
+            parts["tensors"] = self.params.per_tensor_matrix(ready["grads"], wsq, usq, ready["adam"])
+            for key in ("depth", "logits"):
+                if key in ready:
+                    parts[key] = ready[key]
+        hist = ready.get("histograms", {})
+        for layer, values in hist.items():
+            parts["hist:" + layer] = values
+        flat = torch.cat([t.reshape(-1).float().to(device) for t in parts.values()]).cpu().numpy()
+        host: dict[str, np.ndarray] = {}
+        offset = 0
+        for key, t in parts.items():
+            host[key] = flat[offset : offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+        return self._record(step if step is not None else ready["step"], host)
+
+    def _record(self, step: int, host: dict[str, np.ndarray]) -> FlowRecord:
+        scalars: dict[str, float] = {"param_norm": float(host["param_norm"][0])}
+        if "update_norm" in host:
+            scalars["update_norm"] = float(host["update_norm"][0])
+        if "clip" in host:
+            scalars.update(zip(CLIP_FIELDS, (float(v) for v in host["clip"]), strict=True))
+            self._clipped.append(scalars["clipped"])
+            scalars["clip_rate"] = float(np.mean(self._clipped))
+        record = FlowRecord(step=step, scalars=scalars)
+        if "tensors" in host:
+            stats = host["tensors"]
+            record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
+            record.layer_names, record.layer_stats = aggregate_layers(self.layers, stats, self._numels)
+            scalars["grad_nonfinite"] = float(np.nansum(stats[:, TENSOR_STATS.index("grad_nonfinite")]))
+        if "depth" in host:
+            record.depth_names = [f"h{i}" for i in range(len(host["depth"]))]
+            record.depth_layers = self.depth_layers
+            record.depth_stats = host["depth"]
+        if "logits" in host:
+            scalars["logits_max_abs"], scalars["logits_lse_mean"] = (float(v) for v in host["logits"])
+        record.histograms = {k[5:]: v for k, v in host.items() if k.startswith("hist:")}
+        return record
+
+    # -- histograms and teardown ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _histogram_samples(self) -> dict[str, torch.Tensor]:
+        """Per layer, an evenly strided sample of at most histogram_values gradient values (on the device)."""
+        by_layer: dict[str, list[torch.Tensor]] = {}
+        for layer, p in zip(self.layers, self.params.params, strict=True):
+            if p.grad is not None:
+                by_layer.setdefault(layer, []).append(p.grad.detach().reshape(-1))
+        out = {}
+        for layer, grads in by_layer.items():
+            total = sum(g.numel() for g in grads)
+            stride = max(1, -(-total // self.cfg.histogram_values))
+            out[layer] = torch.cat([g[::stride] for g in grads])[: self.cfg.histogram_values]
+        return out
+
+    def remove(self) -> None:
+        """Detach every hook; the model is left exactly as it was."""
+        for probe in (self.depth, self.logits):
+            if probe is not None:
+                probe.remove()
+
+    close = remove
+
+
+__all__ = ["FlowMonitor", "default_layer_of", "DEPTH_STATS", "TENSOR_STATS"]
