@@ -1,0 +1,154 @@
+"""Depth statistics (residual-stream gradients, activations, attention, logits) vs a manual forward with
+retain_grad on a copy of the model, with gradient accumulation over two micro-batches."""
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_models import LSTMLM, MLPStack, TinyTransformer
+from torch.nn import functional as F
+
+from flowtrain.flow import FlowConfig, FlowMonitor
+from flowtrain.model.config import ModelConfig
+from flowtrain.model.gpt import GPT
+
+REL = 1e-6
+
+
+def close(actual, expected, rel=REL):
+    assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)
+
+
+def lm_loss(logits, idx):
+    return F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten())
+
+
+def reference_forward(model, idx, blocks, embed):
+    """Manual forward keeping every boundary h_0..h_L with retain_grad."""
+    h = embed(idx)
+    h.retain_grad()
+    hs = [h]
+    for block in blocks:
+        h = block(h)
+        h.retain_grad()
+        hs.append(h)
+    return hs
+
+
+def check_depth(rec, hs, act_ok=True):
+    resid = rec.depth("resid_grad_norm")
+    assert len(resid) == len(hs)
+    for got, h in zip(resid, hs, strict=True):
+        close(got, float(torch.linalg.vector_norm(h.grad.double())))
+    if act_ok:
+        for got_rms, got_max, h in zip(rec.depth("act_rms"), rec.depth("act_max_abs"), hs, strict=True):
+            close(got_rms, math.sqrt(float((h.detach().double() ** 2).mean())))
+            close(got_max, float(h.detach().abs().max()))
+
+
+def test_tiny_transformer_depth_stats_with_grad_accum_equal_one_big_batch():
+    torch.manual_seed(0)
+    model = TinyTransformer(layers=3)
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(attn_batch=1, attn_heads=4, attn_positions=16))
+    idx = torch.randint(0, 17, (4, 8))
+    for micro in idx.split(2):  # grad_accum = 2: each micro-batch's mean loss / 2
+        (lm_loss(model(micro), micro) / 2).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+
+    pos = torch.arange(8)
+    hs = reference_forward(ref, idx, ref.blocks, lambda i: ref.tok_emb(i) + ref.pos_emb(pos))
+    logits = ref.lm_head(ref.norm_f(hs[-1]))
+    lm_loss(logits, idx).backward()
+    check_depth(rec, hs)
+    assert rec.depth_layers == ["tok_emb", "blocks.0", "blocks.1", "blocks.2"]
+
+    # attention: first sequence of the first micro-batch, all 2 heads, all 8 positions (<= 16)
+    for i, block in enumerate(ref.blocks):
+        with torch.no_grad():
+            x = block.ln1(hs[i][:1])
+            q, k, _ = block.attn._qkv(x)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            scores = scores.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
+            p = torch.exp(scores.double() - torch.logsumexp(scores.double(), -1, keepdim=True))
+            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
+        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+        close(rec.depth("attn_max_logit")[i + 1], float(scores.max()))
+    assert math.isnan(rec.depth("attn_entropy")[0])
+
+    close(rec.scalars["logits_max_abs"], float(logits.detach().abs().max()))
+    close(rec.scalars["logits_lse_mean"], float(torch.logsumexp(logits.detach().double(), -1).mean()))
+
+
+def test_gpt_depth_stats_and_layers():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17)
+    model = GPT(cfg)
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(attn_positions=4))
+    idx = torch.randint(0, 17, (3, 8))
+    lm_loss(model(idx), idx).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    hs = reference_forward(ref, idx, ref.blocks, ref.embed)
+    lm_loss(ref.lm_head(ref.norm_f(hs[-1])), idx).backward()
+    check_depth(rec, hs)
+    assert rec.depth_layers == ["embedding", "block.0", "block.1"]
+    assert rec.layer_names == ["embedding", "block.0", "block.1", "head"]
+    rows = torch.tensor([0, 2, 5, 7])  # 4 of 8 positions, evenly spaced
+    for i, block in enumerate(ref.blocks):
+        with torch.no_grad():
+            p = block.attention_probs(hs[i][:1])[:, :, rows, :].double()
+            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
+        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+
+
+def test_mlp_stack_user_given_blocks():
+    torch.manual_seed(0)
+    model = MLPStack()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = FlowMonitor(model, opt, FlowConfig(), blocks=model.layers, head=model.out)
+    x, y = torch.randn(5, 6), torch.randn(5, 3)
+    F.mse_loss(model(x), y).backward()
+    monitor.after_backward()
+    opt.step()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    hs = reference_forward(ref, x, ref.layers, ref.inp)
+    out = ref.out(hs[-1])
+    F.mse_loss(out, y).backward()
+    check_depth(rec, hs)
+    assert rec.layer_names == ["inp", "layers.0", "layers.1", "layers.2", "layers.3", "out"]
+    close(rec.scalars["logits_max_abs"], float(out.detach().abs().max()))
+    assert all(math.isfinite(v) for v in rec.layer_stats[:, 7])  # Adam second moment for every layer
+
+
+def test_lstm_language_model_tuple_outputs():
+    torch.manual_seed(0)
+    model = LSTMLM()
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(), blocks=model.rnns)
+    idx = torch.randint(0, 11, (2, 6))
+    lm_loss(model(idx), idx).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    hs = reference_forward(ref, idx, [lambda h, r=r: r(h)[0] for r in ref.rnns], ref.emb)
+    lm_loss(ref.lm_head(hs[-1]), idx).backward()
+    check_depth(rec, hs)
+
+
+def test_hooks_are_silent_in_evaluation_and_removable():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    monitor = FlowMonitor(model, None, FlowConfig())
+    with torch.no_grad():
+        model(torch.randint(0, 17, (2, 8)))
+    assert all(v is None for v in monitor.depth.act_sumsq)
+    monitor.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

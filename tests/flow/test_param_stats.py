@@ -1,0 +1,149 @@
+"""Per-tensor and per-layer statistics vs independent recomputation (float64 references, 1e-6 relative)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TinyTransformer
+from torch import nn
+from torch.nn import functional as F
+
+from flowtrain.flow import FlowConfig, FlowMonitor, diagnose
+from flowtrain.optim.clipping import GradClipper
+from flowtrain.optim.config import ClipConfig
+
+REL = 1e-6
+
+
+def close(actual, expected, rel=REL):
+    assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)
+
+
+def norm(t):
+    return float(torch.linalg.vector_norm(t.double()))
+
+
+def loss_of(model, idx):
+    return F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+
+
+def one_step(seed=0, max_norm=0.05, poison=None):
+    torch.manual_seed(seed)
+    model = TinyTransformer()
+    model.unused = nn.Linear(2, 2)  # a parameter that never gets a gradient
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    clipper = GradClipper(ClipConfig(kind="norm", max_norm=max_norm))
+    monitor = FlowMonitor(model, opt, FlowConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    idx = torch.randint(0, 17, (4, 8))
+    records = []
+    for step in range(2):  # step 1 has Adam state from step 0
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, idx).backward()
+        if poison is not None and step == 1:
+            dict(model.named_parameters())[poison].grad[0, 0] = float("nan")
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        monitor.after_backward()
+        clip = clipper(params)
+        opt.step()
+        monitor.after_step(clip_stats=clip)
+        records.append(monitor.collect(step))
+    return model, opt, monitor, grads, weights, clip, records
+
+
+def test_per_tensor_statistics_match_manual_recomputation():
+    model, opt, monitor, grads, weights, clip, records = one_step()
+    rec = records[-1]
+    assert rec.step == 1
+    for name, p in model.named_parameters():
+        s = rec.tensor(name)
+        w_old = weights[name]
+        if name in grads:
+            g = grads[name]
+            close(s["grad_norm"], norm(g))
+            close(s["grad_max_abs"], float(g.abs().max()))
+            close(s["grad_rms"], math.sqrt(float((g.double() ** 2).mean())))
+            assert s["grad_nonfinite"] == 0
+            v = opt.state[p]["exp_avg_sq"]
+            close(s["adam_v_rms"], math.sqrt(float(v.double().mean())))
+        else:
+            assert name.startswith("unused")
+            assert math.isnan(s["grad_norm"]) and math.isnan(s["adam_v_rms"])
+        close(s["weight_norm"], norm(w_old))
+        close(s["update_norm"], norm(p.detach() - w_old))
+        close(s["update_ratio"], norm(p.detach() - w_old) / norm(w_old))
+
+
+def test_global_scalars_and_clip_stats_are_passed_through():
+    model, opt, monitor, grads, weights, clip, records = one_step()
+    sc = records[-1].scalars
+    assert sc["grad_norm_preclip"] == float(clip.grad_norm_preclip)  # reported, not recomputed
+    assert sc["grad_norm_postclip"] == float(clip.grad_norm_postclip)
+    assert sc["clip_coef"] == float(clip.clip_coef)
+    assert sc["clipped"] == 1.0 and sc["clip_rate"] == 1.0
+    close(sc["grad_norm_preclip"], math.sqrt(sum(norm(g) ** 2 for g in grads.values())), rel=1e-5)
+    new = dict(model.named_parameters())
+    close(sc["update_norm"], math.sqrt(sum(norm(new[n].detach() - w) ** 2 for n, w in weights.items())))
+    close(sc["param_norm"], math.sqrt(sum(norm(w) ** 2 for w in weights.values())))
+    assert sc["grad_nonfinite"] == 0
+
+
+def test_per_layer_aggregates_match_manual_grouping():
+    model, opt, monitor, grads, weights, clip, records = one_step()
+    rec = records[-1]
+    assert rec.layer_names == ["tok_emb", "pos_emb", "blocks.0", "blocks.1", "blocks.2", "norm_f", "lm_head", "unused"]
+    for layer in ["blocks.1", "tok_emb"]:
+        names = [n for n in grads if n.split(".")[0] == layer or n.startswith(layer + ".")]
+        s = rec.layer(layer)
+        close(s["grad_norm"], math.sqrt(sum(norm(grads[n]) ** 2 for n in names)))
+        close(s["grad_max_abs"], max(float(grads[n].abs().max()) for n in names))
+        numel = sum(grads[n].numel() for n in names)
+        close(s["grad_rms"], math.sqrt(sum(norm(grads[n]) ** 2 for n in names) / numel))
+        new = dict(model.named_parameters())
+        upd = math.sqrt(sum(norm(new[n].detach() - weights[n]) ** 2 for n in names))
+        close(s["update_ratio"], upd / math.sqrt(sum(norm(weights[n]) ** 2 for n in names)))
+        v = [opt.state[new[n]]["exp_avg_sq"].double() for n in names]
+        close(s["adam_v_rms"], math.sqrt(float(sum(x.sum() for x in v)) / numel))
+    unused = rec.layer("unused")
+    assert math.isnan(unused["grad_norm"]) and unused["weight_norm"] > 0
+
+
+def test_nonfinite_gradient_is_counted_and_named():
+    *_, records = one_step(poison="blocks.1.mlp.0.weight")
+    rec = records[-1]
+    assert rec.tensor("blocks.1.mlp.0.weight")["grad_nonfinite"] == 1
+    assert rec.scalars["grad_nonfinite"] == 1
+    assert not math.isfinite(rec.layer("blocks.1")["grad_norm"])
+    d = diagnose(records)
+    assert d.verdict == "nonfinite" and "blocks.1.mlp.0.weight" in d.cause
+
+
+def test_interval_skips_per_tensor_stats_and_hooks_between_monitored_steps():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = FlowMonitor(model, opt, FlowConfig(interval=3))
+    idx = torch.randint(0, 17, (2, 8))
+    got = []
+    for step in range(4):
+        opt.zero_grad()
+        loss_of(model, idx).backward()
+        monitor.after_backward()
+        opt.step()
+        monitor.after_step()
+        rec = monitor.collect(step)
+        got.append((rec.tensor_stats is not None, rec.depth_stats is not None, "update_norm" in rec.scalars))
+    assert got == [(True, True, True), (False, False, True), (False, False, True), (True, True, True)]
+    # SGD keeps no second moment
+    assert np.isnan(rec.tensor_stats[:, -1]).all()
+
+
+def test_disabled_monitor_attaches_nothing():
+    model = TinyTransformer()
+    monitor = FlowMonitor(model, None, FlowConfig(enabled=False))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    monitor.after_backward()
+    monitor.after_step()
+    assert monitor.collect(0) is None

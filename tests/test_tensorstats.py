@@ -1,0 +1,47 @@
+"""tensorstats vs plain per-tensor torch reductions (float64 references)."""
+
+import math
+
+import torch
+
+from flowtrain import tensorstats as ts
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(7, 5, generator=g), torch.randn(3, generator=g) * 100, torch.randn(2, 3, 4, generator=g)]
+
+
+def _close(a, b, rel=1e-6):
+    assert torch.allclose(a.double(), torch.as_tensor(b, dtype=torch.float64), rtol=rel, atol=0)
+
+
+def test_norms_maxima_sums_match_reference():
+    xs = _tensors()
+    ref_sq = [float((x.double() ** 2).sum()) for x in xs]
+    _close(ts.sums_of_squares(xs), ref_sq)
+    _close(ts.l2_norms(xs), [math.sqrt(v) for v in ref_sq])
+    _close(ts.global_l2_norm(xs), math.sqrt(sum(ref_sq)))
+    _close(ts.max_abs(xs), [float(x.abs().max()) for x in xs])
+    _close(ts.rms(xs), [math.sqrt(s / x.numel()) for s, x in zip(ref_sq, xs, strict=True)])
+    _close(ts.abs_sums(xs), [float(x.double().abs().sum()) for x in xs])
+    sq, mx = ts.sumsq_and_max_abs(xs[2])
+    _close(sq, ref_sq[2])
+    _close(mx, float(xs[2].abs().max()))
+
+
+def test_nonfinite_counts_and_propagation():
+    xs = _tensors()
+    xs[0][1, 2] = float("nan")
+    xs[2][0, 0, 0] = float("inf")
+    xs[2][1, 1, 1] = float("-inf")
+    assert ts.nonfinite_counts(xs).tolist() == [1.0, 0.0, 2.0]
+    assert not torch.isfinite(ts.global_l2_norm(xs))
+
+
+def test_empty_lists_give_empty_vectors():
+    assert ts.sums_of_squares([]).shape == (0,)
+    assert ts.max_abs([]).shape == (0,)
+    assert ts.abs_sums([]).shape == (0,)
+    assert ts.nonfinite_counts([]).shape == (0,)
+    assert float(ts.global_l2_norm([])) == 0.0
