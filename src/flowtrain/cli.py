@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlowtrainError as exc:
         print(f"flowtrain: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2: bad input; 3: the guard stopped training
     except KeyboardInterrupt:
         print(
             "flowtrain: interrupted (the last complete checkpoint is intact; --resume continues from it)",

@@ -19,6 +19,8 @@ from pydantic import Field, ValidationError, model_validator
 from flowtrain._base import Section
 from flowtrain.data.config import DataConfig
 from flowtrain.errors import ConfigError
+from flowtrain.flow.config import FlowConfig
+from flowtrain.flow.guard import GuardConfig
 from flowtrain.model.config import ModelConfig
 from flowtrain.optim.config import ClipConfig, OptimConfig, ScheduleConfig
 from flowtrain.train.config import LogConfig, TrainConfig
@@ -27,6 +29,7 @@ from flowtrain.train.config import LogConfig, TrainConfig
 class RunConfig(Section):
     """Everything that defines a run."""
 
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -34,6 +37,8 @@ class RunConfig(Section):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -20,3 +20,9 @@ class DataError(FlowtrainError):
 
 class CheckpointError(FlowtrainError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+class GuardStop(FlowtrainError):
+    """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
+
+    exit_code = 3

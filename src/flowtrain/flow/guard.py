@@ -84,7 +84,7 @@ class Alert:
 
 @dataclass
 class Verdict:
-    skip: torch.Tensor  # 0-dim bool on the training device: True = do not apply this step's update
+    skip: torch.Tensor | None  # 0-dim bool on the device: True = do not apply this update (None: never skips)
     action: str = "proceed"  # host decision: proceed | skip | rollback | stop (when host checks ran)
     alerts: list[Alert] = field(default_factory=list)
 
@@ -119,6 +119,11 @@ class Guard:
         scale = max(det.MAD_TO_STD * float(np.median(np.abs(logs - median))), window.min_scale)
         return math.exp(median + window.threshold * scale)
 
+    @property
+    def can_skip(self) -> bool:
+        """Whether any detector's action can skip a step (if not, the step needs no skip tensor at all)."""
+        return self.cfg.enabled and "skip" in (self.cfg.nonfinite, self.cfg.loss_spike, self.cfg.grad_spike)
+
     def device_skip(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Skip decision as a device tensor: no host sync."""
         bad = torch.zeros((), dtype=torch.bool, device=loss.device)
@@ -133,8 +138,8 @@ class Guard:
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, host_now: bool) -> Verdict:
         """Decide for optimizer step `step` (1-based) from its loss and pre-clip gradient norm."""
         if not self.cfg.enabled:
-            return Verdict(torch.zeros((), dtype=torch.bool, device=loss.device))
-        verdict = Verdict(self.device_skip(loss.detach(), grad_norm.detach()))
+            return Verdict(None)
+        verdict = Verdict(self.device_skip(loss.detach(), grad_norm.detach()) if self.can_skip else None)
         if not (self.host_every_step or host_now):
             return verdict
         loss_v, norm_v = (float(x) for x in torch.stack([loss.detach().float(), grad_norm.float()]).tolist())
@@ -151,17 +156,22 @@ class Guard:
         action = max((a for _, a in findings), key=_RANK.__getitem__, default="proceed")
         if action == "warn":
             action = "proceed"
-        # skips that keep coming mean the state itself is bad: escalate
-        if action == "skip" or (action == "proceed" and bool(verdict.skip)):
+        device_skipped = verdict.skip is not None and bool(verdict.skip)
+        if action == "proceed" and device_skipped:
+            action = "skip"  # the device test saw a spike the host window judged differently: it wins
+        if action == "skip":
+            self.skipped_steps += 1
             self.consecutive_skips += 1
             if self.consecutive_skips > self.cfg.max_consecutive_skips:
-                action = "rollback"
+                action = "rollback"  # skips that keep coming mean the state itself is bad
         else:
             self.consecutive_skips = 0
         if action == "rollback" and self.rollbacks >= self.cfg.max_rollbacks:
             action = "stop"
-        verdict.action = action if action != "proceed" or not bool(verdict.skip) else "skip"
-        verdict.alerts = [self._alert(step, f, a, verdict.action) for f, a in findings]
+        if action == "skip" and not device_skipped:  # host-only finding (e.g. grad spike set to skip late)
+            verdict.skip = torch.ones((), dtype=torch.bool, device=loss.device)
+        verdict.action = action
+        verdict.alerts = [self._alert(step, f, a, action) for f, a in findings]
         return verdict
 
     def _alert(self, step: int, f: det.Finding, configured: str, taken: str) -> Alert:
@@ -193,7 +203,7 @@ class Guard:
             )
             if f:
                 found.append((f, self.cfg.attention))
-        lse = record.scalars.get("logits_mean_lse")
+        lse = record.scalars.get("logits_lse_mean")
         if lse is not None:
             f = det.output_logits(lse, record.scalars.get("logits_max_abs", math.nan), self.cfg.max_logsumexp)
             if f:

@@ -45,6 +45,25 @@ class JsonlSink:
             self.flush()
             self._file.close()
 
+    def mark_discarded_after(self, step: int) -> None:
+        """After a guard rollback: keep the records of undone steps, flagged `"discarded": true`.
+
+        Readers that want the history of the surviving weights skip discarded records; the spike that caused
+        the rollback stays visible.
+        """
+        self.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) > step:
+                record["discarded"] = True
+            kept.append(json.dumps(record))
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
         """Keep only records with record['step'] <= step (and drop a torn last line from a crash)."""

@@ -18,6 +18,20 @@ class TensorBoardSink:
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 self._writer.add_scalar(key.replace(".", "/", 1) if "/" not in key else key, value, step)
 
+    def write_layers(self, step: int, record) -> None:
+        """Per-layer gradient norm and update/weight ratio from a FlowRecord (one TensorBoard section each)."""
+        if record.layer_stats is None:
+            return
+        from flowtrain.flow.stats import TENSOR_STATS
+
+        for stat in ("grad_norm", "update_ratio"):
+            column = record.layer_stats[:, TENSOR_STATS.index(stat)]
+            for name, value in zip(record.layer_names, column.tolist()):
+                if value == value:  # not NaN
+                    self._writer.add_scalar(f"{stat}_by_layer/{name}", value, step)
+        for layer, values in record.histograms.items():
+            self._writer.add_histogram(f"grad_hist/{layer}", values, step)
+
     def close(self) -> None:
         self._writer.flush()
         self._writer.close()

@@ -1,7 +1,7 @@
 """One optimizer step, exactly as the textbook draws it: one named call per arrow.
 
 batch load → model (embedding → attention → FFN → prediction) → cross-entropy → backprop (× micro-steps)
-→ observe gradients → clip → optimizer + schedule → observe the update
+→ observe gradients → clip → guard verdict → optimizer + schedule → observe the update
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowtrain.flow.guard import Verdict
 from flowtrain.model.loss import lm_loss
 from flowtrain.optim.clipping import ClipStats
 
@@ -18,11 +19,12 @@ from flowtrain.optim.clipping import ClipStats
 class StepOutput:
     loss: torch.Tensor  # mean training loss over the step's real target tokens (device tensor, no sync)
     clip: ClipStats
+    verdict: Verdict
     tokens: int  # input tokens processed (for tokens/s)
 
 
 def train_step(run) -> StepOutput:
-    """Run one optimizer step of `run` (a Trainer: loader, model, optimizer, ...). Returns device tensors."""
+    """Run optimizer step number `run.step + 1` of `run` (a Trainer). Returns device tensors."""
     micro_batches = [run.loader.next() for _ in range(run.grad_accum)]  # batch load
     real_targets = sum(b.n_targets for b in micro_batches)
     step_loss = torch.zeros((), device=run.device)
@@ -36,10 +38,11 @@ def train_step(run) -> StepOutput:
         step_loss += loss.detach() * weight
     run.unscale_gradients()  # fp16 only: gradients back to true scale before anyone looks at them
     run.flow.after_backward()  # observe gradients (reads only)
-    clip = run.clipper(run.params)  # gradient clipping
-    run.optimizer_step()  # AdamW → weight update
+    clip = run.clipper(run.named_params)  # gradient clipping
+    verdict = run.guard.check(run.step + 1, step_loss, clip.grad_norm_preclip, run.host_checks_now())
+    run.optimizer_step(skip=verdict.skip)  # AdamW → weight update (unless the guard says skip)
     run.scheduler.step()  # LR schedule
     run.flow.after_step(clip_stats=clip)  # update/weight ratios
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.inputs.numel() for b in micro_batches)
-    return StepOutput(loss=step_loss, clip=clip, tokens=tokens)
+    return StepOutput(loss=step_loss, clip=clip, verdict=verdict, tokens=tokens)

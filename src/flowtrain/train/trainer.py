@@ -7,6 +7,7 @@ optimizer, schedule, loader position, clipper state and RNG state all come back 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,10 @@ from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.loader import BatchLoader, eval_batches
 from flowtrain.data.prepare import dataset_for
 from flowtrain.data.tokenizers import tokenizer_from_json
-from flowtrain.errors import CheckpointError, ConfigError, DataError
+from flowtrain.errors import CheckpointError, ConfigError, DataError, GuardStop
+from flowtrain.flow.guard import Alert, Guard
+from flowtrain.flow.monitor import FlowMonitor
+from flowtrain.flow.records import FlowParquetWriter
 from flowtrain.fsutil import atomic_write_text
 from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
@@ -38,22 +42,6 @@ from flowtrain.train.step import train_step
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
 _KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-class _NoFlow:
-    """Monitoring off: the step's observer calls do nothing."""
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self, clip_stats=None) -> None:
-        pass
-
-    def collect(self, step: int):
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -109,7 +97,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, tc.max_steps, cfg.model.n_embd)
         self.clipper = GradClipper(cfg.clip)
-        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
         self.grad_accum = tc.grad_accum
         self.loss_options = {"label_smoothing": tc.label_smoothing, "z_loss": tc.z_loss}
@@ -123,8 +112,9 @@ class Trainer:
             doc_mask=cfg.data.doc_mask,
             bucket_by_length=cfg.data.bucket_by_length,
         )
-        self.flow = _NoFlow()
+        self.guard = Guard(cfg.guard, self.named_params, host_every_step=self.device.type != "cuda")
         self.step = 0
+        self.snapshot: dict[str, Any] | None = None
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
 
@@ -141,6 +131,8 @@ class Trainer:
                 )
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
+        self.flow = FlowMonitor(self.raw_model, self.optimizer, cfg.flow, start_step=self.step)
         self.model = torch.compile(self.raw_model) if tc.compile else self.raw_model
         self.progress = cfg.log.console if progress is None else progress
 
@@ -160,14 +152,33 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
 
-    def optimizer_step(self) -> None:
+    def host_checks_now(self) -> bool:
+        """Whether the guard reads numbers on the host this step (always on CPU; on GPU at logging steps)."""
+        return self.device.type != "cuda" or (self.step + 1) % self.cfg.log.interval == 0
+
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> None:
+        """Apply the update unless `skip` (a device bool) is set.
+
+        Fused torch optimizers take the decision as a tensor (`found_inf`, the GradScaler mechanism) and leave
+        weights, moments and step counts untouched in-kernel, so no host sync is needed; otherwise we branch
+        on the host.
+        """
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            if skip is None or not bool(skip):
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif skip is None:
+            self.optimizer.step()
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(skip):
             self.optimizer.step()
 
-    # ---- resume ----------------------------------------------------------------------------------
+    # ---- state: checkpoints on disk, last-good snapshots in memory ------------------------------------
     @staticmethod
     def _find_resume_checkpoint(path: Path) -> tuple[Path, ckpt.Checkpoint]:
         """(run directory, checkpoint) for a run directory (its latest checkpoint) or a checkpoint directory."""
@@ -180,45 +191,114 @@ class Trainer:
             raise CheckpointError(f"cannot resume {path}: it has no complete checkpoint; start a new run instead")
         return path, ckpt.read_checkpoint(latest)
 
-    def _restore(self, c: ckpt.Checkpoint) -> None:
-        ckpt.restore_model(c, self.raw_model)
-        ckpt.restore_optimizer(c, self.optimizer)
-        set_rng_state(ckpt.restore_rng(c))
-        state = c.state
+    def _training_state(self) -> dict[str, Any]:
+        """Everything besides weights, optimizer tensors and RNG that a resumed run needs, as plain JSON."""
+        state: dict[str, Any] = {
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "guard": self.guard.state_dict(),
+        }
+        if hasattr(self.clipper, "state_dict"):
+            state["clipper"] = self.clipper.state_dict()
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         if "clipper" in state and hasattr(self.clipper, "load_state_dict"):
             self.clipper.load_state_dict(state["clipper"])
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.step = c.step
+        self.guard.load_state_dict(state["guard"])
         self.best_val_loss = state.get("best_val_loss")
         self.best_step = state.get("best_step")
 
+    def _restore(self, c: ckpt.Checkpoint) -> None:
+        ckpt.restore_model(c, self.raw_model)
+        ckpt.restore_optimizer(c, self.optimizer)  # before the scheduler: it carries the groups' LRs
+        set_rng_state(ckpt.restore_rng(c))
+        self._load_training_state(c.state)
+        self.step = c.step
+
     def save_checkpoint(self) -> Path:
-        state: dict[str, Any] = {
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-        }
-        if hasattr(self.clipper, "state_dict"):
-            state["clipper"] = self.clipper.state_dict()
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
         path = ckpt.save_checkpoint(
             self.run.checkpoints,
             self.step,
             model=self.raw_model,
             optimizer=self.optimizer,
             rng=rng_state(),
-            state=state,
+            state=self._training_state(),
             tokenizer_json=self.tokenizer.to_json(),
             config_yaml=self.cfg.to_yaml(),
         )
         keep = {self.best_step} if self.best_step is not None else set()
         ckpt.prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last, keep)
+        if self.flow_writer is not None:  # make flow.parquet complete up to this checkpoint
+            self.flow_writer.close()
+            self.flow_writer = FlowParquetWriter(self.run.flow, keep_before_step=self.step + 1)
         return path
+
+    def _take_snapshot(self) -> None:
+        """Keep the current state in memory as the last good one (same device; copies, not references)."""
+        self.snapshot = {
+            "step": self.step,
+            "model": {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "rng": {k: v.clone() for k, v in rng_state().items()},
+            "state": copy.deepcopy(self._training_state()),
+        }
+
+    def _rollback(self, event_step: int) -> str:
+        """Return to the last good state, skip the data that led to the event, optionally lower the LR."""
+        snap = self.snapshot
+        if snap is None or snap["step"] >= event_step:
+            latest = ckpt.latest_checkpoint(self.run.checkpoints)
+            if latest is None:
+                raise GuardStop(
+                    f"step {event_step}: the guard asked for a rollback but there is no good state yet "
+                    "(no snapshot or checkpoint before the event); lower optim.lr or lengthen warmup"
+                )
+            c = ckpt.read_checkpoint(latest)
+            target, model_sd, optim_sd, rng, state = c.step, None, None, ckpt.restore_rng(c), c.state
+            ckpt.restore_model(c, self.raw_model)
+            ckpt.restore_optimizer(c, self.optimizer)
+        else:
+            target, model_sd, optim_sd, rng, state = (
+                snap["step"],
+                snap["model"],
+                snap["optimizer"],
+                snap["rng"],
+                snap["state"],
+            )
+            self.raw_model.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
+        rollbacks = self.guard.rollbacks
+        self._load_training_state(copy.deepcopy(state))
+        self.guard.rollbacks = rollbacks + 1
+        set_rng_state(rng)
+        # skip the data window that led to the event (and any extra), exactly as the loader would serve it
+        skip_steps = event_step - target + self.cfg.guard.rollback_extra_skip
+        for _ in range(skip_steps * self.grad_accum):
+            self.loader.next()
+        factor = self.cfg.guard.rollback_lr_factor
+        if factor != 1.0:
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+                group["initial_lr"] = group.get("initial_lr", group["lr"]) * factor
+        self.step = target
+        self.flow.step_index = target
+        for sink in (self.metrics_sink, self.evals_sink):
+            sink.mark_discarded_after(target)
+        return (
+            f"rolled back from step {event_step} to step {target}, skipped {skip_steps} steps of data"
+            + (f", LR x{factor}" if factor != 1.0 else "")
+            + f" (rollback {self.guard.rollbacks} of {self.cfg.guard.max_rollbacks})"
+        )
 
     # ---- the loop --------------------------------------------------------------------------------
     def _open_sinks(self) -> list:
@@ -226,16 +306,25 @@ class Trainer:
         if self.resume_from is None:
             atomic_write_text(self.run.config, self.cfg.to_yaml())
         else:
-            JsonlSink.truncate_after(self.run.metrics, self.step)
-            JsonlSink.truncate_after(self.run.evals, self.step)
+            for path in (self.run.metrics, self.run.evals, self.run.alerts):
+                JsonlSink.truncate_after(path, self.step)
         write_env(self.run, self.device)
-        sinks: list = [JsonlSink(self.run.metrics, flush_every=max(1, 50 // self.cfg.log.interval))]
+        self.metrics_sink = JsonlSink(self.run.metrics, flush_every=max(1, 50 // self.cfg.log.interval))
+        self.alerts_sink = JsonlSink(self.run.alerts)
+        self.flow_writer = (
+            FlowParquetWriter(self.run.flow, keep_before_step=self.step + 1 if self.step else None)
+            if self.cfg.flow.enabled
+            else None
+        )
+        sinks: list = [self.metrics_sink]
         self.console = ConsoleSink(self.cfg.train.max_steps, initial=self.step, enabled=self.progress)
         sinks.append(self.console)
+        self.tb = None
         if self.cfg.log.tensorboard:
             from flowtrain.sinks.tensorboard import TensorBoardSink
 
-            sinks.append(TensorBoardSink(self.run.tensorboard, purge_step=self.step + 1 if self.step else None))
+            self.tb = TensorBoardSink(self.run.tensorboard, purge_step=self.step + 1 if self.step else None)
+            sinks.append(self.tb)
         if self.cfg.log.wandb:
             from flowtrain.sinks.wandb import WandbSink
 
@@ -288,10 +377,37 @@ class Trainer:
             f"bits/byte {result['val_bpb']:.4f}"
         )
 
+    def _alert(self, alert: Alert) -> None:
+        self.alerts_sink.write(alert.step, {k: v for k, v in alert.to_json().items() if k != "step"})
+        self.console.message(
+            f"[guard] step {alert.step}: {alert.detector} -> {alert.action}: {alert.explanation}. "
+            f"Try: {alert.suggestion}"
+        )
+
+    def _act_on(self, verdict) -> bool:
+        """Log the verdict's alerts and carry out rollback / stop. True when the step was rolled back."""
+        for alert in verdict.alerts:
+            self._alert(alert)
+        if verdict.action == "stop":
+            detectors = ", ".join(sorted({a.detector for a in verdict.alerts})) or "repeated skips"
+            message = (
+                f"stopped by the guard at step {self.step}: {detectors} after "
+                f"{self.guard.rollbacks} rollback(s) (budget guard.max_rollbacks={self.cfg.guard.max_rollbacks}); "
+                f"checkpoints in {self.run.checkpoints} are intact: lower optim.lr or check the data, then --resume"
+            )
+            self._alert(Alert(self.step, "guard", "stop", {"rollbacks": float(self.guard.rollbacks)}, message, ""))
+            raise GuardStop(message)
+        if verdict.action == "rollback":
+            event = self.step
+            what = self._rollback(event)
+            self._alert(Alert(event, "guard", "rollback", {"to_step": float(self.step)}, what, ""))
+            return True
+        return False
+
     def run_loop(self) -> RunSummary:
         tc = self.cfg.train
         self.sinks = sinks = self._open_sinks()
-        evals = JsonlSink(self.run.evals)
+        evals = self.evals_sink = JsonlSink(self.run.evals)
         peak = self._peak_flops()
         flops_per_token = self.raw_model.flops_per_token()
         self.model.train()
@@ -302,19 +418,25 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 out = train_step(self)
                 self.step += 1
+                if self._act_on(out.verdict):
+                    last_time = time.perf_counter()
+                    continue
                 if self.step % self.cfg.log.interval == 0 or self.step == end:
                     now = time.perf_counter()
-                    elapsed = (now - last_time) / (
-                        self.cfg.log.interval if self.step % self.cfg.log.interval == 0 else 1
-                    )
-                    last_time = now
+                    steps = self.cfg.log.interval if self.step % self.cfg.log.interval == 0 else 1
+                    elapsed, last_time = (now - last_time) / steps, now
                     scalars = self._scalars(out, lr, elapsed, flops_per_token, peak)
                     for sink in sinks:
                         sink.write(self.step, scalars)
+                side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
+                snap = self.cfg.guard.snapshot_interval
+                if snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts:
+                    self._take_snapshot()
                 if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                     self._record_eval(evals, self.evaluate())
                 if self.step % tc.checkpoint_interval == 0 or self.step == end:
                     self.save_checkpoint()
+                last_time += time.perf_counter() - side_work_started
             final: dict[str, float] = {}
             if self.step == tc.max_steps and tc.eval_full_at_end:
                 final = self.evaluate(full=True)
@@ -323,22 +445,22 @@ class Trainer:
             evals.close()
             for sink in sinks:
                 sink.close()
+            self.alerts_sink.close()
+            if self.flow_writer is not None:
+                self.flow_writer.close()
             self.flow.close()
         text = self.sample_text() if tc.sample_tokens and self.step == tc.max_steps else ""
         summary = RunSummary(self.run.root, self.step, final, self.best_val_loss, text)
         if self.step == tc.max_steps:
-            atomic_write_text(
-                self.run.summary,
-                json.dumps(
-                    {
-                        "steps": self.step,
-                        "best_val_loss": self.best_val_loss,
-                        "best_step": self.best_step,
-                        "final_full_eval": final,
-                    },
-                    indent=1,
-                ),
-            )
+            done = {
+                "steps": self.step,
+                "best_val_loss": self.best_val_loss,
+                "best_step": self.best_step,
+                "final_full_eval": final,
+                "skipped_steps": self.guard.skipped_steps,
+                "rollbacks": self.guard.rollbacks,
+            }
+            atomic_write_text(self.run.summary, json.dumps(done, indent=1))
         return summary
 
     def _scalars(self, out, lr: float, step_time: float, flops_per_token: float, peak: float | None) -> dict:
@@ -360,6 +482,7 @@ class Trainer:
             "grad_norm_postclip": values[2],
             "clip_coef": values[3],
             "clipped": bool(values[4]),
+            "skipped": out.verdict.action == "skip",
             "tokens": self.step * out.tokens,
             "tokens_per_s": tokens_per_s,
             "step_time_ms": step_time * 1e3,
@@ -370,7 +493,13 @@ class Trainer:
             scalars["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record = self.flow.collect(self.step)
         if record is not None:
-            scalars.update(record.scalars)
+            scalars.update({k: v for k, v in record.scalars.items() if k not in scalars})
+            if self.flow_writer is not None:
+                self.flow_writer.write(record)
+            if self.tb is not None:
+                self.tb.write_layers(self.step, record)
+            for alert in self.guard.observe_record(record):
+                self._alert(alert)
         return scalars
 
     @torch.no_grad()
