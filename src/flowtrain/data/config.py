@@ -39,7 +39,8 @@ class DataConfig(Section):
     doc_mask: bool = Field(False, description="packed loader: block-diagonal mask, no attention across documents")
     bucket_by_length: bool = Field(False, description="varlen loader: group documents of similar length")
     cache_dir: str | None = Field(
-        None, description="where `train` keeps datasets it prepares itself (default: $FLOWTRAIN_CACHE or ~/.cache/flowtrain)"
+        None,
+        description="where `train` keeps datasets it prepares itself (default: $FLOWTRAIN_CACHE or ~/.cache/flowtrain)",
     )
 
     @model_validator(mode="after")

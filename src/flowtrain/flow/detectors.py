@@ -27,12 +27,16 @@ class Finding:
 
 
 class RobustSpike:
-    """Robust z-score of log(value) against a window of recent healthy values (median / MAD).
+    """Robust z-score of log(value) against recent healthy values.
 
-    Log space because losses and gradient norms are positive and their noise is multiplicative. The scale
-    has a floor (`min_scale`, in log units) so a very flat window does not turn tiny wiggles into 6-sigma
-    events.
+    Log space, because losses and gradient norms are positive and their noise is multiplicative. The level is
+    the median of the last `level_window` healthy values, so it follows the steep descent of early training;
+    the noise is the MAD of step-to-step differences / sqrt(2), which a trend does not inflate (the plain MAD
+    of a descending window does, and hides spikes). The noise has a floor (`min_scale`, log units) so a very
+    flat window does not turn tiny wiggles into 6-sigma events.
     """
+
+    level_window = 16
 
     def __init__(self, window: int, threshold: float, min_count: int, min_scale: float):
         self.values: deque[float] = deque(maxlen=window)
@@ -40,13 +44,27 @@ class RobustSpike:
         self.min_count = min_count
         self.min_scale = min_scale
 
-    def score(self, value: float) -> float | None:
-        if not math.isfinite(value) or value <= 0 or len(self.values) < self.min_count:
+    def level_and_scale(self) -> tuple[float, float] | None:
+        """(level, noise) in log units, or None until min_count healthy values were seen."""
+        if len(self.values) < self.min_count:
             return None
         logs = np.fromiter(self.values, dtype=np.float64)
-        median = float(np.median(logs))
-        scale = max(MAD_TO_STD * float(np.median(np.abs(logs - median))), self.min_scale)
-        return (math.log(value) - median) / scale
+        level = float(np.median(logs[-self.level_window :]))
+        diffs = np.diff(logs)
+        noise = MAD_TO_STD * float(np.median(np.abs(diffs - np.median(diffs)))) / math.sqrt(2)
+        return level, max(noise, self.min_scale)
+
+    def score(self, value: float) -> float | None:
+        stats = self.level_and_scale()
+        if stats is None or not math.isfinite(value) or value <= 0:
+            return None
+        level, scale = stats
+        return (math.log(value) - level) / scale
+
+    def limit(self) -> float:
+        """The value above which `score` exceeds the threshold (inf until judged)."""
+        stats = self.level_and_scale()
+        return math.inf if stats is None else math.exp(stats[0] + self.threshold * stats[1])
 
     def observe(self, value: float) -> float | None:
         """Score `value`, then add it to the window unless it is non-finite or a spike."""
@@ -56,7 +74,11 @@ class RobustSpike:
         return z
 
     def median(self) -> float:
-        return math.exp(float(np.median(np.fromiter(self.values, dtype=np.float64)))) if self.values else math.nan
+        """The recent level, as a value (not log)."""
+        stats = self.level_and_scale()
+        if stats is None:
+            return math.exp(float(np.median(np.fromiter(self.values, dtype=np.float64)))) if self.values else math.nan
+        return math.exp(stats[0])
 
     def state_dict(self) -> dict:
         return {"values": list(self.values)}
@@ -72,9 +94,9 @@ def loss_spike(tracker: RobustSpike, loss: float) -> Finding | None:
         return None
     return Finding(
         "loss_spike",
-        {"loss": loss, "z": z, "window_median": tracker.median(), "threshold": tracker.threshold},
-        f"the training loss jumped to {loss:.4g}, {z:.1f} robust standard deviations above the recent median "
-        f"({tracker.median():.4g})",
+        {"loss": loss, "z": z, "recent_level": tracker.median(), "threshold": tracker.threshold},
+        f"the training loss jumped to {loss:.4g}, {z:.1f} robust standard deviations above the recent "
+        f"level ({tracker.median():.4g})",
         "a bad batch or an LR too high for this point of training; if it recurs, lower optim.lr or "
         "schedule.warmup_steps longer, and check the data around this step",
     )
@@ -86,7 +108,7 @@ def grad_spike(tracker: RobustSpike, norm: float) -> Finding | None:
         return None
     return Finding(
         "grad_spike",
-        {"grad_norm_preclip": norm, "z": z, "window_median": tracker.median(), "threshold": tracker.threshold},
+        {"grad_norm_preclip": norm, "z": z, "recent_level": tracker.median(), "threshold": tracker.threshold},
         f"the pre-clip gradient norm jumped to {norm:.4g}, {z:.1f} robust standard deviations above the recent "
         f"median ({tracker.median():.4g})",
         "clipping bounds the update, but repeated spikes precede divergence: lower optim.lr, lengthen warmup, "

@@ -55,7 +55,9 @@ class GuardConfig(Section):
     max_consecutive_skips: int = Field(10, ge=1, description="more skips in a row escalate to a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollback budget; one more event stops the run")
     rollback_lr_factor: float = Field(1.0, gt=0, le=1, description="multiply the LR by this at each rollback")
-    rollback_extra_skip: int = Field(0, ge=0, description="steps of data skipped beyond those that led to the event")
+    rollback_extra_skip: int = Field(
+        20, ge=0, description="steps of data skipped beyond those that led to the event (bad data comes in bursts)"
+    )
     snapshot_interval: int = Field(
         50, ge=0, description="keep a last-good state in memory every N steps (0: disk only)"
     )
@@ -108,16 +110,10 @@ class Guard:
         self.rollbacks = 0
 
     # ---- per-step decision ------------------------------------------------------------------------
-    def _limit(self, window: det.RobustSpike, action: str) -> float:
+    @staticmethod
+    def _limit(window: det.RobustSpike, action: str) -> float:
         """The value above which the device-side test calls a spike (inf when not judged or not skipping)."""
-        if action not in ("skip", "rollback", "stop") or len(window.values) < window.min_count:
-            return math.inf
-        import numpy as np
-
-        logs = np.fromiter(window.values, dtype=np.float64)
-        median = float(np.median(logs))
-        scale = max(det.MAD_TO_STD * float(np.median(np.abs(logs - median))), window.min_scale)
-        return math.exp(median + window.threshold * scale)
+        return window.limit() if action in ("skip", "rollback", "stop") else math.inf
 
     @property
     def can_skip(self) -> bool:

@@ -418,16 +418,17 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 out = train_step(self)
                 self.step += 1
-                if self._act_on(out.verdict):
-                    last_time = time.perf_counter()
-                    continue
-                if self.step % self.cfg.log.interval == 0 or self.step == end:
+                acting = out.verdict.action in ("rollback", "stop")
+                if acting or self.step % self.cfg.log.interval == 0 or self.step == end:
                     now = time.perf_counter()
                     steps = self.cfg.log.interval if self.step % self.cfg.log.interval == 0 else 1
                     elapsed, last_time = (now - last_time) / steps, now
                     scalars = self._scalars(out, lr, elapsed, flops_per_token, peak)
                     for sink in sinks:
                         sink.write(self.step, scalars)
+                if self._act_on(out.verdict):  # rolled back: the loop goes on from the restored step
+                    last_time = time.perf_counter()
+                    continue
                 side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
                 snap = self.cfg.guard.snapshot_interval
                 if snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts:

@@ -1,0 +1,161 @@
+"""Fault injection on real tiny training runs: the guard skips, rolls back and stops as configured."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flowtrain.config import load_config
+from flowtrain.errors import GuardStop
+from flowtrain.sinks.jsonl import read_jsonl
+from flowtrain.train import checkpoint as ckpt
+from flowtrain.train.step import train_step
+from flowtrain.train.trainer import Trainer
+from tests.conftest import tiny_overrides
+
+
+def _trainer(text, tmp_path, **extra):
+    return Trainer(load_config("default", tiny_overrides(text, tmp_path, **extra)))
+
+
+def _state(tr):
+    weights = {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
+    opt = {
+        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in enumerate(tr.optimizer.state.values())
+    }
+    return weights, opt
+
+
+def _same(a, b):
+    (wa, oa), (wb, ob) = a, b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for i in oa:
+        for k in oa[i]:
+            va, vb = oa[i][k], ob[i][k]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, (i, k)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_nan_gradient_step_is_skipped_bitwise(small_text, tmp_path, implementation):
+    """NaN in one gradient at step k: no weight or optimizer-state change, the alert names the tensor."""
+    tr = _trainer(small_text, tmp_path, **{"optim.implementation": implementation})
+    for _ in range(5):
+        train_step(tr)
+        tr.step += 1
+    before = _state(tr)
+    target = dict(tr.raw_model.named_parameters())[_mlp_weight(tr)]
+    handle = target.register_hook(lambda g: torch.full_like(g, float("nan")))
+    out = train_step(tr)
+    tr.step += 1
+    handle.remove()
+    assert out.verdict.action == "skip"
+    (alert,) = [a for a in out.verdict.alerts if a.detector == "nonfinite"]
+    assert _mlp_weight(tr) in alert.explanation
+    _same(before, _state(tr))
+    for _ in range(3):  # and training goes on normally
+        out = train_step(tr)
+        tr.step += 1
+        assert out.verdict.action == "proceed" and torch.isfinite(out.loss)
+    assert tr.guard.skipped_steps == 1
+
+
+def _mlp_weight(tr):
+    """The first MLP weight of the second block, by its model name."""
+    return next(n for n, _ in tr.raw_model.named_parameters() if n.startswith("blocks.1.") and "mlp" in n)
+
+
+def test_nan_run_finishes_and_records_the_skip(small_text, tmp_path):
+    tr = _trainer(small_text, tmp_path, **{"train.max_steps": 12})
+    name = _mlp_weight(tr)
+    param = dict(tr.raw_model.named_parameters())[name]
+    param.register_hook(lambda g: torch.full_like(g, float("inf")) if tr.step == 6 else g)
+    summary = tr.run_loop()
+    assert summary.steps == 12
+    alerts = read_jsonl(summary.run_dir / "alerts.jsonl")
+    assert [(a["step"], a["detector"], a["action"]) for a in alerts] == [(7, "nonfinite", "skip")]
+    assert name in alerts[0]["explanation"] and alerts[0]["suggestion"]
+    metrics = read_jsonl(summary.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m["skipped"]] == [7]
+    assert json.loads((summary.run_dir / "summary.json").read_text())["skipped_steps"] == 1
+
+
+def _corrupt_batches(tr, first, last, vocab):
+    """Batches the loader serves at positions [first, last) get uniformly random tokens (garbage data)."""
+    loader, real_next = tr.loader, tr.loader.next
+    rng = np.random.default_rng(0)
+
+    def next_batch():
+        position = loader.step
+        batch = real_next()
+        if first <= position < last:
+            noise = torch.from_numpy(rng.integers(0, vocab, size=tuple(batch.targets.shape)))
+            batch.inputs, batch.targets = noise.clone(), noise.roll(-1, dims=1)
+        return batch
+
+    loader.next = next_batch
+
+
+SPIKE_RUN = {
+    "train.max_steps": 160,
+    "train.eval_interval": 160,
+    "train.eval_batches": 8,
+    "train.checkpoint_interval": 80,
+    "guard.snapshot_interval": 20,
+    "guard.rollback_extra_skip": 10,
+}
+
+
+def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path):
+    clean = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "train.run_name": "clean"}).run_loop()
+
+    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "train.run_name": "spiky"})
+    _corrupt_batches(tr, first=100, last=106, vocab=tr.tokenizer.vocab_size)
+    spiky = tr.run_loop()
+
+    alerts = read_jsonl(spiky.run_dir / "alerts.jsonl")
+    spikes = [a for a in alerts if a["detector"] == "loss_spike"]
+    assert spikes and spikes[0]["step"] == 101 and spikes[0]["action"] == "rollback"  # within 1 step
+    rollbacks = [a for a in alerts if a["detector"] == "guard" and a["action"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["values"]["to_step"] == 100
+    assert spiky.steps == 160
+    # the undone step stays visible but flagged; the surviving history has every step once
+    metrics = read_jsonl(spiky.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m.get("discarded")] == [101]
+    assert [m["step"] for m in metrics if not m.get("discarded")] == list(range(1, 161))
+    final_clean = read_jsonl(clean.run_dir / "eval.jsonl")[-1]["val_loss"]
+    final_spiky = read_jsonl(spiky.run_dir / "eval.jsonl")[-1]["val_loss"]
+    assert abs(final_spiky - final_clean) / final_clean < 0.05
+
+
+def test_repeated_failures_exhaust_the_budget_and_stop(small_text, tmp_path):
+    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "guard.max_rollbacks": 2})
+    _corrupt_batches(tr, first=90, last=10**9, vocab=tr.tokenizer.vocab_size)
+    with pytest.raises(GuardStop, match="rollback budget|rollback\\(s\\)"):
+        tr.run_loop()
+    run = tr.run.root
+    actions = [(a["detector"], a["action"]) for a in read_jsonl(run / "alerts.jsonl")]
+    assert actions.count(("guard", "rollback")) == 2 and actions[-1] == ("guard", "stop")
+    saved = ckpt.list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in saved] == [80]  # what was saved is still there, and still loads
+    ckpt.read_checkpoint(saved[0][1])
+    assert not (run / "summary.json").exists()
+
+
+def test_no_false_alarm_on_healthy_runs(small_text, tmp_path):
+    for seed in (1, 2, 3):
+        tr = _trainer(
+            small_text,
+            tmp_path,
+            **{
+                "train.seed": seed,
+                "train.max_steps": 200,
+                "train.run_name": f"s{seed}",
+                "train.eval_interval": 200,
+                "train.checkpoint_interval": 200,
+            },
+        )
+        run = tr.run_loop().run_dir
+        actions = {a["action"] for a in read_jsonl(run / "alerts.jsonl")} if (run / "alerts.jsonl").exists() else set()
+        assert actions <= {"warn"}, (seed, actions)
