@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+from flowtrain.config import load_config
+from flowtrain.train.step import train_step
+from flowtrain.train.trainer import Trainer
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -33,3 +37,34 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
 def summarize(samples: list[float]) -> str:
     """median [min, max] over repeats, the spread this noisy shared machine shows."""
     return f"{statistics.median(samples):.4g} [{min(samples):.4g}, {max(samples):.4g}]"
+
+
+def shakespeare_trainer(workdir: Path, name: str, overrides: list[str] = ()) -> Trainer:
+    """A Trainer for the shakespeare-char recipe writing under `workdir` (quiet: no console, no TensorBoard)."""
+    cfg = load_config(
+        "shakespeare-char",
+        [
+            f"data.sources=[{corpus_path()}]",
+            f"data.cache_dir={workdir / 'cache'}",
+            f"train.out_dir={workdir / 'runs'}",
+            f"train.run_name={name}",
+            "log.console=false",
+            "log.tensorboard=false",
+            *overrides,
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.model.train()
+    return trainer
+
+
+def time_steps(trainer: Trainer, steps: int) -> list[float]:
+    """Wall time of each of `steps` training steps (the step is done when its loss is on the host)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = train_step(trainer)
+        out.loss.item()
+        trainer.step += 1
+        times.append(time.perf_counter() - t0)
+    return times

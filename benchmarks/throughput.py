@@ -12,45 +12,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import corpus_path, matmul_peak, summarize  # noqa: E402
-
-from flowtrain.config import load_config  # noqa: E402
-from flowtrain.train.step import train_step  # noqa: E402
-from flowtrain.train.trainer import Trainer  # noqa: E402
-
-
-def build(dtype: str, workdir: Path) -> Trainer:
-    cfg = load_config(
-        "shakespeare-char",
-        [
-            f"data.sources=[{corpus_path()}]",
-            f"data.cache_dir={workdir / 'cache'}",
-            f"train.dtype={dtype}",
-            f"train.out_dir={workdir / 'runs'}",
-            f"train.run_name={dtype}",
-            "log.console=false",
-            "log.tensorboard=false",
-        ],
-    )
-    trainer = Trainer(cfg)
-    trainer.model.train()
-    return trainer
-
-
-def time_steps(trainer: Trainer, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = train_step(trainer)
-        out.loss.item()  # the step is done when its loss is known
-        times.append(time.perf_counter() - t0)
-    return times
+from _common import matmul_peak, shakespeare_trainer, summarize, time_steps  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +31,7 @@ def main() -> None:
 
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {d: build(d, Path(tmp)) for d in ("float32", "bfloat16")}
+        trainers = {d: shakespeare_trainer(Path(tmp), d, [f"train.dtype={d}"]) for d in ("float32", "bfloat16")}
         flops_per_token = trainers["float32"].raw_model.flops_per_token()
         tokens_per_step = trainers["float32"].cfg.train.batch_size * trainers["float32"].cfg.model.block_size
         for t in trainers.values():
