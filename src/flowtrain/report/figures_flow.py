@@ -140,7 +140,7 @@ def residual_profile_figure(runs: list[RunData]) -> ReportFigure:
     ax.set_yscale("log")
     ax.set_xlabel("block boundary (depth)")
     ax.set_ylabel("residual grad L2 norm")
-    ax.legend(loc="best", ncol=1 if len(kept) == 1 else 2)
+    ax.legend(loc="upper left", ncol=1 if len(kept) == 1 else 2)
     out.fig = fig
     return out
 
@@ -225,7 +225,7 @@ def _per_run_lines(runs, out, attr, panels, *, row_height=2.8) -> ReportFigure:
                 ax.axhline(ref, color="#d62728", linestyle="--", linewidth=1.2, label=f"reference {ref:g}")
             ax.set_ylabel(ylabel)
             ax.set_title(mpl_text(run.name), loc="left", color=run_color(i), fontsize=9)
-            ax.legend(loc="best", fontsize=6.5, ncol=2)
+            ax.legend(loc="upper left", fontsize=6.5, ncol=2)
     out.fig = fig
     return out
 

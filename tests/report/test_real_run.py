@@ -1,0 +1,39 @@
+"""The report on a real tiny training run (char-level Shakespeare excerpt, 2 layers, 30 steps)."""
+
+import re
+
+from flowtrain.config import load_config
+from flowtrain.report import build_report, load_run
+from flowtrain.sinks.jsonl import read_jsonl
+from flowtrain.train.trainer import Trainer
+from tests.conftest import tiny_overrides
+from tests.report.test_report import FIGURE_KEYS
+
+FLOW_FIGURES = FIGURE_KEYS[4:]
+
+
+def test_report_of_a_real_run(small_text, tmp_path):
+    cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"train.max_steps": 30}))
+    run_dir = Trainer(cfg).run_loop().run_dir
+    run = load_run(run_dir)
+    # what the report loaded is what the trainer wrote
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert run.metrics.step.tolist() == [r["step"] for r in records]
+    assert run.metrics.get("loss").tolist() == [r["loss"] for r in records]
+    assert run.evals.step.tolist() == [10, 20, 30]
+    assert run.config["model"]["n_layer"] == 2 and run.env["torch_version"]
+
+    html = build_report([run_dir], tmp_path / "report.html").read_text()
+    figures = dict(re.findall(r'<figure id="(\w+)">(.*?)</figure>', html, re.S))
+    assert set(figures) == set(FIGURE_KEYS)
+    for key in FIGURE_KEYS[:4]:
+        assert "<svg" in figures[key], key
+    has_flow = (run_dir / "flow.parquet").is_file()
+    for key in FLOW_FIGURES:  # drawn when the trainer wrote flow statistics, else said so in place
+        assert ("<svg" in figures[key]) == has_flow, key
+        if not has_flow:
+            assert "flow.parquet not found" in figures[key]
+    if has_flow:
+        assert run.layer_flow.names[0] == "embedding" and run.layer_flow.names[-1] == "head"
+        assert run.depth_flow.names == ["h0", "h1", "h2"]
+    assert "clip.max_norm = 1" in figures["grad_norm_clipping"]
