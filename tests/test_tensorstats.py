@@ -45,3 +45,11 @@ def test_empty_lists_give_empty_vectors():
     assert ts.abs_sums([]).shape == (0,)
     assert ts.nonfinite_counts([]).shape == (0,)
     assert float(ts.global_l2_norm([])) == 0.0
+
+
+def test_single_tensor_helpers_and_nan_in_max():
+    x = torch.tensor([[1.0, -5.0], [2.0, 3.0]])
+    assert float(ts.sum_of_squares(x)) == 39.0
+    assert ts.max_abs([x, torch.zeros(0)]).tolist() == [5.0, 0.0]
+    x[0, 0] = float("nan")
+    assert torch.isnan(ts.max_abs([x]))[0]

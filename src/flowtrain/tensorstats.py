@@ -76,10 +76,18 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor max |x| (the inf-norm), shape [len(tensors)]."""
+    """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
     local = [_local(t) for t in tensors]
-    norms = torch._foreach_norm(local, float("inf")) if local else []
-    return _full(_stack(norms, local), tensors, "max")
+    return _full(_stack([_max_abs_one(t) for t in local], local), tensors, "max")
+
+
+def _max_abs_one(t: torch.Tensor) -> torch.Tensor:
+    """max |x| as max(max x, -min x): one aminmax pass, ~10x faster on CPU than the inf-norm kernels
+    (_foreach_norm(inf) and vector_norm(inf) both measured slower); NaN propagates."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=t.device)
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(hi, -lo).float()
 
 
 def numels(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -115,6 +123,11 @@ def abs_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return _full(_stack(norms, local), tensors, "sum")
 
 
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of one (unsharded, e.g. activation-gradient) tensor, float32 0-dim."""
+    return torch.linalg.vector_norm(t.detach(), 2, dtype=torch.float32) ** 2
+
+
 def sumsq_and_max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of squares and max |x| of one (unsharded, e.g. activation) tensor, both float32 0-dim.
 
@@ -124,5 +137,4 @@ def sumsq_and_max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     x = t.detach()
     sq = torch.linalg.vector_norm(x, 2, dtype=torch.float32) ** 2
-    mx = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
-    return sq, mx
+    return sq, _max_abs_one(x)

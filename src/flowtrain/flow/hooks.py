@@ -129,7 +129,7 @@ class DepthProbe:
 
     def _make_grad_hook(self, index: int):
         def on_grad(grad: torch.Tensor) -> None:
-            sq, _ = tensorstats.sumsq_and_max_abs(grad)
+            sq = tensorstats.sum_of_squares(grad)
             prev = self.resid_sumsq[index]
             self.resid_sumsq[index] = sq if prev is None else prev + sq
 
