@@ -65,3 +65,9 @@ def test_yaml_roundtrip(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg
     assert RunConfig() != cfg
+
+
+def test_text_fields_keep_yaml_lookalikes_as_text():
+    cfg = load_config("default", ["train.run_name=off", "data.dataset=1e3", "train.out_dir=yes"])
+    assert (cfg.train.run_name, cfg.data.dataset, cfg.train.out_dir) == ("off", "1e3", "yes")
+    assert load_config("default", ["train.run_name=null"]).train.run_name is None

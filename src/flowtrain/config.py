@@ -128,17 +128,36 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _string_field(dotted: str) -> bool:
+    """Whether the config field at `dotted` holds text (so `run_name=off` stays "off", not YAML's False)."""
+    section: Any = RunConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        field = section.model_fields.get(part) if isinstance(section, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):
+            return False
+        section = field.annotation
+    field = section.model_fields.get(leaf)
+    return field is not None and field.annotation in (str, str | None)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=1 c.d=[x,y]` → nested dict; values are YAML scalars/lists (so 3e-4, true, null work)."""
+    """`a.b=1 c.d=[x,y]` → nested dict; values are YAML scalars/lists (so 3e-4, true, null work).
+
+    Text fields take the raw text, so names like `off`, `yes` or `1e3` are not turned into booleans or numbers.
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or key.strip() != key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. optim.lr=3e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        if _string_field(key) and raw not in ("null", "~"):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         _set_dotted(tree, key, value)
     return tree
 
