@@ -94,6 +94,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    from flowtrain.lab import STUDIES, run_study
+
+    if args.study not in STUDIES:
+        raise FlowtrainError(f"unknown study {args.study!r}; choose one of: {', '.join(STUDIES)}")
+    run_study(args.study, quick=args.quick, data=args.data, out=args.out, echo=print)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowtrain",
@@ -152,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", help="the HTML file to write (default: RUN_DIR/report.html for a single run)")
     r.add_argument("--figures", metavar="DIR", help="also write every figure as PNG and SVG into DIR")
     r.set_defaults(func=cmd_report)
+
+    lab = sub.add_parser(
+        "lab",
+        help="run a gradient-flow study (norm-placement, residuals, activations, clipping, warmup, init)",
+        description="Reproduce a textbook gradient-flow result on real data: trains the study's variants, writes "
+        "their runs and one HTML report, and prints a verdict table computed from the measurements (docs/lab.md).",
+    )
+    lab.add_argument(
+        "study", metavar="STUDY", help="norm-placement, residuals, activations, clipping, warmup or init"
+    )
+    lab.add_argument("--quick", action="store_true", help="tiny settings, about a minute (for tests and a first look)")
+    lab.add_argument("--data", metavar="PATH", help="a text file or directory (default: the built-in Python corpus)")
+    lab.add_argument("--out", metavar="DIR", help="where runs and report.html go (default: runs/lab/STUDY-TIME)")
+    lab.set_defaults(func=cmd_lab)
     return parser
 
 
