@@ -33,20 +33,28 @@ def _full(values: torch.Tensor, tensors: Sequence[torch.Tensor], op: str) -> tor
     """Finish per-tensor reductions of local shards over the device mesh of sharded tensors.
 
     `values[i]` is the local partial result of tensors[i] (a sum for op="sum", a max for op="max"). Replicated
-    placements are already complete; sharded ones are all-reduced over their mesh. All sharded tensors of one
-    model share a mesh under FSDP2, so we all-reduce once for all of them.
+    placements are already complete; sharded ones are all-reduced over the mesh dimensions they are sharded
+    on only (FSDP: its one dimension; HSDP: the shard dimension, never the replicas, which hold the same
+    shard and would be counted twice). Tensors with the same mesh and shard dimensions share one all-reduce.
     """
-    sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t) and any(p.is_shard() for p in t.placements)]
-    if not sharded:
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if _is_dtensor(t):
+            dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
+            if dims:
+                groups.setdefault((id(t.device_mesh), dims), []).append(i)
+    if not groups:
         return values
     import torch.distributed as dist
 
-    mesh = tensors[sharded[0]].device_mesh
-    group = mesh.get_group() if mesh.ndim == 1 else None
-    part = values[sharded].clone()
-    dist.all_reduce(part, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     out = values.clone()
-    out[sharded] = part
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    for (_, dims), index in groups.items():
+        mesh = tensors[index[0]].device_mesh
+        part = out[index].clone()
+        for d in dims:
+            dist.all_reduce(part, op=reduce_op, group=mesh.get_group(d))
+        out[index] = part
     return out
 
 

@@ -8,7 +8,14 @@ Layout of `checkpoints/step_000500/`:
     state.json             step, scheduler, loader, clipper and trainer state (plain JSON)
     tokenizer.json         the tokenizer the model was trained with
     config.yaml            the resolved run config
-    meta.json              written last: format version, step, and the sha256 of every file above
+    meta.json              written last: format version, layout, step, and the sha256 of every file above
+
+Layout "sharded" (train.checkpoint_format=sharded, for FSDP models too big to gather on one rank) replaces
+model.safetensors and optimizer.pt by `dcp/`, a torch.distributed.checkpoint directory written by every rank;
+it loads on any world size (DCP reshards). Its pickled parts are vetted first (see `_SafeReader`).
+
+Under DDP/FSDP every rank calls `save_checkpoint` (gathering is collective); rank 0 writes and renames, then a
+barrier, so nobody moves on before the checkpoint exists.
 
 The directory is built under a temporary name and renamed into place (fsutil.atomic_directory), so a crash
 leaves either nothing or a complete checkpoint; `meta.json`'s hashes catch later truncation or corruption.
@@ -16,7 +23,9 @@ leaves either nothing or a complete checkpoint; `meta.json`'s hashes catch later
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,6 +39,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from flowtrain import __version__
 from flowtrain.errors import CheckpointError
 from flowtrain.fsutil import atomic_directory, sha256_file
+from flowtrain.train import distributed as dist_util
+
+try:
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - builds without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -44,6 +59,7 @@ class Checkpoint:
     state: dict[str, Any]
     tokenizer_json: str
     config_yaml: str
+    layout: str = "full"
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
@@ -60,26 +76,128 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_json: str,
     config_yaml: str,
+    layout: str = "full",
 ) -> Path:
-    """Write checkpoint `step` atomically and return its directory."""
+    """Write checkpoint `step` atomically and return its directory. Under DDP/FSDP every rank must call it."""
     final = step_dir(checkpoints, step)
-    with atomic_directory(final) as tmp:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
-        (tmp / "config.yaml").write_text(config_yaml)
-        files = sorted(p.name for p in tmp.iterdir())
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "flowtrain_version": __version__,
-            "step": step,
-            "complete": True,
-            "sha256": {name: sha256_file(tmp / name) for name in files},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    target = _unwrap(model)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    is_main = not distributed or torch.distributed.get_rank() == 0
+    small = (step, rng, state, tokenizer_json, config_yaml)
+    if layout == "sharded":
+        _save_sharded(final, target, optimizer, small, is_main, distributed)
+    elif _is_sharded(target):  # FSDP, gathered to rank 0 (collective), written as one file like any other
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(target, options=opts)
+        optim_state = _fqn_to_index(get_optimizer_state_dict(target, optimizer, options=opts))
+        if is_main:
+            with atomic_directory(final) as tmp:
+                save_file(_dedup_tied(target, model_state), str(tmp / "model.safetensors"))
+                torch.save(optim_state, tmp / "optimizer.pt")
+                _write_small(tmp, *small, layout="full")
+    elif is_main:
+        with atomic_directory(final) as tmp:
+            save_model(target, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _write_small(tmp, *small, layout="full")
+    dist_util.barrier()
     return final
+
+
+def _write_small(tmp: Path, step: int, rng, state, tokenizer_json: str, config_yaml: str, layout: str) -> None:
+    """Everything but the tensors of model and optimizer, then meta.json (last) with every file's hash."""
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    (tmp / "tokenizer.json").write_text(tokenizer_json)
+    (tmp / "config.yaml").write_text(config_yaml)
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "flowtrain_version": __version__,
+        "step": step,
+        "layout": layout,
+        "complete": True,
+        "sha256": {name: sha256_file(tmp / name) for name in files},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names that share one parameter (tied embeddings), each group sorted."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [sorted(names) for names in by_id.values() if len(names) > 1]
+
+
+def _dedup_tied(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Store a tied weight once, under the name safetensors' save_model keeps (the first in sorted order)."""
+    out = {k: v.contiguous() for k, v in full.items()}
+    for names in _tied_groups(model):
+        for extra in names[1:]:
+            out.pop(extra, None)
+    return out
+
+
+def _fqn_to_index(osd: dict[str, Any]) -> dict[str, Any]:
+    """A full optimizer state dict keyed by parameter names → torch's own index-keyed format (the same file a
+    single process writes), numbering parameters in param-group order as Optimizer.state_dict does."""
+    if not osd:
+        return {}
+    index: dict[str, int] = {}
+    groups = []
+    for group in osd["param_groups"]:
+        ids = []
+        for fqn in group["params"]:
+            index.setdefault(fqn, len(index))
+            ids.append(index[fqn])
+        groups.append({**group, "params": ids})
+    return {"state": {index[k]: v for k, v in osd["state"].items()}, "param_groups": groups}
+
+
+def _index_to_fqn(saved: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    names = [fqn for group in template["param_groups"] for fqn in group["params"]]
+    groups = []
+    offset = 0
+    for group, live in zip(saved["param_groups"], template["param_groups"], strict=True):
+        groups.append({**group, "params": names[offset : offset + len(live["params"])]})
+        offset += len(live["params"])
+    return {"state": {names[int(k)]: v for k, v in saved["state"].items()}, "param_groups": groups}
+
+
+def _save_sharded(final: Path, model: torch.nn.Module, optimizer, small: tuple, is_main: bool, distributed: bool):
+    """Every rank writes its shards into rank 0's temporary directory; rank 0 adds the small files, hashes
+    everything and renames. dcp.save returns on rank 0 only after all ranks' shards are written (it gathers
+    their write results before writing its .metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tensors = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if not is_main:
+        tmp = Path(dist_util.broadcast_json(None, _comm_device()))
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp")))
+        return
+    with atomic_directory(final) as tmp:
+        if distributed:
+            dist_util.broadcast_json(str(tmp), _comm_device())
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp")))
+        _write_small(tmp, *small, layout="sharded")
+
+
+def _comm_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,12 +264,24 @@ def read_checkpoint(path: Path) -> Checkpoint:
         config_yaml = (path / "config.yaml").read_text()
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); resume from an earlier checkpoint") from None
-    return Checkpoint(path, step, state, tokenizer_json, config_yaml)
+    layout = meta.get("layout", "full")
+    if layout not in ("full", "sharded"):
+        raise CheckpointError(
+            f"checkpoint {path} has unknown layout {layout!r}; use the flowtrain version that wrote it"
+        )
+    return Checkpoint(path, step, state, tokenizer_json, config_yaml, layout)
 
 
 def restore_model(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    """Load weights, refusing a checkpoint of another shape with a message that names the first mismatch."""
+    """Load weights, refusing a checkpoint of another shape with a message that names the first mismatch.
+
+    Works for plain, DDP and FSDP models (FSDP: every rank reads the file and keeps its shard) and for both
+    layouts. Under DDP/FSDP every rank must call it.
+    """
     target = _unwrap(model)
+    if ckpt.layout == "sharded":
+        _load_sharded(ckpt, target, None)
+        return
     try:
         saved = load_file(str(ckpt.path / "model.safetensors"), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -164,27 +294,169 @@ def restore_model(ckpt: Checkpoint, model: torch.nn.Module) -> None:
                 f"{list(saved[name].shape)} there but {list(tensor.shape)} in this config; "
                 "use the run's own config (or matching model.* overrides)"
             )
+    if _is_sharded(target):
+        _set_full_model_state(ckpt, target, saved)
+        return
     try:
         missing, unexpected = load_model(target, str(ckpt.path / "model.safetensors"), strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this model ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
-        names = ", ".join(list(missing)[:2] + list(unexpected)[:2])
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} is from a different model architecture (mismatched tensors: {names}); "
-            "use the run's own config"
-        )
+        _mismatch(ckpt, list(missing), list(unexpected))
 
 
-def restore_optimizer(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+def _mismatch(ckpt: Checkpoint, missing: list[str], unexpected: list[str]) -> None:
+    names = ", ".join(missing[:2] + unexpected[:2])
+    raise CheckpointError(
+        f"checkpoint {ckpt.path} is from a different model architecture (mismatched tensors: {names}); "
+        "use the run's own config"
+    )
+
+
+def _set_full_model_state(ckpt: Checkpoint, model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """A full (consolidated) state dict into an FSDP model: tied names filled in, then torch shards it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for names in _tied_groups(model):
+        present = next((n for n in names if n in saved), None)
+        for n in names:
+            if present is not None and n not in saved:
+                saved[n] = saved[present]
+    own = set(model.state_dict())
+    missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
+    if missing or unexpected:
+        _mismatch(ckpt, missing, unexpected)
+    set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_optimizer(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> None:
+    """Optimizer state; `model` is needed for FSDP models and sharded checkpoints (names ↔ parameters)."""
+    target = _unwrap(model) if model is not None else None
     try:
+        if ckpt.layout == "sharded":
+            if target is None:
+                raise ValueError("a sharded checkpoint needs the model to restore the optimizer")
+            _load_sharded(ckpt, target, optimizer)
+            return
         state = torch.load(ckpt.path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state)
+        if target is not None and _is_sharded(target):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            named = _index_to_fqn(state, get_optimizer_state_dict(target, optimizer))
+            set_optimizer_state_dict(target, optimizer, named, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+    except CheckpointError:
+        raise
     except Exception as exc:  # weights_only unpickler errors vary by torch version
         raise CheckpointError(
             f"checkpoint {ckpt.path}: optimizer state cannot be loaded ({str(exc).splitlines()[0]}); "
             "was it written for another optimizer? set optim.name to the run's"
         ) from None
+
+
+def _load_sharded(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a DCP checkpoint (any world size, any strategy, 1 process included) into the live objects."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if optimizer is None:
+        tensors = {"model": get_model_state_dict(model)}
+    else:
+        tensors = {"optim": get_optimizer_state_dict(model, optimizer)}
+    index = ckpt.path / "dcp" / ".metadata"
+    _vet_pickle(index.read_bytes() if index.is_file() else b"", str(index))  # before DCP touches it
+    try:
+        dcp.load(tensors, storage_reader=_SafeReader(str(ckpt.path / "dcp")), planner=_SafePlanner())
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: the sharded state does not fit this model/optimizer "
+            f"({str(exc).strip().splitlines()[-1][:200]}); use the run's own config"
+        ) from None
+    if optimizer is None:
+        set_model_state_dict(model, tensors["model"])
+    else:
+        set_optimizer_state_dict(model, optimizer, tensors["optim"])
+
+
+# DCP stores its index (.metadata) and non-tensor values with pickle. We never unpickle anything that could
+# run code: the index must name only these classes, and values must pass torch's weights_only unpickler.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _VettingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _DCP_METADATA_GLOBALS and not is_dtype:
+            raise CheckpointError(f"DCP metadata refers to {module}.{name}, which a checkpoint index never needs")
+        return super().find_class(module, name)
+
+
+def _vet_pickle(data: bytes, what: str) -> None:
+    try:
+        _VettingUnpickler(io.BytesIO(data)).load()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}; refusing to load it") from None
+    except Exception as exc:
+        raise CheckpointError(f"{what} is corrupt ({exc}); resume from an earlier checkpoint") from None
+
+
+def _dcp_classes():
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    return DefaultLoadPlanner, FileSystemReader
+
+
+class _SafeReader(_dcp_classes()[1]):
+    """FileSystemReader whose .metadata is vetted by a restricted unpickler before torch reads it."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        _vet_pickle(path.read_bytes(), f"{path}")
+        return super().read_metadata(*args, **kwargs)
+
+
+class _SafePlanner(_dcp_classes()[0]):
+    """DefaultLoadPlanner that lets a non-tensor value through only if torch's weights_only unpickler takes it."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"sharded checkpoint value {read_item.dest_index.fqn} is not plain data ({str(exc).splitlines()[0]})"
+            ) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def restore_rng(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

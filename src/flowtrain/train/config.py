@@ -29,6 +29,16 @@ class TrainConfig(Section):
     out_dir: str = Field("runs", description="parent directory of run directories")
     run_name: str | None = Field(None, description="default: a timestamp")
     sample_tokens: int = Field(200, ge=0, description="length of the sample printed at the end")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto",
+        description="data parallelism under torchrun: ddp, fsdp (FSDP2 fully_shard per block, then the root), "
+        "none; auto = ddp when WORLD_SIZE > 1. grad_accum stays global (divided over ranks)",
+    )
+    checkpoint_format: Literal["full", "sharded"] = Field(
+        "full",
+        description="full: one model.safetensors (+ optimizer.pt) written by rank 0; sharded: "
+        "torch.distributed.checkpoint shards written by every rank (for FSDP models too big to gather)",
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="the device's matmul peak for MFU (default: known GPUs; unset on CPU = no MFU)"
     )

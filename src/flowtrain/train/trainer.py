@@ -7,6 +7,7 @@ optimizer, schedule, loader position, clipper state and RNG state all come back 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -35,6 +36,7 @@ from flowtrain.sample import generate
 from flowtrain.sinks.console import ConsoleSink
 from flowtrain.sinks.jsonl import JsonlSink
 from flowtrain.train import checkpoint as ckpt
+from flowtrain.train import distributed as dist_util
 from flowtrain.train.evaluate import evaluate
 from flowtrain.train.rundir import RunDir, default_run_name, write_env
 from flowtrain.train.runtime import rng_state, seed_everything, select_device, select_precision, set_rng_state
@@ -70,12 +72,17 @@ class Trainer:
         self.cfg = cfg
         self.stop_after = stop_after
         tc = cfg.train
-        self.device = select_device(tc.device)
+        # distributed (torchrun): join the group first; the device is then cuda:LOCAL_RANK or cpu
+        self.dist, dist_device = dist_util.init_distributed(tc.parallel, tc.device)
+        self.world_size, self.is_main = self.dist.world_size, self.dist.is_main
+        self.grad_accum = dist_util.local_grad_accum(tc.grad_accum, self.world_size)  # micro-batches per rank
+        self.device = dist_device or select_device(tc.device)
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
 
         # data: prepare (or reuse) the token files, then the tokenizer decides the vocabulary
-        self.dataset = TokenDataset.open(dataset_for(cfg.data))
+        with self._main_first():
+            self.dataset = TokenDataset.open(dataset_for(cfg.data))
         self.tokenizer = self.dataset.tokenizer
         if self.resume_from is not None:
             saved = tokenizer_from_json(self.resume_from.tokenizer_json)
@@ -92,26 +99,21 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}; unset it"
             )
 
-        # model, optimizer, schedule, clipping
+        # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
+        wrapped = dist_util.wrap_model(self.raw_model, self.dist, self.device, tc.dtype == "bfloat16")
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, tc.max_steps, cfg.model.n_embd)
         self.clipper = GradClipper(cfg.clip)
         self.named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
-        self.grad_accum = tc.grad_accum
         self.loss_options = {"label_smoothing": tc.label_smoothing, "z_loss": tc.z_loss}
-        self.loader = BatchLoader(
-            self.dataset,
-            "train",
-            batch_size=tc.batch_size,
-            block_size=cfg.model.block_size,
-            mode=cfg.data.loader,
-            seed=tc.seed,
-            doc_mask=cfg.data.doc_mask,
-            bucket_by_length=cfg.data.bucket_by_length,
-        )
+        # micro-batch slot i of every step is read by its own stream (rank=i of grad_accum streams), so the
+        # global batch is the same on any world size; this rank runs slots first .. first + grad_accum - 1
+        first = self.dist.rank * self.grad_accum
+        self.loaders = [self._slot_loader(slot) for slot in range(first, first + self.grad_accum)]
+        self.loader = self.loaders[0]
         self.guard = Guard(cfg.guard, self.named_params, host_every_step=self.device.type != "cuda")
         self.step = 0
         self.snapshot: dict[str, Any] | None = None
@@ -123,20 +125,92 @@ class Trainer:
             self.run = RunDir(Path(resume_dir))
         else:
             name = tc.run_name or default_run_name()
+            if self.dist.enabled:  # the default name is a timestamp: take rank 0's
+                name = dist_util.broadcast_json(name, self._comm_device)
             self.run = RunDir(Path(tc.out_dir) / name)
             if self.run.root.exists() and any(self.run.root.iterdir()):
                 raise ConfigError(
                     f"run directory {self.run.root} already exists; resume it with --resume {self.run.root} "
                     "or choose another train.run_name"
                 )
+            dist_util.barrier()  # every rank has looked before rank 0 creates it
         if self.resume_from is not None:
             self._restore(self.resume_from)
         # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
-        self.flow = FlowMonitor(self.raw_model, self.optimizer, cfg.flow, start_step=self.step)
-        self.model = torch.compile(self.raw_model) if tc.compile else self.raw_model
+        self.flow = FlowMonitor(self.raw_model, self.optimizer, self._flow_config(), start_step=self.step)
+        self.model = torch.compile(wrapped) if tc.compile else wrapped
         self.progress = cfg.log.console if progress is None else progress
 
+    # ---- distributed helpers ----------------------------------------------------------------------
+    def _slot_loader(self, slot: int) -> BatchLoader:
+        tc, cfg = self.cfg.train, self.cfg
+        return BatchLoader(
+            self.dataset,
+            "train",
+            batch_size=tc.batch_size,
+            block_size=cfg.model.block_size,
+            mode=cfg.data.loader,
+            seed=tc.seed,
+            rank=slot,
+            world_size=tc.grad_accum,
+            doc_mask=cfg.data.doc_mask,
+            bucket_by_length=cfg.data.bucket_by_length,
+        )
+
+    @property
+    def _comm_device(self) -> torch.device:
+        """Where collective tensors live: the GPU for nccl, the CPU for gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _main_first(self):
+        """Rank 0 does the work (e.g. prepares the shared data cache) before the others read its result."""
+        if self.dist.enabled and not self.is_main:
+            dist_util.barrier()
+        yield
+        if self.dist.enabled and self.is_main:
+            dist_util.barrier()
+
+    def _flow_config(self):
+        """Two microscope parts do not work on FSDP2's sharded parameters in torch 2.13 and are switched off
+        under FSDP until flow/ handles DTensor: the weight snapshot for update norms (_foreach_copy_ has no
+        DTensor rule) and the attention-sample recompute (runs submodules outside FSDP's forward, on
+        sharded weights). Histograms reshape sharded gradients. Everything else is exact (docs/distributed.md)."""
+        flow = self.cfg.flow
+        off = {"updates": False, "attention": False, "histogram_interval": 0}
+        if self.dist.strategy == "fsdp" and flow.enabled and any(getattr(flow, k) for k in off):
+            if self.is_main:
+                print("flowtrain: under FSDP the update norms, attention sample and histograms are off")
+            flow = flow.model_copy(update=off)
+        return flow
+
     # ---- the pieces train_step calls ---------------------------------------------------------------
+    def micro_batches(self) -> list:
+        """This rank's micro-batches of the next step: one from each of its slot loaders."""
+        return [loader.next() for loader in self.loaders]
+
+    def global_targets(self, local: int) -> int:
+        """Real targets in the whole global batch: the denominator of the step's mean loss."""
+        if self.world_size == 1:
+            return local
+        if self.cfg.data.loader == "varlen":  # padded rows: counts differ by rank
+            return dist_util.global_count(local, self._comm_device)
+        return local * self.world_size  # random / packed rows are full: every rank has the same count
+
+    def grad_sync(self, last: bool):
+        """Context for one micro-batch's backward: DDP all-reduces only on the last one."""
+        return dist_util.grad_sync(self.model, self.dist, last)
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
+        return dist_util.all_reduce_sum(local) if self.world_size > 1 else local
+
+    def agree(self, verdict):
+        """The guard's decision, made identical on every rank (the strongest one wins)."""
+        if self.world_size == 1:
+            return verdict
+        host_ran = self.cfg.guard.enabled and (self.guard.host_every_step or self.host_checks_now())
+        return dist_util.agree_on_verdict(verdict, host_ran, self.guard)
+
     def to_device(self, batch):
         doc_ids = batch.doc_ids.to(self.device, non_blocking=True) if batch.doc_ids is not None else None
         return (
@@ -195,7 +269,7 @@ class Trainer:
         """Everything besides weights, optimizer tensors and RNG that a resumed run needs, as plain JSON."""
         state: dict[str, Any] = {
             "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
+            "loader": self._loader_states(),
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "guard": self.guard.state_dict(),
@@ -208,7 +282,7 @@ class Trainer:
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+        self._load_loader_states(state["loader"])
         if "clipper" in state and hasattr(self.clipper, "load_state_dict"):
             self.clipper.load_state_dict(state["clipper"])
         if self.scaler is not None and "grad_scaler" in state:
@@ -217,9 +291,29 @@ class Trainer:
         self.best_val_loss = state.get("best_val_loss")
         self.best_step = state.get("best_step")
 
+    def _loader_states(self):
+        """Every slot's loader state, gathered from all ranks: one dict for one slot (the 1-process format),
+        else a list in slot order, so any world size that divides grad_accum can resume it."""
+        mine = [loader.state_dict() for loader in self.loaders]
+        if self.dist.enabled:
+            mine = [s for rank_states in dist_util.gather_json(mine, self._comm_device) for s in rank_states]
+        return mine[0] if len(mine) == 1 else mine
+
+    def _load_loader_states(self, saved) -> None:
+        states = saved if isinstance(saved, list) else [saved]
+        total = self.cfg.train.grad_accum
+        if len(states) != total:
+            raise CheckpointError(
+                f"the checkpoint's data position has {len(states)} micro-batch streams but train.grad_accum={total}; "
+                f"resume with train.grad_accum={len(states)}"
+            )
+        first = self.dist.rank * self.grad_accum
+        for loader, state in zip(self.loaders, states[first : first + self.grad_accum], strict=True):
+            loader.load_state_dict(state)
+
     def _restore(self, c: ckpt.Checkpoint) -> None:
         ckpt.restore_model(c, self.raw_model)
-        ckpt.restore_optimizer(c, self.optimizer)  # before the scheduler: it carries the groups' LRs
+        ckpt.restore_optimizer(c, self.optimizer, self.raw_model)  # before the scheduler: it carries the LRs
         set_rng_state(ckpt.restore_rng(c))
         self._load_training_state(c.state)
         self.step = c.step
@@ -234,9 +328,12 @@ class Trainer:
             state=self._training_state(),
             tokenizer_json=self.tokenizer.to_json(),
             config_yaml=self.cfg.to_yaml(),
+            layout=self.cfg.train.checkpoint_format,
         )
-        keep = {self.best_step} if self.best_step is not None else set()
-        ckpt.prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last, keep)
+        if self.is_main:
+            keep = {self.best_step} if self.best_step is not None else set()
+            ckpt.prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last, keep)
+        dist_util.barrier()
         if self.flow_writer is not None:  # make flow.parquet complete up to this checkpoint
             self.flow_writer.close()
             self.flow_writer = FlowParquetWriter(self.run.flow, keep_before_step=self.step + 1)
@@ -265,7 +362,7 @@ class Trainer:
             c = ckpt.read_checkpoint(latest)
             target, model_sd, optim_sd, rng, state = c.step, None, None, ckpt.restore_rng(c), c.state
             ckpt.restore_model(c, self.raw_model)
-            ckpt.restore_optimizer(c, self.optimizer)
+            ckpt.restore_optimizer(c, self.optimizer, self.raw_model)
         else:
             target, model_sd, optim_sd, rng, state = (
                 snap["step"],
@@ -282,8 +379,9 @@ class Trainer:
         set_rng_state(rng)
         # skip the data window that led to the event (and any extra), exactly as the loader would serve it
         skip_steps = event_step - target + self.cfg.guard.rollback_extra_skip
-        for _ in range(skip_steps * self.grad_accum):
-            self.loader.next()
+        for loader in self.loaders:
+            for _ in range(skip_steps):
+                loader.next()
         factor = self.cfg.guard.rollback_lr_factor
         if factor != 1.0:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
@@ -302,6 +400,10 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def _open_sinks(self) -> list:
+        if not self.is_main:  # only rank 0 writes the run directory and prints
+            self.metrics_sink = self.alerts_sink = _Silent()
+            self.console, self.tb, self.flow_writer = _Silent(), None, None
+            return [self.metrics_sink]
         self.run.root.mkdir(parents=True, exist_ok=True)
         if self.resume_from is None:
             atomic_write_text(self.run.config, self.cfg.to_yaml())
@@ -348,6 +450,7 @@ class Trainer:
         return None
 
     def evaluate(self, full: bool = False) -> dict[str, float]:
+        """Every rank evaluates the same fixed batches (FSDP's forward is collective); rank 0 records."""
         batches = eval_batches(
             self.dataset,
             "val",
@@ -356,7 +459,7 @@ class Trainer:
             None if full else self.cfg.train.eval_batches,
         )
         return evaluate(
-            self.model,
+            self.raw_model if self.dist.strategy == "ddp" else self.model,  # DDP: no collectives needed
             batches,
             device=self.device,
             precision=self.precision,
@@ -407,7 +510,7 @@ class Trainer:
     def run_loop(self) -> RunSummary:
         tc = self.cfg.train
         self.sinks = sinks = self._open_sinks()
-        evals = self.evals_sink = JsonlSink(self.run.evals)
+        evals = self.evals_sink = JsonlSink(self.run.evals) if self.is_main else _Silent()
         peak = self._peak_flops()
         flops_per_token = self.raw_model.flops_per_token()
         self.model.train()
@@ -419,7 +522,8 @@ class Trainer:
                 out = train_step(self)
                 self.step += 1
                 acting = out.verdict.action in ("rollback", "stop")
-                if acting or self.step % self.cfg.log.interval == 0 or self.step == end:
+                logging = acting or self.step % self.cfg.log.interval == 0 or self.step == end
+                if logging and self.is_main:
                     now = time.perf_counter()
                     steps = self.cfg.log.interval if self.step % self.cfg.log.interval == 0 else 1
                     elapsed, last_time = (now - last_time) / steps, now
@@ -450,9 +554,15 @@ class Trainer:
             if self.flow_writer is not None:
                 self.flow_writer.close()
             self.flow.close()
-        text = self.sample_text() if tc.sample_tokens and self.step == tc.max_steps else ""
+        text = ""
+        if tc.sample_tokens and self.step == tc.max_steps and (self.is_main or self.dist.strategy == "fsdp"):
+            text = self.sample_text()  # FSDP: every rank runs the (identical, seeded) generation; its forward
+        text = text if self.is_main else ""  # all-gathers weights
         summary = RunSummary(self.run.root, self.step, final, self.best_val_loss, text)
-        if self.step == tc.max_steps:
+        if self.dist.enabled:
+            dist_util.barrier()
+            dist_util.shutdown()
+        if self.step == tc.max_steps and self.is_main:
             done = {
                 "steps": self.step,
                 "best_val_loss": self.best_val_loss,
@@ -475,7 +585,7 @@ class Trainer:
                 clip.clipped.float(),
             ]
         ).tolist()  # one host transfer for all step scalars
-        tokens_per_s = out.tokens / step_time if step_time > 0 else 0.0
+        tokens_per_s = out.tokens * self.world_size / step_time if step_time > 0 else 0.0  # all ranks
         scalars = {
             "loss": values[0],
             "lr": lr,
@@ -484,12 +594,12 @@ class Trainer:
             "clip_coef": values[3],
             "clipped": bool(values[4]),
             "skipped": out.verdict.action == "skip",
-            "tokens": self.step * out.tokens,
+            "tokens": self.step * out.tokens * self.world_size,
             "tokens_per_s": tokens_per_s,
             "step_time_ms": step_time * 1e3,
         }
         if peak:
-            scalars["mfu"] = flops_per_token * tokens_per_s / peak
+            scalars["mfu"] = flops_per_token * tokens_per_s / (peak * self.world_size)
         if self.device.type == "cuda":
             scalars["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record = self.flow.collect(self.step)
@@ -516,6 +626,15 @@ class Trainer:
             eos_id=self.tokenizer.eot_id,
         )
         return self.tokenizer.decode(new)
+
+
+class _Silent:
+    """Stands in for every sink on ranks other than 0: they compute what rank 0 records, and write nothing."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    message = close = flush = mark_discarded_after = write
 
 
 def config_for_resume(run_dir: Path, overrides: list[str]) -> RunConfig:

@@ -1,0 +1,232 @@
+"""Scale-out on PyTorch's own engine: process group, DDP / FSDP2 wrapping, and the few collectives a step needs.
+
+`torchrun --nproc_per_node N -m flowtrain train ...` starts N processes with RANK / WORLD_SIZE / LOCAL_RANK
+in the environment; `init_distributed` joins them into one process group (nccl on CUDA, gloo on CPU). A run
+with train.parallel=ddp|fsdp but no torchrun environment becomes a 1-process group (FSDP2 on one GPU).
+
+Why the numbers match one process (docs/distributed.md):
+* the global batch of a step is defined without reference to ranks: it is `grad_accum` micro-batches, micro-batch
+  slot i read by its own BatchLoader stream (rank=i, world_size=grad_accum). Rank r runs the slots
+  r*a .. r*a+a-1 (a = grad_accum / world_size), so 1 process x 2 slots and 2 ranks x 1 slot read identical data,
+  and a checkpoint resumes on any world size that divides grad_accum;
+* DDP and FSDP2 average gradients over ranks, so each rank's loss is scaled by world_size before backward;
+* reductions over sharded parameters complete over the mesh in flowtrain.tensorstats;
+* the guard's decision is agreed with an all-reduce (MAX), so no rank updates while another skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flowtrain.errors import ConfigError
+
+_ACTION_RANK = {"proceed": 0, "skip": 1, "rollback": 2, "stop": 3}
+_ACTIONS = {v: k for k, v in _ACTION_RANK.items()}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is in the run. strategy none: a plain single process (no process group)."""
+
+    strategy: str  # none | ddp | fsdp
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={value!r} is not an integer; start the run with torchrun"
+        ) from None
+
+
+def resolve_strategy(parallel: str, world_size: int) -> str:
+    """train.parallel → none | ddp | fsdp. auto = ddp when torchrun started several processes."""
+    if parallel == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if parallel == "none" and world_size > 1:
+        raise ConfigError(
+            f"train.parallel=none but torchrun started WORLD_SIZE={world_size} processes; "
+            "set train.parallel=ddp or fsdp (or auto), or run one process"
+        )
+    return parallel
+
+
+def local_grad_accum(grad_accum: int, world_size: int) -> int:
+    """Micro-batches per rank so the global batch stays batch_size * grad_accum."""
+    if grad_accum % world_size:
+        raise ConfigError(
+            f"train.grad_accum={grad_accum} is not divisible by the world size {world_size}: the global batch is "
+            f"batch_size * grad_accum, split evenly over ranks; set train.grad_accum to a multiple of {world_size}"
+        )
+    return grad_accum // world_size
+
+
+def select_dist_device(requested: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is requested or available (auto), else cpu (mps has no collectives)."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                "lower --nproc_per_node to the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    if requested == "cuda":
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if requested == "mps":
+        raise ConfigError("train.parallel=ddp/fsdp needs cuda or cpu (mps has no collectives); set train.device")
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: str, requested_device: str) -> tuple[DistContext, torch.device | None]:
+    """Join the process group when the run is distributed; return (context, device or None = choose as usual).
+
+    Ranks other than 0 get their stdout silenced: only rank 0 prints (errors on stderr still show everywhere).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    strategy = resolve_strategy(parallel, world)
+    if strategy == "none":
+        return DistContext("none"), None
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = select_dist_device(requested_device, local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun (single or multi-node, c10d rendezvous)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:  # one process without torchrun: an in-memory store is all a 1-rank group needs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    ctx = DistContext(strategy, dist.get_rank(), dist.get_world_size(), local_rank)
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    return ctx, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- wrapping ---------------------------------------------------------------------------------------------
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, bf16: bool) -> nn.Module:
+    """DDP around the model, or FSDP2 `fully_shard` on every block and then the root (in place).
+
+    bf16 (CUDA with train.dtype=bfloat16): FSDP2 keeps fp32 sharded master weights, all-gathers bf16 copies
+    for compute and reduce-scatters gradients in fp32 (MixedPrecisionPolicy).
+    """
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if bf16 and device.type == "cuda":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    return model
+
+
+def grad_sync(model: nn.Module, ctx: DistContext, last: bool) -> contextlib.AbstractContextManager:
+    """DDP: no all-reduce on all but the last micro-batch (gradients accumulate locally, one sync per step).
+
+    FSDP2 keeps its default (reduce-scatter every micro-batch): accumulating sharded gradients is what keeps
+    its memory at 1/N; skipping the sync would hold full unsharded gradients instead.
+    """
+    if ctx.strategy == "ddp" and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ---- collectives the step and the trainer use -------------------------------------------------------------
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def global_count(local: int, device: torch.device) -> int:
+    t = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
+def agree_on_verdict(verdict, host_ran: bool, guard=None):
+    """Make the guard's decision identical on every rank: the strongest decision of any rank wins.
+
+    The skip tensor is all-reduced with MAX (a NaN seen by one rank only makes every rank skip). When host
+    checks ran, the host action is agreed the same way; a rank whose own view was milder adopts the decision
+    and its guard's skip counters follow, so guard state stays the same everywhere.
+    """
+    if verdict.skip is None and not host_ran:
+        return verdict
+    device = verdict.skip.device if verdict.skip is not None else torch.device("cpu")
+    own = _ACTION_RANK[verdict.action] if host_ran else 0
+    flags = torch.zeros(2, dtype=torch.float32, device=device)
+    if verdict.skip is not None:
+        flags[0] = verdict.skip.float()
+    flags[1] = own
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if verdict.skip is not None:
+        verdict.skip = flags[0] > 0
+    if host_ran:
+        agreed = _ACTIONS[int(flags[1].item())]
+        if agreed == "skip" and verdict.action != "skip" and guard is not None:
+            guard.skipped_steps += 1
+            guard.consecutive_skips += 1
+        verdict.action = agreed
+        if agreed == "skip" and verdict.skip is None:
+            verdict.skip = torch.ones((), dtype=torch.bool, device=device)
+    return verdict
+
+
+def _json_tensor(obj, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+
+
+def gather_json(obj, device: torch.device) -> list:
+    """Every rank's JSON-able `obj`, in rank order, on every rank. Bytes over the wire, never pickle."""
+    data = _json_tensor(obj, device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes, strict=True)]
+
+
+def broadcast_json(obj, device: torch.device):
+    """Rank 0's JSON-able `obj` on every rank (e.g. the run name, which is a timestamp by default)."""
+    return gather_json(obj, device)[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

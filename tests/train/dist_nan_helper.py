@@ -1,0 +1,45 @@
+"""torchrun helper for test_distributed: a DDP run in which rank 1 alone sees a NaN gradient at one step.
+
+The NaN is written after DDP's all-reduce (when the gradients are already identical on every rank), so only
+rank 1's guard can see it: the test checks that every rank skips that step anyway and no rank diverges.
+Usage: torchrun ... dist_nan_helper.py OUT_DIR NAN_STEP OVERRIDE...
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flowtrain.config import load_config
+from flowtrain.train.trainer import Trainer
+
+
+def main() -> None:
+    out_dir, nan_step, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    trainer = Trainer(load_config("default", overrides))
+    rank = trainer.dist.rank
+    unscale, agree = trainer.unscale_gradients, trainer.agree
+    decisions = []
+
+    def unscale_then_poison() -> None:
+        unscale()
+        if rank == 1 and trainer.step + 1 == nan_step:
+            trainer.params[3].grad.view(-1)[0] = float("nan")
+
+    def agree_and_record(verdict):
+        verdict = agree(verdict)
+        skip = verdict.skip is not None and bool(verdict.skip)
+        decisions.append({"step": trainer.step + 1, "action": verdict.action, "skip": skip})
+        return verdict
+
+    trainer.unscale_gradients, trainer.agree = unscale_then_poison, agree_and_record
+    summary = trainer.run_loop()
+    weights = [p.detach().double().sum().item() for p in trainer.params]
+    result = {"rank": rank, "steps": summary.steps, "decisions": decisions, "weights": weights}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
