@@ -1,0 +1,90 @@
+"""One self-contained HTML page per study, composed from the report package's public pieces.
+
+Order: what you are seeing (plain words, the paper), the measured verdict table, the study's own figures, then
+the standard report of all its runs (loss, LR and clipping, gradient flow, updates, alerts, config
+differences, environment). Every string that comes from the user or a run goes through `esc`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from matplotlib import rc_context
+
+from flowtrain import __version__
+from flowtrain.fsutil import atomic_write_text
+from flowtrain.lab.verdicts import Finding
+from flowtrain.report import build as report_build
+from flowtrain.report import html as h
+from flowtrain.report.load import load_run
+from flowtrain.report.plotting import RC, ReportFigure, svg_text
+
+STATUS_CSS = (
+    ".held{color:#1b5e20;font-weight:600}.CONTRADICTED{color:#b71c1c;font-weight:600}"
+    ".measured{color:#455a64}.lead{font-size:1rem;line-height:1.45}"
+)
+
+
+def verdict_table(findings: list[Finding]) -> str:
+    rows = "".join(
+        f"<tr><td class=num>{i}</td><td class={f.status}>{h.esc(f.status)}</td><td>{h.esc(f.claim)}</td>"
+        f"<td>{h.esc(f.measured)}</td><td>{h.esc(f.rule)}</td></tr>"
+        for i, f in enumerate(findings, 1)
+    )
+    held = sum(f.held is True for f in findings)
+    judged = sum(f.held is not None for f in findings)
+    return (
+        f"<p>{held} of {judged} textbook expectations held in this run. Every row is computed from the runs below "
+        "when the study finished; <em>CONTRADICTED</em> means this run did not show what the textbook says.</p>"
+        "<div class=scroll><table><tr><th>#</th><th>result</th><th>textbook expectation</th><th>measured</th>"
+        f"<th>test applied</th></tr>{rows}</table></div>"
+    )
+
+
+def _figures_html(figures: list[ReportFigure]) -> str:
+    parts = []
+    for item in figures:
+        parts.append(h.figure_html(item, svg_text(item.fig) if item.fig is not None else None))
+    return "".join(parts)
+
+
+def render_study_page(
+    *,
+    title: str,
+    paragraphs: list[str],
+    reference: str,
+    settings: list[tuple[str, str]],
+    findings: list[Finding],
+    figures: list[ReportFigure],
+    run_dirs: list[Path],
+) -> str:
+    """The study page as HTML text (see the module docstring for its sections)."""
+    runs = [load_run(d) for d in run_dirs]
+    report_build._unique_names(runs)
+    intro = "".join(f'<p class="lead">{h.esc(p)}</p>' for p in paragraphs)
+    intro += f"<p><strong>Reproduces:</strong> {h.esc(reference)}</p>"
+    rows = "".join(f"<tr><td><code>{h.esc(k)}</code></td><td>{h.esc(v)}</td></tr>" for k, v in settings)
+    intro += f"<h3>Variants and settings</h3><div class=scroll><table>{rows}</table></div>"
+    sections = [("seeing", "What you are seeing", intro), ("verdict", "Measured verdict", verdict_table(findings))]
+    with rc_context(RC):
+        sections.append(("study", "Study figures", _figures_html(figures)))
+        for anchor, heading, items in report_build.build_figures(runs):
+            sections.append((anchor, heading, _figures_html(items)))
+    sections.insert(2, ("summary", "Runs", h.summary_table(runs)))
+    sections.append(("alerts", "Alerts and guard actions", h.alerts_section(runs)))
+    sections.append(("config", "Config", h.config_section(runs)))
+    sections.append(("environment", "Environment", h.environment_table(runs)))
+    made = _dt.datetime.now().isoformat(timespec="seconds")
+    subtitle = h.esc(
+        f"A flowtrain lab study, made by flowtrain {__version__} on {made} from {len(runs)} run directories. "
+        "The verdicts are computed from these runs, not written in advance."
+    )
+    page = h.page(title, sections, subtitle)
+    return page.replace("</style>", STATUS_CSS + "</style>", 1)
+
+
+def write_study_page(out: Path, **parts) -> Path:
+    """Render and write the page atomically; returns its path."""
+    atomic_write_text(Path(out), render_study_page(**parts))
+    return Path(out)

@@ -1,0 +1,208 @@
+"""`run_study`: train a study's variants, compute its verdicts, write its page and verdicts.json, print the table.
+
+Tiny models are latency-bound: on a small CPU one thread is faster than several (and immune to
+oversubscription when the cores are shared), so a study runs with torch on one thread and restores the
+setting afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowtrain.errors import ConfigError, DataError
+from flowtrain.fsutil import atomic_write_text
+from flowtrain.lab import studies_arch, studies_train
+from flowtrain.lab.common import LabContext
+from flowtrain.lab.page import write_study_page
+from flowtrain.lab.study import StudyInfo, StudyOutcome
+from flowtrain.lab.verdicts import Finding, table
+
+STUDIES: dict[str, StudyInfo] = {
+    s.name: s
+    for s in (
+        StudyInfo(
+            "norm-placement",
+            "Where the LayerNorm goes: pre-norm, post-norm, none — with and without warmup",
+            "Xiong et al. 2020, “On Layer Normalization in the Transformer Architecture” (ICML).",
+            [
+                "The original Transformer normalizes after each residual addition (post-norm); GPT-2 and most "
+                "LLMs since normalize the input of each sublayer (pre-norm). Xiong et al. showed that at "
+                "initialization post-norm's gradients are larger for the layers near the output, which is why "
+                "post-norm needs a learning-rate warmup, while pre-norm's gradients are evenly spread over depth "
+                "and it can train without one.",
+                "First you see the per-layer gradient norms of each placement at initialization (the model each "
+                "run starts from, measured on real batches). Then six runs: each placement with and without "
+                "warmup, the same learning rate for all. The verdict compares the measured gradient profile and "
+                "final losses with the paper's claims.",
+            ],
+            studies_arch.norm_placement,
+        ),
+        StudyInfo(
+            "residuals",
+            "Residual connections: a deep stack with and without skips",
+            "He et al. 2016, “Deep Residual Learning for Image Recognition”; the vanishing-gradient problem "
+            "(Hochreiter 1991, Bengio et al. 1994).",
+            [
+                "Backpropagation multiplies one Jacobian per layer. Without a skip path the product of many of "
+                "them tends to shrink exponentially, so the first layers of a deep stack get almost no gradient. "
+                "A residual connection x + f(x) adds an identity path, so the gradient reaches every layer.",
+                "The figures show the residual-stream gradient ||dL/dh_l|| at every block boundary of a 12-block "
+                "model at initialization: in the classic setting (no normalization, Glorot/Xavier init) and in a "
+                "pre-norm GPT, each with and without skips. Then all four train with the same settings.",
+            ],
+            studies_arch.residuals,
+        ),
+        StudyInfo(
+            "activations",
+            "Activation functions: ReLU vs GELU vs SwiGLU — gradient magnitude and dead units",
+            "Hendrycks & Gimpel 2016, “Gaussian Error Linear Units (GELUs)”; Shazeer 2020, “GLU Variants "
+            "Improve Transformer”; dying ReLU (Lu et al. 2019).",
+            [
+                "ReLU passes no gradient for negative inputs. A unit whose input is negative for every token is "
+                "dead: it never learns again. GELU and SwiGLU are smooth, so some gradient flows for (almost) "
+                "every input.",
+                "Three runs differ only in the MLP's activation. A unit counts as dead when its local gradient "
+                "|d activation / d input| stays below 1e-3 on every token of a fixed set of validation batches, "
+                "measured with hooks on every block's MLP at initialization and after training.",
+            ],
+            studies_train.activations,
+        ),
+        StudyInfo(
+            "clipping",
+            "Gradient clipping with a too-high learning rate: none, global norm, AGC, ZClip",
+            "Pascanu et al. 2013, “On the difficulty of training recurrent neural networks”; Brock et al. "
+            "2021 (AGC, NFNets); Kumar et al. 2025 (ZClip).",
+            [
+                "A learning rate that is too high makes occasional huge gradients, loss spikes and sometimes "
+                "divergence. Clipping caps the gradient before the update: by its global norm, per unit relative "
+                "to the weights (AGC), or relative to the recent statistics of the norm itself (ZClip).",
+                "Four runs use SGD with momentum at a learning rate far too high for it (1.0) and differ only in "
+                "clipping. The stability guard is set to warn only (its default would skip or roll back the very "
+                "spikes this study wants to show); its alerts are listed below.",
+            ],
+            studies_train.clipping,
+        ),
+        StudyInfo(
+            "warmup",
+            "Learning-rate warmup: none vs linear vs inverse square root (Noam)",
+            "Vaswani et al. 2017 (the Noam schedule); Goyal et al. 2017; Liu et al. 2020, “On the Variance of "
+            "the Adaptive Learning Rate and Beyond”.",
+            [
+                "Adam's first steps use second-moment estimates from very few gradients, so full-size steps at "
+                "the start move the weights a lot relative to their size. Warmup ramps the learning rate up over "
+                "the first steps.",
+                "Three runs with the same peak learning rate: no warmup, a linear warmup into cosine decay, and "
+                "the Transformer paper's linear warmup then 1/sqrt(step) decay. Look at the update/weight ratio "
+                "and the gradient norm in the first steps.",
+            ],
+            studies_train.warmup,
+        ),
+        StudyInfo(
+            "init",
+            "Initialization: N(0, 0.02) vs Xavier vs He vs scaled residual",
+            "Glorot & Bengio 2010 (Xavier); He et al. 2015 (He/Kaiming); Radford et al. 2019 (GPT-2's "
+            "1/sqrt(2L) residual scaling).",
+            [
+                "Each block adds its output to the residual stream, so the stream's variance grows with depth by "
+                "as much as the blocks' outputs carry. Xavier and He scale weights to keep a plain layer's "
+                "variance constant; in a residual transformer that makes each block's contribution large. GPT-2 "
+                "scales the output projections by 1/sqrt(2L) so the sum stays bounded.",
+                "The figures show, for an 8-block pre-norm model at initialization, the activation RMS and the "
+                "residual gradient at every block boundary; then all four schemes train with the same settings.",
+            ],
+            studies_arch.init_schemes,
+        ),
+    )
+}
+
+
+@dataclass
+class StudyResult:
+    name: str
+    out_dir: Path
+    report: Path
+    findings: list[Finding]
+    run_dirs: list[Path]
+    measurements: dict
+    seconds: float
+
+
+def default_out_dir(study: str) -> Path:
+    return Path("runs") / "lab" / f"{study}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a directory for the study's runs and report")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; pass a new directory (or delete this one) so runs do not mix")
+
+
+def run_study(
+    name: str,
+    *,
+    quick: bool = False,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    echo=None,
+) -> StudyResult:
+    """Run one study end to end; `echo(line)` (e.g. print) receives progress lines and the verdict table."""
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    if data is not None and not Path(data).exists():
+        raise DataError(f"--data {data} does not exist; pass a text file or a directory of text files")
+    info = STUDIES[name]
+    out_dir = Path(out) if out is not None else default_out_dir(name)
+    _check_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = echo or (lambda line: None)
+    ctx = LabContext(out_dir=out_dir, quick=quick, data=Path(data) if data is not None else None)
+    say(f"flowtrain lab {name}{' (quick)' if quick else ''}: {info.title}")
+    say(f"runs and report in {out_dir}")
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    console = io.StringIO()  # the trainer's per-run messages (evals, guard warnings) go to lab.log instead
+    try:
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            outcome: StudyOutcome = info.run(ctx)
+    finally:
+        torch.set_num_threads(threads)
+        atomic_write_text(out_dir / "lab.log", console.getvalue())
+    report = write_study_page(
+        out_dir / "report.html",
+        title=f"flowtrain lab: {name}",
+        paragraphs=[info.title + ".", *info.paragraphs],
+        reference=info.reference,
+        settings=outcome.settings,
+        findings=outcome.findings,
+        figures=outcome.figures,
+        run_dirs=outcome.run_dirs,
+    )
+    seconds = time.perf_counter() - started
+    verdicts = {
+        "study": name,
+        "quick": quick,
+        "seconds": round(seconds, 1),
+        "findings": [f.to_json() for f in outcome.findings],
+        "measurements": outcome.measurements,
+        "runs": [str(d) for d in outcome.run_dirs],
+    }
+    atomic_write_text(out_dir / "verdicts.json", json.dumps(verdicts, indent=1, default=_json_default))
+    say(table(outcome.findings))
+    say(f"report: {report}  ({seconds:.0f} s)")
+    return StudyResult(name, out_dir, report, outcome.findings, outcome.run_dirs, outcome.measurements, seconds)
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,43 @@
+"""Shared fixtures of the lab tests: a small real corpus and its own dataset cache."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def lab_data(tmp_path_factory) -> Path:
+    """The first 60 kB of Tiny Shakespeare (real text; byte tokens make it ~60k tokens)."""
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"reference corpus not found at {SHAKESPEARE}")
+    path = tmp_path_factory.mktemp("lab_data") / "small.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _lab_cache(tmp_path_factory, monkeypatch):
+    """Prepared datasets go to a test-session cache, never the user's ~/.cache."""
+    monkeypatch.setenv("FLOWTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "lab_cache"))
+
+
+def check_report(result, evil_fragment: str | None = None) -> str:
+    """The study wrote one self-contained, escaped HTML page with its verdict table and figures."""
+    page = result.report.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page.lower()  # no JavaScript at all, and nothing injected
+    assert 'id="verdict"' in page and "What you are seeing" in page
+    for finding in result.findings:  # every measured line is on the page, escaped
+        assert html.escape(finding.measured, quote=True) in page
+    assert page.count("<svg") >= 4  # the study's own figures and the report's
+    assert "http://" not in page.replace("http://www.w3.org", "")  # nothing loaded from the network
+    if evil_fragment is not None:
+        assert evil_fragment not in page
+        assert html.escape(evil_fragment, quote=True) in page
+    assert (result.out_dir / "verdicts.json").is_file()
+    return page
