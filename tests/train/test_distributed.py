@@ -269,3 +269,15 @@ def test_tensorstats_and_clipping_complete_dtensor_shards(tmp_path):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         for name, (sharded, full) in result.items():
             assert sharded == pytest.approx(full, rel=1e-6), (rank, name, sharded, full)
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs, tmp_path):
+    """The other direction: a full 1-process checkpoint is sharded into FSDP2 on resume (model and optimizer)."""
+    run = tmp_path / "grow"
+    shutil.copytree(runs["ref"], run)
+    shutil.rmtree(run / "checkpoints" / "step_000020")
+    _torchrun(["-m", "flowtrain", "train", "--resume", str(run), "train.parallel=fsdp"], tmp_path)
+    ref, got = _metrics(runs["ref"]), _metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 21))
+    for a, b in zip(ref[10:], got[10:], strict=True):
+        assert _close(a["loss"], b["loss"]) and _close(a["grad_norm_preclip"], b["grad_norm_preclip"]), (a, b)

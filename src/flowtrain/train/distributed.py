@@ -175,7 +175,7 @@ def global_count(local: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def agree_on_verdict(verdict, host_ran: bool, guard=None):
+def agree_on_verdict(verdict, host_ran: bool, device: torch.device, guard=None):
     """Make the guard's decision identical on every rank: the strongest decision of any rank wins.
 
     The skip tensor is all-reduced with MAX (a NaN seen by one rank only makes every rank skip). When host
@@ -184,7 +184,6 @@ def agree_on_verdict(verdict, host_ran: bool, guard=None):
     """
     if verdict.skip is None and not host_ran:
         return verdict
-    device = verdict.skip.device if verdict.skip is not None else torch.device("cpu")
     own = _ACTION_RANK[verdict.action] if host_ran else 0
     flags = torch.zeros(2, dtype=torch.float32, device=device)
     if verdict.skip is not None:

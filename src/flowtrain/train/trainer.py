@@ -209,7 +209,7 @@ class Trainer:
         if self.world_size == 1:
             return verdict
         host_ran = self.cfg.guard.enabled and (self.guard.host_every_step or self.host_checks_now())
-        return dist_util.agree_on_verdict(verdict, host_ran, self.guard)
+        return dist_util.agree_on_verdict(verdict, host_ran, self._comm_device, self.guard)
 
     def to_device(self, batch):
         doc_ids = batch.doc_ids.to(self.device, non_blocking=True) if batch.doc_ids is not None else None
