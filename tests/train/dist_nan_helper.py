@@ -21,11 +21,15 @@ def main() -> None:
     rank = trainer.dist.rank
     unscale, agree = trainer.unscale_gradients, trainer.agree
     decisions = []
+    poisoned = []
 
     def unscale_then_poison() -> None:
         unscale()
-        if rank == 1 and trainer.step + 1 == nan_step:
-            trainer.params[3].grad.view(-1)[0] = float("nan")
+        if rank == 1 and trainer.step + 1 == nan_step and not poisoned:  # once (a rollback replays the step)
+            grad = trainer.params[3].grad
+            grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
+            grad.view(-1)[0] = float("nan")
+            poisoned.append(True)
 
     def agree_and_record(verdict):
         verdict = agree(verdict)
@@ -35,7 +39,8 @@ def main() -> None:
 
     trainer.unscale_gradients, trainer.agree = unscale_then_poison, agree_and_record
     summary = trainer.run_loop()
-    weights = [p.detach().double().sum().item() for p in trainer.params]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.params]
+    weights = [p.detach().double().sum().item() for p in local]  # FSDP2: this rank's shards
     result = {"rank": rank, "steps": summary.steps, "decisions": decisions, "weights": weights}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 

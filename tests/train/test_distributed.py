@@ -159,22 +159,42 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, strategy, tmp_path):
         assert _close(a["loss"], b["loss"]) and _close(a["grad_norm_preclip"], b["grad_norm_preclip"]), (a, b)
 
 
-def test_nan_on_one_rank_makes_every_rank_skip(runs):
+@pytest.mark.parametrize(("strategy", "action"), [("ddp", "skip"), ("ddp", "rollback"), ("fsdp", "rollback")])
+def test_nan_on_one_rank_makes_every_rank_act_alike(runs, strategy, action):
+    """Rank 1 alone gets the NaN; with guard.nonfinite=skip every rank skips the step, with rollback every rank
+    rolls back to the last snapshot (FSDP2: sharded snapshots). The run finishes; DDP replicas stay identical."""
     tmp = runs["tmp"]
-    out = tmp / "nan"
+    name = f"nan-{strategy}-{action}"
+    out = tmp / name
     out.mkdir()
-    extra = {"train.parallel": "ddp", "train.grad_accum": 2, "train.run_name": "nan", "train.max_steps": 12}
+    extra = {
+        "train.parallel": strategy,
+        "train.grad_accum": 2,
+        "train.run_name": name,
+        "train.max_steps": 12,
+        "guard.nonfinite": action,
+        "guard.snapshot_interval": 5,
+    }
     _torchrun([str(HELPER), str(out), "7", *tiny_overrides(runs["text"], tmp, **extra)], tmp)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["steps"] == 12 for r in ranks)  # the run continued to the end
     for r in ranks:
-        skipped = [d["step"] for d in r["decisions"] if d["skip"]]
-        assert skipped == [7], (r["rank"], r["decisions"])
-        assert [d["action"] for d in r["decisions"] if d["step"] == 7] == ["skip"]
-    assert ranks[0]["weights"] == ranks[1]["weights"]  # no rank diverged
-    metrics = _metrics(tmp / "runs" / "nan")
-    assert [m["step"] for m in metrics if m["skipped"]] == [7]
-    assert json.loads((tmp / "runs" / "nan" / "summary.json").read_text())["skipped_steps"] == 1
+        acted = [(d["step"], d["action"]) for d in r["decisions"] if d["action"] != "proceed"]
+        assert acted == [(7, action)], (r["rank"], r["decisions"])
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    if strategy == "ddp":
+        assert ranks[0]["weights"] == ranks[1]["weights"]  # no replica diverged
+    assert all(math.isfinite(w) for r in ranks for w in r["weights"])
+    run = tmp / "runs" / name
+    summary = json.loads((run / "summary.json").read_text())
+    if action == "skip":
+        assert [m["step"] for m in _metrics(run) if m["skipped"]] == [7]
+        assert summary["skipped_steps"] == 1
+    else:
+        assert summary["rollbacks"] == 1
+        alerts = read_jsonl(run / "alerts.jsonl")  # FSDP: rank 0 saw the NaN too (the norm is global)
+        assert {(a["step"], a["action"]) for a in alerts} == {(7, "rollback")}
+        assert "guard" in {a["detector"] for a in alerts}
 
 
 def test_sharded_checkpoint_in_one_process_resumes_bitwise_and_vets_pickles(runs, tmp_path):
