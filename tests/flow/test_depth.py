@@ -24,13 +24,13 @@ def lm_loss(logits, idx):
     return F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten())
 
 
-def reference_forward(model, idx, blocks, embed):
+def reference_forward(model, idx, blocks, embed, **block_kwargs):
     """Manual forward keeping every boundary h_0..h_L with retain_grad."""
     h = embed(idx)
     h.retain_grad()
     hs = [h]
     for block in blocks:
-        h = block(h)
+        h = block(h, **block_kwargs)
         h.retain_grad()
         hs.append(h)
     return hs
@@ -152,3 +152,28 @@ def test_hooks_are_silent_in_evaluation_and_removable():
     assert all(v is None for v in monitor.depth.act_sumsq)
     monitor.remove()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_gpt_attention_read_at_the_kernel_matches_recomputation_with_rope_qknorm_and_doc_mask():
+    """q, k captured at the Attend kernel give the same entropy/max logit as recomputing from the weights."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=17, pos_encoding="rope", qk_norm=True)
+    model = GPT(cfg)
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(attn_positions=5, attn_batch=2))
+    assert all(k is not None for k in monitor.depth.kernels)
+    idx = torch.randint(0, 17, (3, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 9])
+    lm_loss(model(idx, doc_ids=doc_ids), idx).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    hs = reference_forward(ref, idx, ref.blocks, ref.embed, doc_ids=doc_ids)
+    rows = torch.linspace(0, 11, 5).round().long()
+    for i, block in enumerate(ref.blocks):
+        with torch.no_grad():
+            scores = block.attention_logits(hs[i][:2], doc_ids[:2])[:, :, rows, :].double()
+            p = torch.softmax(scores, -1)
+            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
+        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+        close(rec.depth("attn_max_logit")[i + 1], float(scores.max()), rel=1e-5)

@@ -35,6 +35,34 @@ def _first_tensor(value) -> torch.Tensor | None:
     return None
 
 
+def find_kernel(block: nn.Module) -> nn.Module | None:
+    """The attention kernel module of a block (flowtrain's `Attend`), whose inputs are the exact q and k."""
+    from flowtrain.model.layers import Attend
+
+    return next((m for m in block.modules() if isinstance(m, Attend)), None)
+
+
+def kernel_attention_stats(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[n, 2] = (entropy, max logit) for n captured (q rows, k, allowed mask) samples, batched when shapes agree.
+
+    q: [b, h, P, d] (the sampled query rows), k: [b, h, T, d], allowed: bool broadcastable to [b, h, P, T].
+    Entropy (nats) is the mean over sampled rows of -sum_j p_ij log p_ij; the max logit is over allowed keys.
+    """
+    shapes = {(q.shape, k.shape, m.shape) for q, k, m in samples}
+    if len(shapes) > 1:  # blocks of different shapes: one at a time
+        return torch.cat([kernel_attention_stats([s]) for s in samples])
+    q = torch.stack([s[0] for s in samples]).float()
+    k = torch.stack([s[1] for s in samples]).float()
+    allowed = torch.stack([s[2] for s in samples])
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(scores, dim=-1)
+    plogp = torch.where(allowed, logp.exp() * logp, torch.zeros((), device=logp.device))
+    entropy = -plogp.sum(-1).flatten(1).mean(1)
+    max_logit = scores.flatten(1).amax(1)
+    return torch.stack([entropy, max_logit], dim=1)
+
+
 def find_attention(block: nn.Module) -> nn.Module | None:
     """The submodule of a block that can show its attention (has `attention_probs` or `attention_logits`)."""
     for module in block.modules():
@@ -79,13 +107,22 @@ class DepthProbe:
         self.blocks = list(blocks)
         self.cfg = cfg
         self.n = len(self.blocks) + 1  # boundaries h_0..h_L
-        self.attn_modules = [find_attention(b) if cfg.attention else None for b in self.blocks]
+        # attention: read q, k at the kernel when the model has one (no recompute), else recompute a sample
+        self.kernels = [find_kernel(b) if cfg.attention else None for b in self.blocks]
+        self.attn_modules = [
+            find_attention(b) if cfg.attention and kern is None else None
+            for b, kern in zip(self.blocks, self.kernels, strict=True)
+        ]
+        self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.armed = False
         self._handles: list = []
         self._reset()
         self._handles.append(self.blocks[0].register_forward_pre_hook(self._on_block_input))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_hook(self._make_output_hook(i + 1)))
+        for i, kernel in enumerate(self.kernels):
+            if kernel is not None:
+                self._handles.append(kernel.register_forward_pre_hook(self._make_kernel_hook(i)))
         for i, attn in enumerate(self.attn_modules):
             if attn is not None:
                 hook = self._make_attn_input_hook(i)
@@ -98,6 +135,7 @@ class DepthProbe:
         self.act_count = [0] * self.n
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
 
     def arm(self) -> None:
         self._reset()
@@ -146,6 +184,37 @@ class DepthProbe:
 
         return on_output
 
+    def _sample_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, device)
+        if key not in self._rows_cache:
+            count = min(self.cfg.attn_positions, n)
+            self._rows_cache[key] = torch.linspace(0, n - 1, count, device=device).round().long()
+        return self._rows_cache[key]
+
+    def _make_kernel_hook(self, block: int):
+        def on_kernel_input(module, args) -> None:
+            """Keep the sampled query rows, their keys and which keys each row may see (first micro-batch)."""
+            if not self.armed or self.qk_samples[block] is not None or len(args) < 2 or not torch.is_grad_enabled():
+                return
+            q, k = args[0].detach(), args[1].detach()
+            mask = args[3] if len(args) > 3 else None
+            is_causal = bool(args[5]) if len(args) > 5 else mask is None
+            nb, heads = self.cfg.attn_batch, self.cfg.attn_heads
+            rows = self._sample_rows(q.shape[-2], q.device)
+            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+                allowed = mask[:nb].index_select(-2, rows)
+            else:  # causal (query i sees keys up to i, aligned to the last key) or full
+                keys = torch.arange(k.shape[-2], device=q.device)
+                offset = k.shape[-2] - q.shape[-2]
+                allowed = (
+                    keys[None, :] <= rows[:, None] + offset
+                    if is_causal
+                    else torch.ones_like(keys, dtype=torch.bool)[None]
+                )
+            self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
+
+        return on_kernel_input
+
     def _make_attn_input_hook(self, block: int):
         def on_attn_input(module, args, kwargs) -> None:
             if self.armed and self.attn_inputs[block] is None and args and torch.is_grad_enabled():
@@ -164,6 +233,13 @@ class DepthProbe:
     def attention(self) -> list[torch.Tensor | None]:
         """Recompute attention stats on the sampled inputs (call before the weights change)."""
         out: list[torch.Tensor | None] = [None] * len(self.blocks)
+        captured = [i for i, s in enumerate(self.qk_samples) if s is not None]
+        if captured:
+            with torch.no_grad():
+                stats = kernel_attention_stats([self.qk_samples[i] for i in captured])
+            for row, i in enumerate(captured):
+                out[i] = stats[row]
+            self.qk_samples = [None] * len(self.blocks)
         devices = [x.device for x in self.attn_inputs if x is not None and x.device.type == "cuda"]
         with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
             for i, (module, x) in enumerate(zip(self.attn_modules, self.attn_inputs, strict=True)):
