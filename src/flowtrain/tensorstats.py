@@ -121,14 +121,25 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def abs_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor sum of |x| (the L1 norm, float32), complete over shards.
-
-    For non-negative tensors (Adam's exp_avg_sq) this is their plain sum, so mean = abs_sums / numels in one
-    fused pass.
-    """
+    """Per-tensor sum of |x| (the L1 norm, float32), complete over shards."""
     local = [_local(t) for t in tensors]
     norms = torch._foreach_norm(local, 1) if local else []
     return _full(_stack(norms, local), tensors, "sum")
+
+
+def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor plain sum (float32), complete over shards.
+
+    For non-negative tensors (Adam's exp_avg_sq) this is the L1 norm; one sum per tensor measured ~3x faster
+    on CPU than _foreach_norm(ord=1).
+    """
+    local = [_local(t) for t in tensors]
+    return _full(_stack([t.sum(dtype=torch.float32) for t in local], local), tensors, "sum")
+
+
+def max_abs_one(t: torch.Tensor) -> torch.Tensor:
+    """max |x| of one (unsharded, e.g. activation) tensor, float32 0-dim."""
+    return _max_abs_one(t)
 
 
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:

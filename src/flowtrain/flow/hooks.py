@@ -297,7 +297,7 @@ class LogitsProbe:
             return
         with torch.no_grad():
             z = z.detach()
-            _, mx = tensorstats.sumsq_and_max_abs(z)
+            mx = tensorstats.max_abs_one(z)
             lse = torch.logsumexp(z.float(), dim=-1).sum()
         self.max_abs = mx if self.max_abs is None else torch.maximum(self.max_abs, mx)
         self.lse_sum = lse if self.lse_sum is None else self.lse_sum + lse

@@ -44,6 +44,7 @@ class ParamStats:
                 self._snapshot = [torch.empty_like(p.detach()) for p in self.params]
         self._adam_index: list[int] | None = None
         self._adam_key: tuple[int, int] | None = None
+        self._adam_numels: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +119,9 @@ class ParamStats:
         out = self._nan()
         if not vs:
             return out
-        means = tensorstats.abs_sums(vs) / tensorstats.numels(vs).clamp_min(1)
+        if self._adam_numels is None or len(self._adam_numels) != len(vs):
+            self._adam_numels = tensorstats.numels(vs).clamp_min(1)
+        means = tensorstats.sums(vs) / self._adam_numels
         if len(index) == len(self.params):
             return means.sqrt()
         out[torch.tensor(index, dtype=torch.long, device=self.device)] = means.sqrt()
