@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flowtrain.errors import ConfigError
+from flowtrain.errors import CheckpointError, ConfigError
 
 _ACTION_RANK = {"proceed": 0, "skip": 1, "rollback": 2, "stop": 3}
 _ACTIONS = {v: k for k, v in _ACTION_RANK.items()}
@@ -201,6 +201,57 @@ def agree_on_verdict(verdict, host_ran: bool, device: torch.device, guard=None):
         if agreed == "skip" and verdict.skip is None:
             verdict.skip = torch.ones((), dtype=torch.bool, device=device)
     return verdict
+
+
+class SlotLoaders:
+    """This rank's micro-batch slots: slot i of every step is read by `make_loader(i)`, a BatchLoader built
+    with rank=i, world_size=grad_accum, so the global batch does not depend on how many ranks share it.
+
+    Their positions are saved for all slots (gathered from every rank: one dict for a single slot, the
+    1-process format, else a list in slot order), so any world size that divides grad_accum can resume.
+    """
+
+    def __init__(self, make_loader, ctx: DistContext, grad_accum: int, comm_device: torch.device):
+        self.ctx, self.total, self.comm_device = ctx, grad_accum, comm_device
+        self.per_rank = local_grad_accum(grad_accum, ctx.world_size)
+        self.first = ctx.rank * self.per_rank
+        self.loaders = [make_loader(slot) for slot in range(self.first, self.first + self.per_rank)]
+
+    def next_step(self) -> list:
+        return [loader.next() for loader in self.loaders]
+
+    def skip_steps(self, steps: int) -> None:
+        for loader in self.loaders:
+            for _ in range(steps):
+                loader.next()
+
+    def state_dict(self):
+        mine = [loader.state_dict() for loader in self.loaders]
+        if self.ctx.enabled:
+            mine = [s for rank_states in gather_json(mine, self.comm_device) for s in rank_states]
+        return mine[0] if len(mine) == 1 else mine
+
+    def load_state_dict(self, saved) -> None:
+        states = saved if isinstance(saved, list) else [saved]
+        if len(states) != self.total:
+            raise CheckpointError(
+                f"the checkpoint's data position has {len(states)} micro-batch streams but "
+                f"train.grad_accum={self.total}; resume with train.grad_accum={len(states)}"
+            )
+        for loader, state in zip(self.loaders, states[self.first : self.first + self.per_rank], strict=True):
+            loader.load_state_dict(state)
+
+
+def flow_config_for(flow, ctx: DistContext):
+    """Two microscope parts do not work on FSDP2's sharded parameters in torch 2.13 and are switched off
+    under FSDP until flow/ handles DTensor: the weight snapshot for update norms (_foreach_copy_ has no
+    DTensor rule) and the attention-sample recompute (runs submodules outside FSDP's forward, on sharded
+    weights); histograms reshape sharded gradients. Everything else is exact (docs/distributed.md)."""
+    off = {"updates": False, "attention": False, "histogram_interval": 0}
+    if ctx.strategy == "fsdp" and flow.enabled and any(getattr(flow, k) for k in off):
+        print("flowtrain: under FSDP the update norms, attention sample and histograms are off")
+        flow = flow.model_copy(update=off)
+    return flow
 
 
 def _json_tensor(obj, device: torch.device) -> torch.Tensor:

@@ -75,7 +75,6 @@ class Trainer:
         # distributed (torchrun): join the group first; the device is then cuda:LOCAL_RANK or cpu
         self.dist, dist_device = dist_util.init_distributed(tc.parallel, tc.device)
         self.world_size, self.is_main = self.dist.world_size, self.dist.is_main
-        self.grad_accum = dist_util.local_grad_accum(tc.grad_accum, self.world_size)  # micro-batches per rank
         self.device = dist_device or select_device(tc.device)
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
@@ -109,11 +108,11 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
         self.loss_options = {"label_smoothing": tc.label_smoothing, "z_loss": tc.z_loss}
-        # micro-batch slot i of every step is read by its own stream (rank=i of grad_accum streams), so the
-        # global batch is the same on any world size; this rank runs slots first .. first + grad_accum - 1
-        first = self.dist.rank * self.grad_accum
-        self.loaders = [self._slot_loader(slot) for slot in range(first, first + self.grad_accum)]
-        self.loader = self.loaders[0]
+        # micro-batch slot i of every step is read by its own stream, so the global batch is the same on any
+        # world size; this rank runs its share of the slots
+        self.slots = dist_util.SlotLoaders(self._slot_loader, self.dist, tc.grad_accum, self._comm_device)
+        self.grad_accum = self.slots.per_rank  # micro-batches per rank
+        self.loader = self.slots.loaders[0]
         self.guard = Guard(cfg.guard, self.named_params, host_every_step=self.device.type != "cuda")
         self.step = 0
         self.snapshot: dict[str, Any] | None = None
@@ -137,7 +136,8 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
-        self.flow = FlowMonitor(self.raw_model, self.optimizer, self._flow_config(), start_step=self.step)
+        flow_cfg = dist_util.flow_config_for(cfg.flow, self.dist)
+        self.flow = FlowMonitor(self.raw_model, self.optimizer, flow_cfg, start_step=self.step)
         self.model = torch.compile(wrapped) if tc.compile else wrapped
         self.progress = cfg.log.console if progress is None else progress
 
@@ -171,23 +171,9 @@ class Trainer:
         if self.dist.enabled and self.is_main:
             dist_util.barrier()
 
-    def _flow_config(self):
-        """Two microscope parts do not work on FSDP2's sharded parameters in torch 2.13 and are switched off
-        under FSDP until flow/ handles DTensor: the weight snapshot for update norms (_foreach_copy_ has no
-        DTensor rule) and the attention-sample recompute (runs submodules outside FSDP's forward, on
-        sharded weights). Histograms reshape sharded gradients. Everything else is exact (docs/distributed.md)."""
-        flow = self.cfg.flow
-        off = {"updates": False, "attention": False, "histogram_interval": 0}
-        if self.dist.strategy == "fsdp" and flow.enabled and any(getattr(flow, k) for k in off):
-            if self.is_main:
-                print("flowtrain: under FSDP the update norms, attention sample and histograms are off")
-            flow = flow.model_copy(update=off)
-        return flow
-
-    # ---- the pieces train_step calls ---------------------------------------------------------------
     def micro_batches(self) -> list:
         """This rank's micro-batches of the next step: one from each of its slot loaders."""
-        return [loader.next() for loader in self.loaders]
+        return self.slots.next_step()
 
     def global_targets(self, local: int) -> int:
         """Real targets in the whole global batch: the denominator of the step's mean loss."""
@@ -269,7 +255,7 @@ class Trainer:
         """Everything besides weights, optimizer tensors and RNG that a resumed run needs, as plain JSON."""
         state: dict[str, Any] = {
             "scheduler": self.scheduler.state_dict(),
-            "loader": self._loader_states(),
+            "loader": self.slots.state_dict(),
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "guard": self.guard.state_dict(),
@@ -282,7 +268,7 @@ class Trainer:
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
-        self._load_loader_states(state["loader"])
+        self.slots.load_state_dict(state["loader"])
         if "clipper" in state and hasattr(self.clipper, "load_state_dict"):
             self.clipper.load_state_dict(state["clipper"])
         if self.scaler is not None and "grad_scaler" in state:
@@ -290,26 +276,6 @@ class Trainer:
         self.guard.load_state_dict(state["guard"])
         self.best_val_loss = state.get("best_val_loss")
         self.best_step = state.get("best_step")
-
-    def _loader_states(self):
-        """Every slot's loader state, gathered from all ranks: one dict for one slot (the 1-process format),
-        else a list in slot order, so any world size that divides grad_accum can resume it."""
-        mine = [loader.state_dict() for loader in self.loaders]
-        if self.dist.enabled:
-            mine = [s for rank_states in dist_util.gather_json(mine, self._comm_device) for s in rank_states]
-        return mine[0] if len(mine) == 1 else mine
-
-    def _load_loader_states(self, saved) -> None:
-        states = saved if isinstance(saved, list) else [saved]
-        total = self.cfg.train.grad_accum
-        if len(states) != total:
-            raise CheckpointError(
-                f"the checkpoint's data position has {len(states)} micro-batch streams but train.grad_accum={total}; "
-                f"resume with train.grad_accum={len(states)}"
-            )
-        first = self.dist.rank * self.grad_accum
-        for loader, state in zip(self.loaders, states[first : first + self.grad_accum], strict=True):
-            loader.load_state_dict(state)
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
         ckpt.restore_model(c, self.raw_model)
@@ -379,9 +345,7 @@ class Trainer:
         set_rng_state(rng)
         # skip the data window that led to the event (and any extra), exactly as the loader would serve it
         skip_steps = event_step - target + self.cfg.guard.rollback_extra_skip
-        for loader in self.loaders:
-            for _ in range(skip_steps):
-                loader.next()
+        self.slots.skip_steps(skip_steps)
         factor = self.cfg.guard.rollback_lr_factor
         if factor != 1.0:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
