@@ -103,6 +103,49 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """A few real training steps under the microscope (every statistic, every step), then the verdict."""
+    import tempfile
+
+    from flowtrain.config import load_config
+    from flowtrain.flow.diagnose import diagnose
+    from flowtrain.train.step import train_step
+    from flowtrain.train.trainer import Trainer, config_for_resume
+
+    rest, overrides = _split_overrides(args.items)
+    if len(rest) > 1:
+        raise FlowtrainError(f"diagnose takes one run directory (got {len(rest)}); overrides look like key=value")
+    if args.steps < 1:
+        raise FlowtrainError("--steps must be >= 1")
+    # watch everything, change nothing on disk: no guard actions, no sinks (the run loop is not used)
+    overrides += ["flow.enabled=true", "flow.interval=1", "guard.enabled=false", "log.console=false"]
+    with tempfile.TemporaryDirectory(prefix="flowtrain-diagnose-") as scratch:
+        if rest:
+            run_dir = Path(rest[0])
+            cfg = config_for_resume(run_dir, overrides)
+            trainer = Trainer(cfg, resume_dir=run_dir)
+            source = f"run {run_dir} at step {trainer.step}"
+        else:
+            cfg = load_config(args.config, [*overrides, f"train.out_dir={scratch}"])
+            trainer = Trainer(cfg)
+            source = f"config {args.config or 'default'} at initialization"
+        records = []
+        for _ in range(args.steps):
+            train_step(trainer)
+            trainer.step += 1
+            record = trainer.flow.collect(trainer.step)
+            if record is not None:
+                records.append(record)
+        trainer.flow.close()
+    result = diagnose(records)
+    if args.json:
+        print(result.to_json())
+    else:
+        print(f"flowtrain diagnose: {source}, {args.steps} step(s) on real batches")
+        print(result.render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowtrain",
@@ -138,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after step N; resume later")
     t.set_defaults(func=cmd_train)
 
+    d = sub.add_parser(
+        "diagnose",
+        help="run a few steps under the microscope and say how the gradients flow",
+        description="From a config (fresh initialization) or a run directory (its latest checkpoint), run a few "
+        "real training steps in memory (nothing is written) and print a per-layer table (gradient norm, residual "
+        "gradient, update ratio, activation RMS) with a plain-language verdict: healthy, vanishing, exploding, "
+        "stalled or non-finite, its likely cause and what to try.",
+        epilog=EPILOG_OVERRIDES,
+    )
+    d.add_argument("items", nargs="*", metavar="RUN_DIR|KEY=VALUE", help="a run directory and/or config overrides")
+    d.add_argument("-c", "--config", help="a shipped config name or YAML path (when no RUN_DIR is given)")
+    d.add_argument("--steps", type=int, default=5, help="training steps to observe (default 5)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_diagnose)
+
     s = sub.add_parser("sample", help="generate text from a trained run", description="Generate text with a KV cache.")
     s.add_argument("run", metavar="RUN_DIR", help="a run directory or a checkpoints/step_N directory")
     s.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -168,9 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproduce a textbook gradient-flow result on real data: trains the study's variants, writes "
         "their runs and one HTML report, and prints a verdict table computed from the measurements (docs/lab.md).",
     )
-    lab.add_argument(
-        "study", metavar="STUDY", help="norm-placement, residuals, activations, clipping, warmup or init"
-    )
+    lab.add_argument("study", metavar="STUDY", help="norm-placement, residuals, activations, clipping, warmup or init")
     lab.add_argument("--quick", action="store_true", help="tiny settings, about a minute (for tests and a first look)")
     lab.add_argument("--data", metavar="PATH", help="a text file or directory (default: the built-in Python corpus)")
     lab.add_argument("--out", metavar="DIR", help="where runs and report.html go (default: runs/lab/STUDY-TIME)")

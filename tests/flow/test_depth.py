@@ -154,16 +154,17 @@ def test_hooks_are_silent_in_evaluation_and_removable():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_gpt_attention_read_at_the_kernel_matches_recomputation_with_rope_qknorm_and_doc_mask():
+@pytest.mark.parametrize("with_doc_mask", [True, False])
+def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask):
     """q, k captured at the Attend kernel give the same entropy/max logit as recomputing from the weights."""
     torch.manual_seed(1)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=17, pos_encoding="rope", qk_norm=True)
     model = GPT(cfg)
     ref = copy.deepcopy(model)
-    monitor = FlowMonitor(model, None, FlowConfig(attn_positions=5, attn_batch=2))
+    monitor = FlowMonitor(model, None, FlowConfig(attn_positions=5, attn_batch=2, attn_heads=2))
     assert all(k is not None for k in monitor.depth.kernels)
     idx = torch.randint(0, 17, (3, 12))
-    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 9])
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 9]) if with_doc_mask else None
     lm_loss(model(idx, doc_ids=doc_ids), idx).backward()
     monitor.after_backward()
     monitor.after_step()
@@ -172,7 +173,8 @@ def test_gpt_attention_read_at_the_kernel_matches_recomputation_with_rope_qknorm
     rows = torch.linspace(0, 11, 5).round().long()
     for i, block in enumerate(ref.blocks):
         with torch.no_grad():
-            scores = block.attention_logits(hs[i][:2], doc_ids[:2])[:, :, rows, :].double()
+            docs = doc_ids[:2] if doc_ids is not None else None
+            scores = block.attention_logits(hs[i][:2], docs)[:, :2, rows, :].double()
             p = torch.softmax(scores, -1)
             ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
         close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)

@@ -206,11 +206,8 @@ class DepthProbe:
             else:  # causal (query i sees keys up to i, aligned to the last key) or full
                 keys = torch.arange(k.shape[-2], device=q.device)
                 offset = k.shape[-2] - q.shape[-2]
-                allowed = (
-                    keys[None, :] <= rows[:, None] + offset
-                    if is_causal
-                    else torch.ones_like(keys, dtype=torch.bool)[None]
-                )
+                allowed = keys[None, :] <= rows[:, None] + offset if is_causal else keys[None, :] >= 0
+                allowed = allowed[None, None]  # [1, 1, P or 1, T]: broadcasts over batch rows and heads
             self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
 
         return on_kernel_input
