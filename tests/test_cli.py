@@ -119,3 +119,47 @@ def test_checkpoint_problems(small_text, tmp_path):
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "2"]])
 def test_bad_sampling_arguments(tmp_path, flag):
     assert_user_error(run_cli("sample", tmp_path, *flag), flag[0])
+
+
+def _diagnose(text, tmp_path, *extra, n_layer=4):
+    import json
+
+    overrides = tiny_overrides(text, tmp_path, **{"model.n_layer": n_layer})
+    proc = run_cli("diagnose", *overrides, *extra, "--steps", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    return result, {row["layer"]: row for row in result["layers"]}
+
+
+def test_diagnose_pre_and_post_norm_profiles(small_text, tmp_path):
+    pre, pre_layers = _diagnose(small_text, tmp_path, "model.norm_placement=pre")
+    post, post_layers = _diagnose(small_text, tmp_path, "model.norm_placement=post")
+    blocks = [f"block.{i}" for i in range(4)]
+    assert list(pre_layers) == ["embedding", *blocks, "head"]
+    assert list(post_layers) == ["embedding", *blocks]  # post-norm: no final norm, head tied to the embedding
+    # post-norm blocks end in a norm: their outputs have RMS ~1; pre-norm's residual stream stays near the
+    # embedding scale and grows with depth
+    assert all(abs(post_layers[b]["act_rms"] - 1) < 0.05 for b in blocks)
+    assert all(pre_layers[b]["act_rms"] < 0.5 for b in blocks)
+    assert pre_layers["block.3"]["act_rms"] > pre_layers["block.0"]["act_rms"]
+    # Xiong et al.: the last/first block gradient ratio at init is larger for post-norm than for pre-norm
+    ratio = {
+        name: layers["block.3"]["grad_norm"] / layers["block.0"]["grad_norm"]
+        for name, layers in (("pre", pre_layers), ("post", post_layers))
+    }
+    assert ratio["post"] > ratio["pre"]
+    assert pre["verdict"] == "healthy"
+
+
+def test_diagnose_finds_exploding_flow(small_text, tmp_path):
+    result, _ = _diagnose(small_text, tmp_path, "model.norm_placement=none", "model.init=kaiming", n_layer=12)
+    assert result["verdict"] == "exploding" and "model.init=scaled" in result["suggestion"]
+
+
+def test_diagnose_a_run_directory(small_text, tmp_path):
+    proc = run_cli("train", *tiny_overrides(small_text, tmp_path, **{"train.max_steps": 4, "schedule.warmup_steps": 2}))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("diagnose", tmp_path / "runs" / "tiny", "--steps", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "at step 4" in proc.stdout and "verdict:" in proc.stdout
+    assert_user_error(run_cli("diagnose", tmp_path / "nothing-here"), "nothing-here")
