@@ -135,7 +135,8 @@ def test_interval_skips_per_tensor_stats_and_hooks_between_monitored_steps():
         monitor.after_step()
         rec = monitor.collect(step)
         got.append((rec.tensor_stats is not None, rec.depth_stats is not None, "update_norm" in rec.scalars))
-    assert got == [(True, True, True), (False, False, True), (False, False, True), (True, True, True)]
+    # between monitored steps nothing is measured (not even the update norm, which needs a weight copy)
+    assert got == [(True, True, True), (False, False, False), (False, False, False), (True, True, True)]
     # SGD keeps no second moment
     assert np.isnan(rec.tensor_stats[:, -1]).all()
 

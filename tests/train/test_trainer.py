@@ -49,6 +49,9 @@ def test_tensorboard_events_hold_the_scalars(small_text, tmp_path):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"loss", "grad_norm_preclip", "lr", "val_loss"} <= set(tags)
+    # the microscope's per-layer series
+    assert {"grad_norm_by_layer/embedding", "grad_norm_by_layer/block.1", "update_ratio_by_layer/block.0"} <= set(tags)
+    assert len(acc.Scalars("grad_norm_by_layer/block.0")) == 6
     tb_loss = [e.value for e in acc.Scalars("loss")]
     jsonl_loss = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
     assert tb_loss == pytest.approx(jsonl_loss, rel=1e-6)

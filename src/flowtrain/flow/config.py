@@ -9,10 +9,15 @@ class FlowConfig(Section):
     """What the microscope measures and how often. Everything defaults to on: it is cheap by design."""
 
     enabled: bool = Field(True, description="off: no hooks, no snapshots, collect() returns None")
-    interval: int = Field(1, ge=1, description="per-tensor, per-layer and depth statistics every N steps")
+    interval: int = Field(
+        1,
+        ge=1,
+        description="monitored steps: per-tensor, per-layer and depth statistics, parameter and update norms every "
+        "N steps (clip statistics are reported every step); between monitored steps the microscope costs nothing",
+    )
     updates: bool = Field(
         True,
-        description="update norms and ||dW||/||W|| every step (keeps one copy of the parameters in memory)",
+        description="update norms and ||dW||/||W|| on monitored steps (keeps one copy of the parameters in memory)",
     )
     residual: bool = Field(True, description="residual-stream gradient norm ||dL/dh_l|| at every block boundary")
     activations: bool = Field(True, description="activation RMS and max |x| at every block boundary")

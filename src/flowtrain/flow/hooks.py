@@ -247,21 +247,51 @@ class DepthProbe:
         self.attn_doc_ids = [None] * len(self.blocks)
         return out
 
-    def matrix(self, attention: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-        """[L+1, len(DEPTH_STATS)] float32 on the device; row l is boundary h_l, attention of block l-1."""
-        nan = torch.full((), float("nan"), device=device)
-        rows = []
-        for l in range(self.n):
-            resid = self.resid_sumsq[l].sqrt() if self.resid_sumsq[l] is not None else nan
-            if self.act_sumsq[l] is not None:
-                act_rms = (self.act_sumsq[l] / max(self.act_count[l], 1)).sqrt()
-                act_max = self.act_max[l]
-            else:
-                act_rms = act_max = nan
-            att = attention[l - 1] if l >= 1 and attention[l - 1] is not None else None
-            ent, mlog = (att[0], att[1]) if att is not None else (nan, nan)
-            rows.append(torch.stack([t.to(device) for t in (resid, act_rms, act_max, ent, mlog)]))
-        return torch.stack(rows)
+    def matrix(
+        self, attention: list[torch.Tensor | None], device: torch.device, sync: bool = False, backward_scale=1.0
+    ) -> torch.Tensor:
+        """[L+1, len(DEPTH_STATS)] float32 on the device; row l is boundary h_l, attention of block l-1.
+
+        sync: combine the ranks of a data-parallel job (sums of squares and counts add up, maxima take the max,
+        attention entropies average), so the numbers describe the global batch. backward_scale: the factor by
+        which the backward pass was scaled relative to the true loss (data-parallel trainers multiply each
+        rank's loss by the world size; fp16 loss scaling too); residual gradients are divided by it.
+        """
+        nan = torch.tensor(float("nan"), device=device)
+        zero = torch.zeros((), device=device)
+
+        def column(values: list[torch.Tensor | None], fill: torch.Tensor) -> torch.Tensor:
+            return torch.stack([fill if v is None else v.to(device).float().reshape(()) for v in values])
+
+        seen = torch.tensor(
+            [[v is not None for v in self.resid_sumsq], [v is not None for v in self.act_sumsq]],
+            dtype=torch.float32,
+            device=device,
+        )
+        sums = torch.stack([column(self.resid_sumsq, zero), column(self.act_sumsq, zero)])
+        counts = torch.tensor(self.act_count, dtype=torch.float32, device=device)
+        act_max = column(self.act_max, torch.tensor(float("-inf"), device=device))
+        att = torch.stack([a.to(device).float() if a is not None else torch.stack([nan, nan]) for a in attention])
+        att_seen = torch.isfinite(att[:, 0]).float()
+        if sync:
+            import torch.distributed as dist
+
+            packed = torch.cat([sums.flatten(), counts, seen.flatten(), torch.nan_to_num(att[:, 0]), att_seen])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            maxima = torch.cat([act_max, torch.nan_to_num(att[:, 1], nan=float("-inf"))])
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            n, b = self.n, len(self.blocks)
+            sums, counts = packed[: 2 * n].view(2, n), packed[2 * n : 3 * n]
+            seen = packed[3 * n : 5 * n].view(2, n)
+            entropy = packed[5 * n : 5 * n + b] / packed[5 * n + b :].clamp_min(1)
+            att_seen = packed[5 * n + b :]
+            act_max, att = maxima[:n], torch.stack([entropy, maxima[n:]], dim=1)
+        resid = (sums[0].sqrt() / backward_scale).where(seen[0] > 0, nan)
+        act_rms = (sums[1] / counts.clamp_min(1)).sqrt().where(seen[1] > 0, nan)
+        act_max = act_max.where(seen[1] > 0, nan)
+        att = att.where(att_seen[:, None] > 0, nan)
+        attn_rows = torch.cat([torch.full((1, 2), float("nan"), device=device), att])  # h_0 has no attention
+        return torch.stack([resid, act_rms, act_max, attn_rows[:, 0], attn_rows[:, 1]], dim=1)
 
 
 class LogitsProbe:
@@ -300,8 +330,20 @@ class LogitsProbe:
         self.lse_sum = lse if self.lse_sum is None else self.lse_sum + lse
         self.rows += math.prod(z.shape[:-1])
 
-    def values(self, device: torch.device) -> torch.Tensor:
-        """[max |z|, mean lse] float32 on the device (NaN when nothing was seen)."""
-        if self.max_abs is None:
+    def values(self, device: torch.device, sync: bool = False) -> torch.Tensor:
+        """[max |z|, mean lse] float32 on the device (NaN when nothing was seen); `sync`: over all ranks."""
+        if self.max_abs is None and not sync:
             return torch.full((2,), float("nan"), device=device)
-        return torch.stack([self.max_abs, self.lse_sum / max(self.rows, 1)]).to(device)
+        mx = self.max_abs.to(device).float() if self.max_abs is not None else torch.tensor(float("-inf"), device=device)
+        lse = self.lse_sum.to(device).float() if self.lse_sum is not None else torch.zeros((), device=device)
+        rows = torch.tensor(float(self.rows), device=device)
+        if sync:
+            import torch.distributed as dist
+
+            totals = torch.stack([lse, rows])
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            lse, rows = totals[0], totals[1]
+        if float(rows) == 0:
+            return torch.full((2,), float("nan"), device=device)
+        return torch.stack([mx, lse / rows])

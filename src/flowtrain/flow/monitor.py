@@ -69,7 +69,8 @@ class FlowMonitor:
     blocks: the modules whose outputs are the residual stream (default: `model.blocks` when it is a
     ModuleList); head: the module that produces the logits (default: `model.lm_head`); layer_of: parameter
     name -> layer label (default: `model.layer_of`, else default_layer_of); start_step: the step number of the
-    first step (so a resumed run monitors the same steps).
+    first step (so a resumed run monitors the same steps); sync: combine activation-side statistics (residual
+    gradients, activations, attention, logits) over the ranks of a data-parallel job.
     """
 
     def __init__(
@@ -82,8 +83,13 @@ class FlowMonitor:
         blocks: Sequence[nn.Module] | None = None,
         head: nn.Module | None = None,
         start_step: int = 0,
+        sync: bool = False,
     ) -> None:
         self.cfg = cfg or FlowConfig()
+        # data parallel: activation-side statistics are combined over the default process group, and
+        # residual gradients divided by `backward_scale` (the factor the trainer scaled each rank's loss by)
+        self.sync = sync
+        self.backward_scale: float | torch.Tensor = 1.0
         self.model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -141,8 +147,8 @@ class FlowMonitor:
         if self.params is None:
             return
         pending: dict = {"step": self.step_index, "monitored": self.is_monitored()}
-        pending["weight_sumsq"] = self.params.weights_and_snapshot()
-        if pending["monitored"]:
+        if pending["monitored"]:  # between monitored steps the microscope costs nothing
+            pending["weight_sumsq"] = self.params.weights_and_snapshot()
             pending["grads"] = self.params.grad_stats()
             if self.depth is not None:
                 pending["attention"] = self.depth.attention()
@@ -158,16 +164,18 @@ class FlowMonitor:
         if self._pending is None:
             raise RuntimeError("FlowMonitor.after_step() called without after_backward() for this step")
         pending, self._pending = self._pending, None
-        pending["update_sumsq"] = self.params.update_sumsq()
+        if pending["monitored"]:
+            pending["update_sumsq"] = self.params.update_sumsq()
         if clip_stats is not None:
             pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
         if pending["monitored"]:
             pending["adam"] = self.params.adam_v_rms()
             device = self.params.device
             if self.depth is not None:
-                pending["depth"] = self.depth.matrix(pending.pop("attention", [None] * len(self.depth.blocks)), device)
+                attention = pending.pop("attention", [None] * len(self.depth.blocks))
+                pending["depth"] = self.depth.matrix(attention, device, self.sync, self.backward_scale)
             if self.logits is not None:
-                pending["logits"] = self.logits.values(device)
+                pending["logits"] = self.logits.values(device, self.sync)
         self._ready = pending
         self.step_index += 1
         self._arm()
@@ -179,8 +187,9 @@ class FlowMonitor:
             return None
         device = self.params.device
         parts: dict[str, torch.Tensor] = {}
-        wsq, usq = ready["weight_sumsq"], ready["update_sumsq"]
-        parts["param_norm"] = wsq.sum().sqrt().reshape(1)
+        wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
+        if wsq is not None:
+            parts["param_norm"] = wsq.sum().sqrt().reshape(1)
         if usq is not None:
             parts["update_norm"] = usq.sum().sqrt().reshape(1)
         if "clip" in ready:
@@ -193,6 +202,8 @@ class FlowMonitor:
         hist = ready.get("histograms", {})
         for layer, values in hist.items():
             parts["hist:" + layer] = values
+        if not parts:  # nothing measured this step (no clip stats given, not a monitored step)
+            return self._record(step if step is not None else ready["step"], {})
         flat = torch.cat([t.reshape(-1).float().to(device) for t in parts.values()]).cpu().numpy()
         host: dict[str, np.ndarray] = {}
         offset = 0
@@ -202,7 +213,9 @@ class FlowMonitor:
         return self._record(step if step is not None else ready["step"], host)
 
     def _record(self, step: int, host: dict[str, np.ndarray]) -> FlowRecord:
-        scalars: dict[str, float] = {"param_norm": float(host["param_norm"][0])}
+        scalars: dict[str, float] = {}
+        if "param_norm" in host:
+            scalars["param_norm"] = float(host["param_norm"][0])
         if "update_norm" in host:
             scalars["update_norm"] = float(host["update_norm"][0])
         if "clip" in host:

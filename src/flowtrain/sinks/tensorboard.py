@@ -1,7 +1,13 @@
-"""TensorBoard event files (the live view): `tensorboard --logdir runs/`."""
+"""TensorBoard event files (the live view): `tensorboard --logdir runs/`.
+
+All scalars of a step go into one event (one Summary protobuf with many values) instead of one event per
+scalar: with the microscope's per-layer series that is ~30 values a step, and writing them one by one cost
+~0.8 ms a step on a 2-core CPU.
+"""
 
 from __future__ import annotations
 
+import math
 import numbers
 from pathlib import Path
 from typing import Any
@@ -13,22 +19,41 @@ class TensorBoardSink:
 
         self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
+    def _write_values(self, step: int, values: dict[str, float]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        if not values:
+            return
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        file_writer = getattr(self._writer, "_get_file_writer", None)
+        if file_writer is None:  # a SummaryWriter without the (long-stable) private hook: one call per scalar
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+        else:
+            file_writer().add_summary(summary, step)
+
     def write(self, step: int, scalars: dict[str, Any]) -> None:
-        for key, value in scalars.items():
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                self._writer.add_scalar(key.replace(".", "/", 1) if "/" not in key else key, value, step)
+        self._write_values(
+            step,
+            {
+                key: float(value)
+                for key, value in scalars.items()
+                if isinstance(value, numbers.Real) and not isinstance(value, bool)
+            },
+        )
 
     def write_layers(self, step: int, record) -> None:
         """Per-layer gradient norm and update/weight ratio from a FlowRecord (one TensorBoard section each)."""
-        if record.layer_stats is None:
-            return
-        from flowtrain.flow.stats import TENSOR_STATS
+        if record.layer_stats is not None:
+            from flowtrain.flow.stats import TENSOR_STATS
 
-        for stat in ("grad_norm", "update_ratio"):
-            column = record.layer_stats[:, TENSOR_STATS.index(stat)]
-            for name, value in zip(record.layer_names, column.tolist()):
-                if value == value:  # not NaN
-                    self._writer.add_scalar(f"{stat}_by_layer/{name}", value, step)
+            values = {}
+            for stat in ("grad_norm", "update_ratio"):
+                column = record.layer_stats[:, TENSOR_STATS.index(stat)].tolist()
+                for name, value in zip(record.layer_names, column):
+                    if not math.isnan(value):
+                        values[f"{stat}_by_layer/{name}"] = value
+            self._write_values(step, values)
         for layer, values in record.histograms.items():
             self._writer.add_histogram(f"grad_hist/{layer}", values, step)
 
