@@ -237,6 +237,8 @@ class DepthProbe:
             for row, i in enumerate(captured):
                 out[i] = stats[row]
             self.qk_samples = [None] * len(self.blocks)
+        if all(x is None for x in self.attn_inputs):
+            return out
         devices = [x.device for x in self.attn_inputs if x is not None and x.device.type == "cuda"]
         with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
             for i, (module, x) in enumerate(zip(self.attn_modules, self.attn_inputs, strict=True)):
