@@ -7,8 +7,9 @@ wide, context 64, batch 12, fused AdamW, clip 1.0) on Tiny Shakespeare, with the
 and metrics.jsonl on, guard on) in both variants; "on" adds the microscope with everything every step
 (per-tensor and per-layer stats, update/weight ratios, residual gradients, activations, attention sample,
 logits, flow.parquet, per-layer TensorBoard series). The step time is the trainer's own `step_time_ms` (a
-whole loop iteration: the step plus its logging; evaluation and checkpoints excluded), median over each run's
-steps after a warm-up. Variants alternate order in rounds so a shared machine's drifts hit both. Prints the
+whole loop iteration: the step plus its logging; evaluation and checkpoints excluded), averaged over each run's
+steps after a warm-up (mean over the run's steps, so a cost paid every `interval` steps is amortized).
+Variants alternate order in rounds so a shared machine's drifts hit both. Prints the
 median ratio of per-round medians and the spread.
 --big adds a 12-layer, 768-wide model (context 64, batch 12; fewer steps).
 """
@@ -32,7 +33,10 @@ BIG = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768"]
 
 
 def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]) -> float:
-    """Median step time (ms) of one real run of `steps` steps, skipping the first `warmup`."""
+    """Mean step time (ms) of one real run of `steps` steps, skipping the first `warmup`.
+
+    The mean, not the median: with flow.interval > 1 the cost sits in one step of every `interval`, and only
+    the mean shows it amortized."""
     trainer = shakespeare_trainer(
         workdir,
         name,
@@ -49,11 +53,11 @@ def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]
     )
     summary = trainer.run_loop()
     times = [r["step_time_ms"] for r in read_jsonl(summary.run_dir / "metrics.jsonl") if r["step"] > warmup]
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
-def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str]) -> None:
-    variants = {"off": ["flow.enabled=false"], "on": ["flow.enabled=true", "flow.interval=1"]}
+def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str], interval: int = 1) -> None:
+    variants = {"off": ["flow.enabled=false"], "on": ["flow.enabled=true", f"flow.interval={interval}"]}
     medians: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -65,7 +69,8 @@ def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str]) 
     print(label)
     for name, values in medians.items():
         print(f"  monitoring {name:<3}: step ms median [min, max] over rounds {summarize(values)}")
-    print(f"  on / off ratio: {summarize(ratios)} (per-round ratios, {rounds} rounds of {steps} steps)")
+    spread = f"per-round ratios, {rounds} rounds of {steps} steps"
+    print(f"  on (interval {interval}) / off ratio: {summarize(ratios)} ({spread})")
 
 
 def main() -> None:
@@ -76,10 +81,12 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=8)
     parser.add_argument("--big-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1], help="flow.interval values to compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    compare("shakespeare-char (4 layers, 128 wide, ctx 64, batch 12)", args.steps, args.rounds, 10, [])
+    for interval in args.intervals:
+        compare("shakespeare-char (4 layers, 128 wide, ctx 64, batch 12)", args.steps, args.rounds, 10, [], interval)
     if args.big:
         compare("12 layers, 768 wide, ctx 64, batch 12", args.big_steps, args.big_rounds, 2, BIG)
 
