@@ -29,6 +29,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+local = _local  # public: this rank's piece of a (possibly sharded) tensor
+
+
 def _full(values: torch.Tensor, tensors: Sequence[torch.Tensor], op: str) -> torch.Tensor:
     """Finish per-tensor reductions of local shards over the device mesh of sharded tensors.
 
@@ -65,12 +68,16 @@ def _stack(parts: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch
     return torch.stack([p.float() for p in parts])
 
 
-def sums_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor sum of squared elements (float32), complete over shards."""
+def sums_of_squares(tensors: Sequence[torch.Tensor], shards_of: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-tensor sum of squared elements (float32), complete over shards.
+
+    `shards_of`: when `tensors` are plain local pieces of sharded tensors (e.g. a snapshot of each rank's
+    shard of the parameters), the sharded tensors they belong to, whose layout completes the reduction.
+    """
     local = [_local(t) for t in tensors]
     norms = torch._foreach_norm(local, 2) if local else []
     sq = _stack(norms, local) ** 2
-    return _full(sq, tensors, "sum")
+    return _full(sq, tensors if shards_of is None else shards_of, "sum")
 
 
 def l2_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

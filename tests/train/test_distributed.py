@@ -116,10 +116,28 @@ def test_losses_and_gradient_norms_equal_one_process(runs, strategy):
         assert _close(value, math.sqrt(sum(v * v for v in parts)), 1e-5)
 
 
-def test_ddp_update_norms_equal_one_process(runs):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_update_norms_equal_one_process(runs, strategy):
     for kind in ("layer", "tensor"):
-        want, have = _per_layer(runs["ref"], kind, "update_norm"), _per_layer(runs["ddp"], kind, "update_norm")
+        want, have = _per_layer(runs["ref"], kind, "update_norm"), _per_layer(runs[strategy], kind, "update_norm")
+        assert want.keys() == have.keys()
         assert all(_close(want[k], have[k], 1e-4) for k in want)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_depth_statistics_describe_the_global_batch(runs, strategy):
+    """Residual gradients, activations and logits combine over ranks into the one-process numbers."""
+    for stat in ("resid_grad_norm", "act_rms", "act_max_abs"):
+        want, have = _per_layer(runs["ref"], "depth", stat), _per_layer(runs[strategy], "depth", stat)
+        assert want.keys() == have.keys() and want
+        bad = [(k, want[k], have[k]) for k in want if not _close(want[k], have[k], 1e-4)]
+        assert not bad, (stat, bad[:3])
+    for key in ("logits_max_abs", "logits_lse_mean"):
+        for a, b in zip(_metrics(runs["ref"]), _metrics(runs[strategy]), strict=True):
+            assert _close(a[key], b[key], 1e-4), (key, a["step"], a[key], b[key])
+    # attention is a per-rank sample (each rank's first sequence, averaged): present, not equal
+    entropy = _per_layer(runs[strategy], "depth", "attn_entropy")
+    assert any(v == v and v > 0 for v in entropy.values())
 
 
 def test_only_rank_zero_writes_and_prints(runs):

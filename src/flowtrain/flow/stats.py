@@ -41,7 +41,8 @@ class ParamStats:
         self._snapshot: list[torch.Tensor] | None = None
         if keep_updates:
             with torch.no_grad():
-                self._snapshot = [torch.empty_like(p.detach()) for p in self.params]
+                # this rank's pieces (FSDP2 shards are DTensors, which foreach copies do not take)
+                self._snapshot = [torch.empty_like(tensorstats.local(p.detach())) for p in self.params]
         self._adam_index: list[int] | None = None
         self._adam_key: tuple[int, int] | None = None
         self._adam_numels: torch.Tensor | None = None
@@ -60,7 +61,7 @@ class ParamStats:
         """Sum of squares of the weights as they are before the step (per tensor); keep a copy for ΔW."""
         sq = tensorstats.sums_of_squares(self.params)
         if self._snapshot is not None:
-            torch._foreach_copy_(self._snapshot, [p.detach() for p in self.params])
+            torch._foreach_copy_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
         return sq
 
     @torch.no_grad()
@@ -98,8 +99,8 @@ class ParamStats:
         """Per-tensor ||W_before - W_after||^2 of the step that just happened (None when updates are off)."""
         if self._snapshot is None:
             return None
-        torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
-        return tensorstats.sums_of_squares(self._snapshot)
+        torch._foreach_sub_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
+        return tensorstats.sums_of_squares(self._snapshot, shards_of=self.params)
 
     def _adam_tensors(self) -> tuple[list[int], list[torch.Tensor]]:
         state = self.optimizer.state if self.optimizer is not None else {}

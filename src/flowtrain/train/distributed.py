@@ -243,14 +243,11 @@ class SlotLoaders:
 
 
 def flow_config_for(flow, ctx: DistContext):
-    """Two microscope parts do not work on FSDP2's sharded parameters in torch 2.13 and are switched off
-    under FSDP until flow/ handles DTensor: the weight snapshot for update norms (_foreach_copy_ has no
-    DTensor rule) and the attention-sample recompute (runs submodules outside FSDP's forward, on sharded
-    weights); histograms reshape sharded gradients. Everything else is exact (docs/distributed.md)."""
-    off = {"updates": False, "attention": False, "histogram_interval": 0}
-    if ctx.strategy == "fsdp" and flow.enabled and any(getattr(flow, k) for k in off):
-        print("flowtrain: under FSDP the update norms, attention sample and histograms are off")
-        flow = flow.model_copy(update=off)
+    """Histograms reshape sharded gradients and are switched off under FSDP; everything else is exact
+    (update norms snapshot each rank's shard; attention is read at the kernel, inside FSDP's forward)."""
+    if ctx.strategy == "fsdp" and flow.enabled and flow.histogram_interval:
+        print("flowtrain: under FSDP gradient histograms are off")
+        flow = flow.model_copy(update={"histogram_interval": 0})
     return flow
 
 

@@ -137,7 +137,10 @@ class Trainer:
             self._restore(self.resume_from)
         # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
         flow_cfg = dist_util.flow_config_for(cfg.flow, self.dist)
-        self.flow = FlowMonitor(self.raw_model, self.optimizer, flow_cfg, start_step=self.step)
+        self.flow = FlowMonitor(
+            self.raw_model, self.optimizer, flow_cfg, start_step=self.step, sync=self.world_size > 1
+        )
+        self.flow.backward_scale = self.world_size  # each rank's loss is scaled by it (see train/step.py)
         self.model = torch.compile(wrapped) if tc.compile else wrapped
         self.progress = cfg.log.console if progress is None else progress
 
@@ -210,6 +213,8 @@ class Trainer:
 
     def unscale_gradients(self) -> None:
         if self.scaler:
+            # activation gradients seen by the microscope's hooks carry the loss scale too (a device tensor)
+            self.flow.backward_scale = self.world_size * self.scaler._scale.detach().clone()
             self.scaler.unscale_(self.optimizer)
 
     def host_checks_now(self) -> bool:
