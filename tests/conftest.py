@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,47 @@ def small_text(tmp_path: Path, shakespeare_path: Path) -> Path:
     path = tmp_path / "small.txt"
     path.write_text(shakespeare_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return path
+
+
+# ---- headless Chromium for the report's browser tests (Debian packages chromium + chromium-driver) ----------
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1200,900",
+]
+
+
+def _chromium() -> tuple[str, str]:
+    browser = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("Chromium or chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
+    pytest.importorskip("selenium", reason="selenium not installed (pip install -e '.[dev]')")
+    return browser, driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium (selenium) with console logging; skips only where Chromium is not installed."""
+    binary, driver_path = _chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def tiny_overrides(text: Path, tmp_path: Path, **extra: object) -> list[str]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from flowtrain.lab import run_study
-from tests.report.test_browser import browser  # noqa: F401 - the report tests' Chromium fixture
 
 pytestmark = pytest.mark.browser
 
 
-def test_study_report_renders_in_chromium(lab_data, tmp_path, browser):  # noqa: F811
+def test_study_report_renders_in_chromium(lab_data, tmp_path, browser):
     result = run_study("warmup", quick=True, data=lab_data, out=tmp_path / "warmup <i>")
     browser.get(result.report.resolve().as_uri())
     assert browser.execute_script("return document.readyState") == "complete"

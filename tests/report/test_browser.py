@@ -2,9 +2,6 @@
 `<script>` run name stays text), every figure has a rendered size, and a screenshot is far from blank."""
 
 import io
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,44 +10,6 @@ from flowtrain.report import build_report
 from tests.report.conftest import write_run
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1200,900",
-]
-
-
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.skip("Chromium or chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
-    pytest.importorskip("selenium", reason="selenium not installed (pip install -e '.[dev]')")
-    return browser, driver
-
-
-@pytest.fixture
-def browser(tmp_path):
-    binary, driver_path = _chromium()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_report_renders_in_chromium(tmp_path, browser):

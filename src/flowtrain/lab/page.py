@@ -61,7 +61,7 @@ def render_study_page(
 ) -> str:
     """The study page as HTML text (see the module docstring for its sections)."""
     runs = [load_run(d) for d in run_dirs]
-    report_build._unique_names(runs)
+    report_build.unique_names(runs)
     intro = "".join(f'<p class="lead">{h.esc(p)}</p>' for p in paragraphs)
     intro += f"<p><strong>Reproduces:</strong> {h.esc(reference)}</p>"
     rows = "".join(f"<tr><td><code>{h.esc(k)}</code></td><td>{h.esc(v)}</td></tr>" for k, v in settings)

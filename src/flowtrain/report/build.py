@@ -17,7 +17,7 @@ from flowtrain.report.load import RunData, load_run
 from flowtrain.report.plotting import RC, ReportFigure, save_files, svg_text
 
 
-def _unique_names(runs: list[RunData]) -> None:
+def unique_names(runs: list[RunData]) -> None:
     """Two runs with the same name (e.g. runs/a/tiny and runs/b/tiny) get their parent directory prefixed."""
     seen: dict[str, int] = {}
     for run in runs:
@@ -84,7 +84,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, *, figures_dir: st
     if not run_dirs:
         raise DataError("no run directory given; pass one or more runs/NAME directories")
     runs = [load_run(Path(d)) for d in run_dirs]
-    _unique_names(runs)
+    unique_names(runs)
     out = Path(out)
     if out.is_dir():
         raise DataError(f"-o {out} is a directory; pass a file name such as {out / 'report.html'}")
