@@ -163,3 +163,24 @@ def test_diagnose_a_run_directory(small_text, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "at step 4" in proc.stdout and "verdict:" in proc.stdout
     assert_user_error(run_cli("diagnose", tmp_path / "nothing-here"), "nothing-here")
+
+
+def test_bpe_run_reports_bits_per_byte(small_text, tmp_path):
+    """A trained byte-level BPE through the CLI: val bits per byte in eval.jsonl, and comparable to a char run."""
+    import json
+
+    proc = run_cli(
+        "train",
+        *tiny_overrides(
+            small_text,
+            tmp_path,
+            **{"data.tokenizer": "bpe", "data.bpe_vocab_size": 400, "train.max_steps": 6, "schedule.warmup_steps": 2},
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    last = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    meta = json.loads((run_dir / "checkpoints" / "step_000006" / "tokenizer.json").read_text())
+    assert meta  # the trained tokenizer travels with the checkpoint
+    # bits per byte = loss / ln 2 / (bytes per token); BPE packs several bytes into a token
+    assert 0 < last["val_bpb"] < last["val_loss"] / 0.6931

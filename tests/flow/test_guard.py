@@ -159,3 +159,20 @@ def test_no_false_alarm_on_healthy_runs(small_text, tmp_path):
         run = tr.run_loop().run_dir
         actions = {a["action"] for a in read_jsonl(run / "alerts.jsonl")} if (run / "alerts.jsonl").exists() else set()
         assert actions <= {"warn"}, (seed, actions)
+
+
+def test_device_side_skip_needs_no_host_decision(small_text, tmp_path):
+    """The GPU path on CPU: the skip stays a device tensor handed to the fused optimizer as found_inf."""
+    tr = _trainer(small_text, tmp_path, **{"optim.implementation": "fused"})
+    tr.guard.host_every_step = False  # as on CUDA
+    tr.host_checks_now = lambda: False  # and not a logging step: the host reads nothing
+    for _ in range(3):
+        train_step(tr)
+        tr.step += 1
+    before = _state(tr)
+    handle = dict(tr.raw_model.named_parameters())[_mlp_weight(tr)].register_hook(lambda g: g * float("nan"))
+    out = train_step(tr)
+    handle.remove()
+    assert torch.is_tensor(out.verdict.skip) and bool(out.verdict.skip)
+    assert out.verdict.action == "proceed" and not out.verdict.alerts  # no host judgement was made
+    _same(before, _state(tr))

@@ -7,6 +7,7 @@ window) and do not let an outlier they flagged into the window either, so one sp
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,22 +38,39 @@ class RobustSpike:
     """
 
     level_window = 16
+    noise_refresh = 8  # the noise estimate is refreshed every this many healthy values (it drifts slowly)
 
     def __init__(self, window: int, threshold: float, min_count: int, min_scale: float):
         self.values: deque[float] = deque(maxlen=window)
         self.threshold = threshold
         self.min_count = min_count
         self.min_scale = min_scale
+        self.appended = 0  # healthy values seen so far (drives the noise refresh; saved with the state)
+        self.noise: float | None = None
+        self._cached: tuple[int, tuple[float, float] | None] | None = None
+
+    def _refresh_noise(self) -> None:
+        logs = np.fromiter(self.values, dtype=np.float64)
+        diffs = np.diff(logs)
+        self.noise = MAD_TO_STD * float(np.median(np.abs(diffs - np.median(diffs)))) / math.sqrt(2)
 
     def level_and_scale(self) -> tuple[float, float] | None:
-        """(level, noise) in log units, or None until min_count healthy values were seen."""
-        if len(self.values) < self.min_count:
-            return None
-        logs = np.fromiter(self.values, dtype=np.float64)
-        level = float(np.median(logs[-self.level_window :]))
-        diffs = np.diff(logs)
-        noise = MAD_TO_STD * float(np.median(np.abs(diffs - np.median(diffs)))) / math.sqrt(2)
-        return level, max(noise, self.min_scale)
+        """(level, noise) in log units, or None until min_count healthy values were seen.
+
+        Cached per window state: the guard asks for it several times a step (score, device limit, message).
+        """
+        if self._cached is not None and self._cached[0] == self.appended:
+            return self._cached[1]
+        stats = None
+        if len(self.values) >= self.min_count:
+            if self.noise is None:
+                self._refresh_noise()
+            recent = sorted(itertools.islice(self.values, max(0, len(self.values) - self.level_window), None))
+            mid = len(recent) // 2
+            level = recent[mid] if len(recent) % 2 else 0.5 * (recent[mid - 1] + recent[mid])
+            stats = (level, max(self.noise, self.min_scale))
+        self._cached = (self.appended, stats)
+        return stats
 
     def score(self, value: float) -> float | None:
         stats = self.level_and_scale()
@@ -71,6 +89,9 @@ class RobustSpike:
         z = self.score(value)
         if math.isfinite(value) and value > 0 and (z is None or z <= self.threshold):
             self.values.append(math.log(value))
+            self.appended += 1
+            if self.noise is None or self.appended % self.noise_refresh == 0:
+                self.noise = None  # recomputed on the next judgement, from the window as it is then
         return z
 
     def median(self) -> float:
@@ -81,11 +102,14 @@ class RobustSpike:
         return math.exp(stats[0])
 
     def state_dict(self) -> dict:
-        return {"values": list(self.values)}
+        return {"values": list(self.values), "appended": self.appended, "noise": self.noise}
 
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(state["values"])
+        self.appended = state.get("appended", len(self.values))
+        self.noise = state.get("noise")
+        self._cached = None
 
 
 def loss_spike(tracker: RobustSpike, loss: float) -> Finding | None:
@@ -98,7 +122,7 @@ def loss_spike(tracker: RobustSpike, loss: float) -> Finding | None:
         f"the training loss jumped to {loss:.4g}, {z:.1f} robust standard deviations above the recent "
         f"level ({tracker.median():.4g})",
         "a bad batch or an LR too high for this point of training; if it recurs, lower optim.lr or "
-        "schedule.warmup_steps longer, and check the data around this step",
+        "lengthen schedule.warmup_steps, and check the data around this step",
     )
 
 
@@ -110,7 +134,7 @@ def grad_spike(tracker: RobustSpike, norm: float) -> Finding | None:
         "grad_spike",
         {"grad_norm_preclip": norm, "z": z, "recent_level": tracker.median(), "threshold": tracker.threshold},
         f"the pre-clip gradient norm jumped to {norm:.4g}, {z:.1f} robust standard deviations above the recent "
-        f"median ({tracker.median():.4g})",
+        f"level ({tracker.median():.4g})",
         "clipping bounds the update, but repeated spikes precede divergence: lower optim.lr, lengthen warmup, "
         "or try clip.kind=zclip / agc",
     )
@@ -138,6 +162,7 @@ class TrendDetector:
     def __init__(self, window: int, min_rise: float):
         self.values: deque[float] = deque(maxlen=window)
         self.min_rise = min_rise
+        self._x: np.ndarray | None = None
 
     def observe(self, loss: float) -> Finding | None:
         if not math.isfinite(loss) or loss <= 0:
@@ -146,8 +171,10 @@ class TrendDetector:
         if len(self.values) < self.values.maxlen:
             return None
         y = np.fromiter(self.values, dtype=np.float64)
-        x = np.arange(len(y), dtype=np.float64)
-        slope = float(np.polyfit(x, y, 1)[0])
+        if self._x is None or len(self._x) != len(y):  # centred positions, for the least-squares slope
+            x = np.arange(len(y), dtype=np.float64)
+            self._x = (x - x.mean()) / float(((x - x.mean()) ** 2).sum())
+        slope = float(self._x @ y)  # = cov(x, y) / var(x): one dot product instead of a polyfit per step
         rise = slope * (len(y) - 1)  # fitted change of log loss across the window
         if rise <= self.min_rise:
             return None

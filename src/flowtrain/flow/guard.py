@@ -135,10 +135,12 @@ class Guard:
         """Decide for optimizer step `step` (1-based) from its loss and pre-clip gradient norm."""
         if not self.cfg.enabled:
             return Verdict(None)
-        verdict = Verdict(self.device_skip(loss.detach(), grad_norm.detach()) if self.can_skip else None)
+        # where the host reads the numbers every step anyway (CPU), it decides alone: no device-side test
+        device_test = self.can_skip and not self.host_every_step
+        verdict = Verdict(self.device_skip(loss.detach(), grad_norm.detach()) if device_test else None)
         if not (self.host_every_step or host_now):
             return verdict
-        loss_v, norm_v = (float(x) for x in torch.stack([loss.detach().float(), grad_norm.float()]).tolist())
+        loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
         findings: list[tuple[det.Finding, str]] = []
         first_bad = self._first_nonfinite_tensor() if not math.isfinite(norm_v) else None
         for finding, action in (
