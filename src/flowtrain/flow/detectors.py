@@ -112,29 +112,38 @@ class RobustSpike:
         self._cached = None
 
 
-def loss_spike(tracker: RobustSpike, loss: float) -> Finding | None:
-    z = tracker.observe(loss)
+def _spike(detector: str, key: str, what: str, tracker: RobustSpike, value: float, suggestion: str) -> Finding | None:
+    z = tracker.observe(value)
     if z is None or z <= tracker.threshold:
         return None
+    level = tracker.median()
     return Finding(
+        detector,
+        {key: value, "z": z, "recent_level": level, "threshold": tracker.threshold},
+        f"{what} jumped to {value:.4g}, {z:.1f} robust standard deviations above the recent level ({level:.4g})",
+        suggestion,
+    )
+
+
+def loss_spike(tracker: RobustSpike, loss: float) -> Finding | None:
+    return _spike(
         "loss_spike",
-        {"loss": loss, "z": z, "recent_level": tracker.median(), "threshold": tracker.threshold},
-        f"the training loss jumped to {loss:.4g}, {z:.1f} robust standard deviations above the recent "
-        f"level ({tracker.median():.4g})",
+        "loss",
+        "the training loss",
+        tracker,
+        loss,
         "a bad batch or an LR too high for this point of training; if it recurs, lower optim.lr or "
         "lengthen schedule.warmup_steps, and check the data around this step",
     )
 
 
 def grad_spike(tracker: RobustSpike, norm: float) -> Finding | None:
-    z = tracker.observe(norm)
-    if z is None or z <= tracker.threshold:
-        return None
-    return Finding(
+    return _spike(
         "grad_spike",
-        {"grad_norm_preclip": norm, "z": z, "recent_level": tracker.median(), "threshold": tracker.threshold},
-        f"the pre-clip gradient norm jumped to {norm:.4g}, {z:.1f} robust standard deviations above the recent "
-        f"level ({tracker.median():.4g})",
+        "grad_norm_preclip",
+        "the pre-clip gradient norm",
+        tracker,
+        norm,
         "clipping bounds the update, but repeated spikes precede divergence: lower optim.lr, lengthen warmup, "
         "or try clip.kind=zclip / agc",
     )
