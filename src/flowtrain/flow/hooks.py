@@ -114,6 +114,7 @@ class DepthProbe:
             for b, kern in zip(self.blocks, self.kernels, strict=True)
         ]
         self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._mask_cache: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
         self.armed = False
         self._handles: list = []
         self._reset()
@@ -136,6 +137,7 @@ class DepthProbe:
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
+        self._pending_acts: list[tuple[int, torch.Tensor]] = []
 
     def arm(self) -> None:
         self._reset()
@@ -156,25 +158,40 @@ class DepthProbe:
         if h is None or not torch.is_grad_enabled():
             return
         if self.cfg.activations:
-            sq, mx = tensorstats.sumsq_and_max_abs(h)
+            # reduced later, all boundaries of a micro-batch in one batch (the tensors are alive for the
+            # backward pass anyway): a handful of fused ops instead of ~7 small ones per boundary
+            self._pending_acts.append((index, h.detach()))
+        if self.cfg.residual and h.requires_grad:
+            h.register_hook(self._make_grad_hook(index))
+
+    def _flush_activations(self) -> None:
+        """Reduce the pending activations (sum of squares, max |x|) into the per-boundary accumulators."""
+        if not self._pending_acts:
+            return
+        pending, self._pending_acts = self._pending_acts, []
+        tensors = [h for _, h in pending]
+        sums = tensorstats.sums_of_squares(tensors).unbind(0)
+        maxima = tensorstats.max_abs(tensors).unbind(0)
+        for (index, h), sq, mx in zip(pending, sums, maxima, strict=True):
             prev = self.act_sumsq[index]
             self.act_sumsq[index] = sq if prev is None else prev + sq
             prev = self.act_max[index]
             self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
             self.act_count[index] += h.numel()
-        if self.cfg.residual and h.requires_grad:
-            h.register_hook(self._make_grad_hook(index))
 
     def _make_grad_hook(self, index: int):
         def on_grad(grad: torch.Tensor) -> None:
             sq = tensorstats.sum_of_squares(grad)
             prev = self.resid_sumsq[index]
             self.resid_sumsq[index] = sq if prev is None else prev + sq
+            if index == 0:  # the last boundary the backward pass reaches: this micro-batch is done
+                self._flush_activations()
 
         return on_grad
 
     def _on_block_input(self, module, args) -> None:
         if self.armed and args:
+            self._flush_activations()  # a new micro-batch begins: reduce the previous one's activations
             self._observe(0, _first_tensor(args[0]))
 
     def _make_output_hook(self, index: int):
@@ -191,6 +208,17 @@ class DepthProbe:
             self._rows_cache[key] = torch.linspace(0, n - 1, count, device=device).round().long()
         return self._rows_cache[key]
 
+    def _template_mask(self, n_query: int, n_key: int, is_causal: bool, device: torch.device) -> torch.Tensor:
+        """[1, 1, P or 1, T] bool: which keys the sampled rows may see without an explicit mask (cached)."""
+        key = (n_query, n_key, is_causal, device)
+        if key not in self._mask_cache:
+            rows = self._sample_rows(n_query, device)
+            keys = torch.arange(n_key, device=device)
+            offset = n_key - n_query
+            allowed = keys[None, :] <= rows[:, None] + offset if is_causal else keys[None, :] >= 0
+            self._mask_cache[key] = allowed[None, None]
+        return self._mask_cache[key]
+
     def _make_kernel_hook(self, block: int):
         def on_kernel_input(module, args) -> None:
             """Keep the sampled query rows, their keys and which keys each row may see (first micro-batch)."""
@@ -204,10 +232,7 @@ class DepthProbe:
             if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
                 allowed = mask[:nb].index_select(-2, rows)
             else:  # causal (query i sees keys up to i, aligned to the last key) or full
-                keys = torch.arange(k.shape[-2], device=q.device)
-                offset = k.shape[-2] - q.shape[-2]
-                allowed = keys[None, :] <= rows[:, None] + offset if is_causal else keys[None, :] >= 0
-                allowed = allowed[None, None]  # [1, 1, P or 1, T]: broadcasts over batch rows and heads
+                allowed = self._template_mask(q.shape[-2], k.shape[-2], is_causal, q.device)
             self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
 
         return on_kernel_input
@@ -259,6 +284,7 @@ class DepthProbe:
         which the backward pass was scaled relative to the true loss (data-parallel trainers multiply each
         rank's loss by the world size; fp16 loss scaling too); residual gradients are divided by it.
         """
+        self._flush_activations()
         nan = torch.tensor(float("nan"), device=device)
         zero = torch.zeros((), device=device)
 
