@@ -36,6 +36,19 @@ def _decode_strict(raw: bytes, path: Path) -> str:
         ) from None
 
 
+def _decode_or_count(raw: bytes, skipped: Counter) -> str | None:
+    """UTF-8 text of a file in a collection, or None after counting why it was skipped (undecodable / empty)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["undecodable"] += 1
+        return None
+    if not text:
+        skipped["empty"] += 1
+        return None
+    return text
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -100,15 +113,9 @@ class StdlibSource(_FileListSource):
         for path in self.files:
             raw = path.read_bytes()
             hasher.update(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:  # a few test fixtures are deliberately not UTF-8
-                skipped["undecodable"] += 1
-                continue
-            if not text:
-                skipped["empty"] += 1
-                continue
-            yield text
+            text = _decode_or_count(raw, skipped)  # a few stdlib test fixtures are deliberately not UTF-8
+            if text is not None:
+                yield text
 
 
 class DocsSource(Source):
@@ -294,15 +301,9 @@ class DirectorySource(_FileListSource):
             if b"\0" in raw[:_BINARY_SNIFF]:
                 skipped["binary"] += 1
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped["undecodable"] += 1
-                continue
-            if not text:
-                skipped["empty"] += 1
-                continue
-            yield text
+            text = _decode_or_count(raw, skipped)
+            if text is not None:
+                yield text
 
 
 class HFDiskSource(_FileListSource):

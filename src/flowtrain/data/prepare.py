@@ -29,24 +29,10 @@ from flowtrain.data.config import DataConfig
 from flowtrain.data.corpora import Corpus
 from flowtrain.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer_file
 from flowtrain.errors import DataError
+from flowtrain.fsutil import fsync_dir, write_synced
 
 FORMAT_VERSION = 1
 _CHUNK_CHARS = 1 << 20  # documents are encoded in ~1 MB batches (lets BPE use all cores)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -208,7 +194,7 @@ def prepare_dataset(
         counts, split_by = _write_splits(cfg, tokenizer, all_tokens, doc_tokens, doc_bytes, tmp)
         del all_tokens
         (tmp / "all.scratch").unlink()
-        _fsync_write(tmp / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
+        write_synced(tmp / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
         meta = {
             "format_version": FORMAT_VERSION,
             "tokenizer": {
@@ -236,8 +222,8 @@ def prepare_dataset(
         for name in ("train_docs.npy", "val_docs.npy"):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
-        _fsync_dir(tmp)
+        write_synced(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+        fsync_dir(tmp)
         if not _install(tmp, out, replace):
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -276,7 +262,7 @@ def _install(tmp: Path, out: Path, replace: bool) -> bool:
         if not replace and (out / "meta.json").is_file():  # lost a race to another process
             return False
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return True
