@@ -3,8 +3,8 @@
 1. Prepare `python-stdlib` with a trained byte-level BPE (default 8192 tokens): train the tokenizer, encode,
    write. Prints wall time, MB/s, tokens/s and peak RSS (target: <= 30 s, <= 2 GB on a 2-core machine).
 2. Memory flat in corpus size: the training-side reader (BatchLoader random windows + periodic
-   eval_batches, the only part of training whose memory could depend on the corpus) runs over a ~2 MB and a
-   ~2 GB token file; peak RSS must differ by <= 100 MB. Each measurement runs in its own process.
+   eval_batches) and then a real `Trainer.run_loop()` (the default model, microscope and guard on) run over a
+   ~2 MB and a ~2 GB token file; peak RSS must differ by <= 100 MB. Each measurement runs in its own process.
 
     python benchmarks/prepare.py [--vocab 8192] [--big-mb 2048] [--steps 2000] [--workdir DIR]
 """
@@ -54,6 +54,19 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
                   "train_tokens": ds.n_tokens("train")}}))
 """
 
+TRAIN_CHILD = """
+import json, resource, tempfile
+from flowtrain.config import load_config
+from flowtrain.train.trainer import Trainer
+with tempfile.TemporaryDirectory() as out:
+    cfg = load_config("default", ["data.dataset={path}", "train.max_steps={steps}", "schedule.warmup_steps=10",
+                                  "train.eval_interval=100", "train.checkpoint_interval={steps}",
+                                  "train.sample_tokens=0", "train.out_dir=" + out, "train.run_name=rss",
+                                  "log.console=false", "log.tensorboard=false"])
+    Trainer(cfg).run_loop()
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
 
 def _child(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, capture_output=True, text=True)
@@ -94,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="loader batches per RSS measurement")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
     parser.add_argument("--skip-rss", action="store_true", help="only the BPE prepare benchmark")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of the real training run per file")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="flowtrain-bench-"))
     try:
@@ -117,6 +131,17 @@ def main() -> None:
             print(f"reader over a {size_mb:,.0f} MB token file: peak RSS {rss[label]['peak_rss_mb']:.0f} MB")
         delta = rss["big"]["peak_rss_mb"] - rss["small"]["peak_rss_mb"]
         print(f"peak RSS difference {delta:+.0f} MB [target <= 100 MB: {'PASS' if delta <= 100 else 'FAIL'}]")
+        # the whole training process (model, optimizer, microscope, guard, evaluation, checkpoint) on both files
+        train = {
+            label: _child(TRAIN_CHILD.format(path=str(path), steps=args.train_steps))
+            for label, path in (("small", small), ("big", big))
+        }
+        for label in ("small", "big"):
+            print(
+                f"training {args.train_steps} steps on the {label} file: peak RSS {train[label]['peak_rss_mb']:.0f} MB"
+            )
+        delta = train["big"]["peak_rss_mb"] - train["small"]["peak_rss_mb"]
+        print(f"training peak RSS difference {delta:+.0f} MB [target <= 100 MB: {'PASS' if delta <= 100 else 'FAIL'}]")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
