@@ -73,3 +73,26 @@ def test_resume_is_bitwise_identical(small_text, tmp_path, extra):
     assert [e["val_loss"] for e in read_jsonl(resumed.run_dir / "eval.jsonl")] == [
         e["val_loss"] for e in read_jsonl(full.run_dir / "eval.jsonl")
     ]
+
+
+def test_microscope_on_or_off_trains_bitwise_identically(small_text, tmp_path):
+    """The trainer shares the microscope's gradient norms with the clipper: the math must not move a bit."""
+    losses = {}
+    for flow in ("true", "false"):
+        cfg = load_config(
+            "default",
+            tiny_overrides(
+                small_text,
+                tmp_path,
+                **{
+                    "flow.enabled": flow,
+                    "train.run_name": f"flow-{flow}",
+                    "model.embd_dropout": 0.1,
+                    "train.grad_accum": 2,
+                    "clip.max_norm": 0.5,
+                },
+            ),
+        )
+        run = Trainer(cfg).run_loop().run_dir
+        losses[flow] = [(r["loss"], r["grad_norm_preclip"], r["clip_coef"]) for r in read_jsonl(run / "metrics.jsonl")]
+    assert losses["true"] == losses["false"]

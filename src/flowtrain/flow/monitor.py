@@ -157,6 +157,15 @@ class FlowMonitor:
                 pending["histograms"] = self._histogram_samples()
         self._pending = pending
 
+    @property
+    def grad_sumsq(self) -> torch.Tensor | None:
+        """Per-tensor sums of squares of this step's gradients, when measured (monitored step, every parameter
+        has a gradient): a clipper can reuse them instead of another pass over the gradients."""
+        grads = (self._pending or {}).get("grads")
+        if grads is None or len(self.params.params) != sum(p.grad is not None for p in self.params.params):
+            return None
+        return grads["grad_sumsq"]
+
     def after_step(self, clip_stats=None) -> None:
         """Measure the update that happened; `clip_stats` (ClipStats or anything with its fields) is reported."""
         if self.params is None:

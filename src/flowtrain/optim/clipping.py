@@ -113,13 +113,15 @@ class GradClipper:
         self._mean = torch.zeros((), dtype=torch.float32)
         self._var = torch.zeros((), dtype=torch.float32)
 
-    def __call__(self, params: Iterable[Any]) -> ClipStats:
+    def __call__(self, params: Iterable[Any], grad_sumsq: torch.Tensor | None = None) -> ClipStats:
+        """Clip the gradients of `params` in place. `grad_sumsq`: the per-tensor sums of squares of exactly
+        these gradients, when an observer already computed them this step (saves a pass over the gradients)."""
         names, ps = _with_grads(params)
         grads = [p.grad for p in ps]
         if not grads:
             zero = torch.zeros(())
             return ClipStats(zero, zero, torch.ones(()), torch.zeros((), dtype=torch.bool), names=names)
-        sq = sums_of_squares(grads)
+        sq = grad_sumsq if grad_sumsq is not None and len(grad_sumsq) == len(grads) else sums_of_squares(grads)
         pre = sq.sum().sqrt()
         finite = torch.isfinite(pre)
         kind = self.cfg.kind

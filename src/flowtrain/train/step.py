@@ -45,7 +45,7 @@ def train_step(run) -> StepOutput:
     step_loss = run.global_loss(step_loss)  # sum over ranks = the global batch's mean
     run.unscale_gradients()  # fp16 only: gradients back to true scale before anyone looks at them
     run.flow.after_backward()  # observe gradients (reads only)
-    clip = run.clipper(run.named_params)  # gradient clipping (full norms, also when sharded)
+    clip = run.clipper(run.named_params, grad_sumsq=run.flow.grad_sumsq)  # gradient clipping (full norms)
     verdict = run.guard.check(run.step + 1, step_loss, clip.grad_norm_preclip, run.host_checks_now())
     verdict = run.agree(verdict)  # one decision on every rank
     run.optimizer_step(skip=verdict.skip)  # AdamW → weight update (unless the guard says skip)
