@@ -29,7 +29,6 @@ from flowtrain.train.config import LogConfig, TrainConfig
 class RunConfig(Section):
     """Everything that defines a run."""
 
-
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -38,8 +38,7 @@ class ModelConfig(Section):
     def _shapes_fit(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
             raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "choose n_embd as a multiple of n_head"
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; choose n_embd as a multiple of n_head"
             )
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head dimension (n_embd / n_head); change n_embd or n_head")
