@@ -169,7 +169,7 @@ def run_study(
     say(f"runs and report in {out_dir}")
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    console = io.StringIO()  # the trainer's per-run messages (evals, guard warnings) go to lab.log instead
+    console = io.StringIO()  # whatever the runs print (data preparation) goes to lab.log, not the terminal
     try:
         torch.set_num_threads(1)
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):

@@ -20,6 +20,7 @@ class ConsoleSink:
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}",
         )
         self._last = initial
+        self.enabled = enabled
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         self._bar.update(step - self._last)
@@ -36,7 +37,10 @@ class ConsoleSink:
         self._bar.set_postfix(post, refresh=False)
 
     def message(self, text: str) -> None:
-        self._bar.write(text, file=sys.stderr)
+        """A line above the bar (evaluations, guard alerts); nothing when the console is off (log.console=false),
+        since every such line is also in eval.jsonl / alerts.jsonl."""
+        if self.enabled:
+            self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()
