@@ -130,10 +130,13 @@ def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path)
 
 
 def test_repeated_failures_exhaust_the_budget_and_stop(small_text, tmp_path):
-    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "guard.max_rollbacks": 2})
+    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "guard.max_rollbacks": 2, "guard.rollback_lr_factor": 0.5})
+    base = list(tr.scheduler.base_lrs)
     _corrupt_batches(tr, first=90, last=10**9, vocab=tr.tokenizer.vocab_size)
     with pytest.raises(GuardStop, match="rollback budget|rollback\\(s\\)"):
         tr.run_loop()
+    # the LR factor compounds over rollbacks, even when both return to the same snapshot
+    assert tr.lr_scale == 0.25 and tr.scheduler.base_lrs == [b * 0.25 for b in base]
     run = tr.run.root
     actions = [(a["detector"], a["action"]) for a in read_jsonl(run / "alerts.jsonl")]
     assert actions.count(("guard", "rollback")) == 2 and actions[-1] == ("guard", "stop")

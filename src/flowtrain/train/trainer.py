@@ -8,7 +8,6 @@ optimizer, schedule, loader position, clipper state and RNG state all come back 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from flowtrain.sinks.console import ConsoleSink
 from flowtrain.sinks.jsonl import JsonlSink
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import distributed as dist_util
+from flowtrain.train import recovery
 from flowtrain.train.evaluate import evaluate
 from flowtrain.train.rundir import RunDir, default_run_name, write_env
 from flowtrain.train.runtime import rng_state, seed_everything, select_device, select_precision, set_rng_state
@@ -115,7 +115,8 @@ class Trainer:
         self.loader = self.slots.loaders[0]
         self.guard = Guard(cfg.guard, self.named_params, host_every_step=self.device.type != "cuda")
         self.step = 0
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: dict[str, Any] | None = None  # last good state in memory (train/recovery.py)
+        self.lr_scale = 1.0
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
 
@@ -256,7 +257,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume {path}: it has no complete checkpoint; start a new run instead")
         return path, ckpt.read_checkpoint(latest)
 
-    def _training_state(self) -> dict[str, Any]:
+    def training_state(self) -> dict[str, Any]:
         """Everything besides weights, optimizer tensors and RNG that a resumed run needs, as plain JSON."""
         state: dict[str, Any] = {
             "scheduler": self.scheduler.state_dict(),
@@ -264,6 +265,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "guard": self.guard.state_dict(),
+            "lr_scale": self.lr_scale,
         }
         if hasattr(self.clipper, "state_dict"):
             state["clipper"] = self.clipper.state_dict()
@@ -271,7 +273,7 @@ class Trainer:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
-    def _load_training_state(self, state: dict[str, Any]) -> None:
+    def load_training_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.slots.load_state_dict(state["loader"])
         if "clipper" in state and hasattr(self.clipper, "load_state_dict"):
@@ -281,12 +283,13 @@ class Trainer:
         self.guard.load_state_dict(state["guard"])
         self.best_val_loss = state.get("best_val_loss")
         self.best_step = state.get("best_step")
+        self.lr_scale = state.get("lr_scale", 1.0)  # guard rollbacks' LR factors so far
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
         ckpt.restore_model(c, self.raw_model)
         ckpt.restore_optimizer(c, self.optimizer, self.raw_model)  # before the scheduler: it carries the LRs
         set_rng_state(ckpt.restore_rng(c))
-        self._load_training_state(c.state)
+        self.load_training_state(c.state)
         self.step = c.step
 
     def save_checkpoint(self) -> Path:
@@ -296,7 +299,7 @@ class Trainer:
             model=self.raw_model,
             optimizer=self.optimizer,
             rng=rng_state(),
-            state=self._training_state(),
+            state=self.training_state(),
             tokenizer_json=self.tokenizer.to_json(),
             config_yaml=self.cfg.to_yaml(),
             layout=self.cfg.train.checkpoint_format,
@@ -309,63 +312,6 @@ class Trainer:
             self.flow_writer.close()
             self.flow_writer = FlowParquetWriter(self.run.flow, keep_before_step=self.step + 1)
         return path
-
-    def _take_snapshot(self) -> None:
-        """Keep the current state in memory as the last good one (same device; copies, not references)."""
-        self.snapshot = {
-            "step": self.step,
-            "model": {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "rng": {k: v.clone() for k, v in rng_state().items()},
-            "state": copy.deepcopy(self._training_state()),
-        }
-
-    def _rollback(self, event_step: int) -> str:
-        """Return to the last good state, skip the data that led to the event, optionally lower the LR."""
-        snap = self.snapshot
-        if snap is None or snap["step"] >= event_step:
-            latest = ckpt.latest_checkpoint(self.run.checkpoints)
-            if latest is None:
-                raise GuardStop(
-                    f"step {event_step}: the guard asked for a rollback but there is no good state yet "
-                    "(no snapshot or checkpoint before the event); lower optim.lr or lengthen warmup"
-                )
-            c = ckpt.read_checkpoint(latest)
-            target, model_sd, optim_sd, rng, state = c.step, None, None, ckpt.restore_rng(c), c.state
-            ckpt.restore_model(c, self.raw_model)
-            ckpt.restore_optimizer(c, self.optimizer, self.raw_model)
-        else:
-            target, model_sd, optim_sd, rng, state = (
-                snap["step"],
-                snap["model"],
-                snap["optimizer"],
-                snap["rng"],
-                snap["state"],
-            )
-            self.raw_model.load_state_dict(model_sd)
-            self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
-        rollbacks = self.guard.rollbacks
-        self._load_training_state(copy.deepcopy(state))
-        self.guard.rollbacks = rollbacks + 1
-        set_rng_state(rng)
-        # skip the data window that led to the event (and any extra), exactly as the loader would serve it
-        skip_steps = event_step - target + self.cfg.guard.rollback_extra_skip
-        self.slots.skip_steps(skip_steps)
-        factor = self.cfg.guard.rollback_lr_factor
-        if factor != 1.0:
-            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
-            for group in self.optimizer.param_groups:
-                group["lr"] *= factor
-                group["initial_lr"] = group.get("initial_lr", group["lr"]) * factor
-        self.step = target
-        self.flow.step_index = target
-        for sink in (self.metrics_sink, self.evals_sink):
-            sink.mark_discarded_after(target)
-        return (
-            f"rolled back from step {event_step} to step {target}, skipped {skip_steps} steps of data"
-            + (f", LR x{factor}" if factor != 1.0 else "")
-            + f" (rollback {self.guard.rollbacks} of {self.cfg.guard.max_rollbacks})"
-        )
 
     # ---- the loop --------------------------------------------------------------------------------
     def _open_sinks(self) -> list:
@@ -471,7 +417,7 @@ class Trainer:
             raise GuardStop(message)
         if verdict.action == "rollback":
             event = self.step
-            what = self._rollback(event)
+            what = recovery.roll_back(self, event)
             self._alert(Alert(event, "guard", "rollback", {"to_step": float(self.step)}, what, ""))
             return True
         return False
@@ -505,7 +451,7 @@ class Trainer:
                 side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
                 snap = self.cfg.guard.snapshot_interval
                 if snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts:
-                    self._take_snapshot()
+                    self.snapshot = recovery.take_snapshot(self)
                 if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                     self._record_eval(evals, self.evaluate())
                 if self.step % tc.checkpoint_interval == 0 or self.step == end:
