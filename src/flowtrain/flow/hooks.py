@@ -100,7 +100,30 @@ def attention_stats(
     return torch.stack([entropy, max_logit])
 
 
-class DepthProbe:
+class _Probe:
+    """Hooks that measure only while armed (monitored steps); removing them leaves the model as it was."""
+
+    armed = False
+    _handles: list
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def arm(self) -> None:
+        self._reset()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.armed = False
+
+
+class DepthProbe(_Probe):
     """Forward/backward hooks on a stack of blocks; accumulates depth statistics while armed."""
 
     def __init__(self, blocks: Sequence[nn.Module], cfg) -> None:
@@ -138,19 +161,6 @@ class DepthProbe:
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
         self._pending_acts: list[tuple[int, torch.Tensor]] = []
-
-    def arm(self) -> None:
-        self._reset()
-        self.armed = True
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.armed = False
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
@@ -322,29 +332,18 @@ class DepthProbe:
         return torch.stack([resid, act_rms, act_max, attn_rows[:, 0], attn_rows[:, 1]], dim=1)
 
 
-class LogitsProbe:
+class LogitsProbe(_Probe):
     """Forward hook on the output head: max |z| and mean log-sum-exp over every position of the step."""
 
     def __init__(self, head: nn.Module) -> None:
         self.armed = False
         self._reset()
-        self._handle = head.register_forward_hook(self._on_output)
+        self._handles = [head.register_forward_hook(self._on_output)]
 
     def _reset(self) -> None:
         self.max_abs: torch.Tensor | None = None
         self.lse_sum: torch.Tensor | None = None
         self.rows = 0
-
-    def arm(self) -> None:
-        self._reset()
-        self.armed = True
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self.armed = False
 
     def _on_output(self, module, args, output) -> None:
         z = _first_tensor(output)
