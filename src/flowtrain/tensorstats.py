@@ -93,12 +93,12 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
     local = [_local(t) for t in tensors]
-    return _full(_stack([_max_abs_one(t) for t in local], local), tensors, "max")
+    return _full(_stack([max_abs_one(t) for t in local], local), tensors, "max")
 
 
-def _max_abs_one(t: torch.Tensor) -> torch.Tensor:
-    """max |x| as max(max x, -min x): one aminmax pass, ~10x faster on CPU than the inf-norm kernels
-    (_foreach_norm(inf) and vector_norm(inf) both measured slower); NaN propagates."""
+def max_abs_one(t: torch.Tensor) -> torch.Tensor:
+    """max |x| of one tensor (float32 0-dim) as max(max x, -min x): one aminmax pass, ~10x faster on CPU
+    than the inf-norm kernels (_foreach_norm(inf) and vector_norm(inf) both measured slower); NaN propagates."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=t.device)
     lo, hi = torch.aminmax(t.detach())
@@ -127,13 +127,6 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return _full(_stack(parts, local), tensors, "sum")
 
 
-def abs_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor sum of |x| (the L1 norm, float32), complete over shards."""
-    local = [_local(t) for t in tensors]
-    norms = torch._foreach_norm(local, 1) if local else []
-    return _full(_stack(norms, local), tensors, "sum")
-
-
 def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor plain sum (float32), complete over shards.
 
@@ -144,23 +137,6 @@ def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return _full(_stack([t.sum(dtype=torch.float32) for t in local], local), tensors, "sum")
 
 
-def max_abs_one(t: torch.Tensor) -> torch.Tensor:
-    """max |x| of one (unsharded, e.g. activation) tensor, float32 0-dim."""
-    return _max_abs_one(t)
-
-
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     """Sum of squares of one (unsharded, e.g. activation-gradient) tensor, float32 0-dim."""
     return torch.linalg.vector_norm(t.detach(), 2, dtype=torch.float32) ** 2
-
-
-def sumsq_and_max_abs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of squares and max |x| of one (unsharded, e.g. activation) tensor, both float32 0-dim.
-
-    Used by hooks on activations and their gradients, which arrive one tensor at a time. Activations are
-    split by batch, not sharded: under data parallelism each rank sees its own rows, and these sums of
-    squares are what an all-reduce over ranks would add up.
-    """
-    x = t.detach()
-    sq = torch.linalg.vector_norm(x, 2, dtype=torch.float32) ** 2
-    return sq, _max_abs_one(x)

@@ -272,7 +272,7 @@ def _sharded_stats_worker(rank: int, port: int, out: str) -> None:
             ("sums_of_squares", tensorstats.sums_of_squares),
             ("max_abs", tensorstats.max_abs),
             ("nonfinite_counts", tensorstats.nonfinite_counts),
-            ("abs_sums", tensorstats.abs_sums),
+            ("sums", tensorstats.sums),
             ("numels", tensorstats.numels),
         ]
     }
