@@ -162,9 +162,7 @@ class FlowMonitor:
         """Per-tensor sums of squares of this step's gradients, when measured (monitored step, every parameter
         has a gradient): a clipper can reuse them instead of another pass over the gradients."""
         grads = (self._pending or {}).get("grads")
-        if grads is None or len(self.params.params) != sum(p.grad is not None for p in self.params.params):
-            return None
-        return grads["grad_sumsq"]
+        return grads["grad_sumsq"] if grads is not None and grads["complete"] else None
 
     def after_step(self, clip_stats=None) -> None:
         """Measure the update that happened; `clip_stats` (ClipStats or anything with its fields) is reported."""

@@ -73,13 +73,14 @@ class ParamStats:
         mx = tensorstats.max_abs(grads)
         bad = self._nonfinite(grads, sq)
         if len(present) == len(self.params):
-            return {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad}
+            return {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad, "complete": True}
         index = torch.tensor(present, dtype=torch.long, device=self.device)
         out = {}
         for key, values in (("grad_sumsq", sq), ("grad_max_abs", mx), ("grad_nonfinite", bad)):
             full = self._nan()
             full[index] = values
             out[key] = full
+        out["complete"] = False  # NaN-filled: not the sums of squares of the gradients present
         return out
 
     @staticmethod
