@@ -4,6 +4,10 @@ Everything here is fused (torch._foreach_* kernels: one launch per dtype/device 
 and returns device tensors: nothing calls .item(), so a caller can batch many statistics and move them to the
 host once per logging step.
 
+On the CPU, float32 contiguous tensors take flowtrain.kernels (one fused pass per call over the whole list,
+sums accumulated in double) when the kernels are built; everything else takes torch's kernels. Callers that
+must agree bit for bit (the clipper and the monitor's gradient sums) both come through here, so they agree.
+
 Sharded parameters: for DTensor inputs (FSDP2), a tensor's local shard holds only part of the elements. We reduce
 the local shards to sums of squares / maxima / counts and let `_full` finish the reduction over the mesh, so every
 rank gets the numbers one process would get on the unsharded tensors. Plain tensors take the fast path.
@@ -13,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from flowtrain import kernels
 
 try:  # DTensor is public from torch 2.4 on; keep import-time cheap and optional
     from torch.distributed.tensor import DTensor
@@ -74,6 +81,8 @@ def sums_of_squares(tensors: Sequence[torch.Tensor], shards_of: Sequence[torch.T
     `shards_of`: when `tensors` are plain local pieces of sharded tensors (e.g. a snapshot of each rank's
     shard of the parameters), the sharded tensors they belong to, whose layout completes the reduction.
     """
+    if shards_of is None and tensors and kernels.takes(tensors):
+        return torch.from_numpy(kernels.sumsq_maxabs(tensors)[0].astype(np.float32))
     local = [_local(t) for t in tensors]
     norms = torch._foreach_norm(local, 2) if local else []
     sq = _stack(norms, local) ** 2
@@ -92,6 +101,18 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
+    return sumsq_and_max_abs(tensors)[1]
+
+
+def sumsq_and_max_abs(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums_of_squares, max_abs) of the same tensors; on the CPU kernels, from one pass over them."""
+    if tensors and kernels.takes(tensors):
+        sq, mx = kernels.sumsq_maxabs(tensors)
+        return torch.from_numpy(sq.astype(np.float32)), torch.from_numpy(mx)
+    return sums_of_squares(tensors), _max_abs_torch(tensors)
+
+
+def _max_abs_torch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     local = [_local(t) for t in tensors]
     return _full(_stack([max_abs_one(t) for t in local], local), tensors, "max")
 
@@ -122,6 +143,8 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     One isfinite pass per tensor (no fused foreach kernel exists for it); callers that only need "is anything
     non-finite?" should test the global norm instead, which is already computed and propagates NaN/Inf.
     """
+    if tensors and kernels.takes(tensors):
+        return torch.from_numpy(kernels.nonfinite(tensors).astype(np.float32))
     local = [_local(t) for t in tensors]
     parts = [(~torch.isfinite(t)).sum() for t in local]
     return _full(_stack(parts, local), tensors, "sum")
@@ -133,6 +156,8 @@ def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     For non-negative tensors (Adam's exp_avg_sq) this is the L1 norm; one sum per tensor measured ~3x faster
     on CPU than _foreach_norm(ord=1).
     """
+    if tensors and kernels.takes(tensors):
+        return torch.from_numpy(kernels.sums(tensors).astype(np.float32))
     local = [_local(t) for t in tensors]
     return _full(_stack([t.sum(dtype=torch.float32) for t in local], local), tensors, "sum")
 

@@ -11,6 +11,11 @@ add up sums of squares (no gradient tensor is kept), which gives exactly ||dL/dh
 the number one big batch of the same rows would give (tested with grad_accum=2).
 
 When not armed (non-monitored steps, evaluation under no_grad) every hook returns after one flag check.
+
+Cost: on the CPU (float32) each hook reduces its tensor at once, while it is still in cache, with one call into
+flowtrain.kernels, and the sums are kept as Python floats; the attention kernel's q and k are only referenced
+in the forward and read by one kernel call after the backward. Elsewhere (GPUs, bf16, masks) the sums stay
+device tensors (no host sync) and activations are reduced in one batch per micro-batch.
 """
 
 from __future__ import annotations
@@ -18,12 +23,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from flowtrain import tensorstats
+from flowtrain import kernels, tensorstats
 
 DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "attn_max_logit")
+
+
+def _add(prev, value):
+    """Running sum of a statistic that is a Python float (CPU kernels) or a device tensor."""
+    return value if prev is None else prev + value
+
+
+def _max(prev, value):
+    """Running max that keeps NaN (like torch.maximum) for floats and tensors alike."""
+    if prev is None:
+        return value
+    if isinstance(prev, float) and isinstance(value, float):
+        return prev if prev != prev or prev >= value else value
+    return torch.maximum(torch.as_tensor(prev), torch.as_tensor(value))
+
+
+def _on_kernels(t: torch.Tensor) -> bool:
+    return kernels.takes((t,))
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -153,13 +177,15 @@ class DepthProbe(_Probe):
                 self._handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _reset(self) -> None:
-        self.resid_sumsq: list[torch.Tensor | None] = [None] * self.n
-        self.act_sumsq: list[torch.Tensor | None] = [None] * self.n
-        self.act_max: list[torch.Tensor | None] = [None] * self.n
+        # per boundary: None (not seen), a float (CPU kernels) or a device tensor
+        self.resid_sumsq: list = [None] * self.n
+        self.act_sumsq: list = [None] * self.n
+        self.act_max: list = [None] * self.n
         self.act_count = [0] * self.n
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
+        self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
         self._pending_acts: list[tuple[int, torch.Tensor]] = []
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -168,32 +194,34 @@ class DepthProbe(_Probe):
         if h is None or not torch.is_grad_enabled():
             return
         if self.cfg.activations:
-            # reduced later, all boundaries of a micro-batch in one batch (the tensors are alive for the
-            # backward pass anyway): a handful of fused ops instead of ~7 small ones per boundary
-            self._pending_acts.append((index, h.detach()))
+            if _on_kernels(h):  # reduce now, while h is in cache
+                sq, mx = kernels.one(h)
+                self._add_activation(index, sq, mx, h.numel())
+            else:
+                # device: all boundaries of a micro-batch in one batch (the tensors are alive for the backward
+                # pass anyway): a handful of fused ops instead of ~7 small ones per boundary
+                self._pending_acts.append((index, h.detach()))
         if self.cfg.residual and h.requires_grad:
             h.register_hook(self._make_grad_hook(index))
 
+    def _add_activation(self, index: int, sq, mx, count: int) -> None:
+        self.act_sumsq[index] = _add(self.act_sumsq[index], sq)
+        self.act_max[index] = _max(self.act_max[index], mx)
+        self.act_count[index] += count
+
     def _flush_activations(self) -> None:
-        """Reduce the pending activations (sum of squares, max |x|) into the per-boundary accumulators."""
+        """Reduce the pending (device) activations into the per-boundary accumulators."""
         if not self._pending_acts:
             return
         pending, self._pending_acts = self._pending_acts, []
-        tensors = [h for _, h in pending]
-        sums = tensorstats.sums_of_squares(tensors).unbind(0)
-        maxima = tensorstats.max_abs(tensors).unbind(0)
-        for (index, h), sq, mx in zip(pending, sums, maxima, strict=True):
-            prev = self.act_sumsq[index]
-            self.act_sumsq[index] = sq if prev is None else prev + sq
-            prev = self.act_max[index]
-            self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
-            self.act_count[index] += h.numel()
+        sums, maxima = tensorstats.sumsq_and_max_abs([h for _, h in pending])
+        for (index, h), sq, mx in zip(pending, sums.unbind(0), maxima.unbind(0), strict=True):
+            self._add_activation(index, sq, mx, h.numel())
 
     def _make_grad_hook(self, index: int):
         def on_grad(grad: torch.Tensor) -> None:
-            sq = tensorstats.sum_of_squares(grad)
-            prev = self.resid_sumsq[index]
-            self.resid_sumsq[index] = sq if prev is None else prev + sq
+            sq = kernels.one(grad)[0] if _on_kernels(grad) else tensorstats.sum_of_squares(grad)
+            self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
             if index == 0:  # the last boundary the backward pass reaches: this micro-batch is done
                 self._flush_activations()
 
@@ -232,11 +260,16 @@ class DepthProbe(_Probe):
     def _make_kernel_hook(self, block: int):
         def on_kernel_input(module, args) -> None:
             """Keep the sampled query rows, their keys and which keys each row may see (first micro-batch)."""
-            if not self.armed or self.qk_samples[block] is not None or len(args) < 2 or not torch.is_grad_enabled():
+            if not self.armed or len(args) < 2 or not torch.is_grad_enabled():
+                return
+            if self.qk_samples[block] is not None or self.qk_refs[block] is not None:
                 return
             q, k = args[0].detach(), args[1].detach()
             mask = args[3] if len(args) > 3 else None
             is_causal = bool(args[5]) if len(args) > 5 else mask is None
+            if mask is None and kernels.attention_takes(q, k):
+                self.qk_refs[block] = (q, k, is_causal)  # read after the backward by one kernel call
+                return
             nb, heads = self.cfg.attn_batch, self.cfg.attn_heads
             rows = self._sample_rows(q.shape[-2], q.device)
             if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
@@ -262,9 +295,27 @@ class DepthProbe(_Probe):
 
     # -- results ---------------------------------------------------------------------------------------------
 
-    def attention(self) -> list[torch.Tensor | None]:
-        """Recompute attention stats on the sampled inputs (call before the weights change)."""
-        out: list[torch.Tensor | None] = [None] * len(self.blocks)
+    def _kernel_refs_attention(self, out: list) -> None:
+        """Attention of the referenced (CPU float32) q, k: one kernel call per group of equal shapes."""
+        groups: dict[tuple, list[int]] = {}
+        for i, ref in enumerate(self.qk_refs):
+            if ref is not None:
+                groups.setdefault((tuple(ref[0].shape), tuple(ref[1].shape), ref[2]), []).append(i)
+        for (q_shape, _, causal), index in groups.items():
+            rows = self._sample_rows(q_shape[2], torch.device("cpu")).numpy()
+            qs = [self.qk_refs[i][0] for i in index]
+            ks = [self.qk_refs[i][1] for i in index]
+            stats = kernels.attention(qs, ks, self.cfg.attn_batch, self.cfg.attn_heads, rows, causal)
+            for row, i in enumerate(index):
+                out[i] = stats[row]
+        self.qk_refs = [None] * len(self.blocks)
+
+    def attention(self) -> list:
+        """Attention stats of the sampled rows (call before the weights change): per block None, a float64
+        numpy pair (CPU kernels) or a device tensor pair."""
+        out: list = [None] * len(self.blocks)
+        if any(r is not None for r in self.qk_refs):
+            self._kernel_refs_attention(out)
         captured = [i for i, s in enumerate(self.qk_samples) if s is not None]
         if captured:
             with torch.no_grad():
@@ -284,22 +335,50 @@ class DepthProbe(_Probe):
         self.attn_doc_ids = [None] * len(self.blocks)
         return out
 
-    def matrix(
-        self, attention: list[torch.Tensor | None], device: torch.device, sync: bool = False, backward_scale=1.0
-    ) -> torch.Tensor:
-        """[L+1, len(DEPTH_STATS)] float32 on the device; row l is boundary h_l, attention of block l-1.
+    def matrix(self, attention: list, device: torch.device, sync: bool = False, backward_scale=1.0):
+        """[L+1, len(DEPTH_STATS)] float32; row l is boundary h_l, attention of block l-1.
 
-        sync: combine the ranks of a data-parallel job (sums of squares and counts add up, maxima take the max,
-        attention entropies average), so the numbers describe the global batch. backward_scale: the factor by
-        which the backward pass was scaled relative to the true loss (data-parallel trainers multiply each
-        rank's loss by the world size; fp16 loss scaling too); residual gradients are divided by it.
+        A numpy array when everything was measured on the CPU kernels (no torch op at all), else a tensor on
+        `device`. sync: combine the ranks of a data-parallel job (sums of squares and counts add up, maxima
+        take the max, attention entropies average), so the numbers describe the global batch.
+        backward_scale: the factor by which the backward pass was scaled relative to the true loss
+        (data-parallel trainers multiply each rank's loss by the world size; fp16 loss scaling too); residual
+        gradients are divided by it.
         """
         self._flush_activations()
+        host = (
+            not sync
+            and isinstance(backward_scale, (int, float))
+            and all(v is None or isinstance(v, float) for v in (*self.resid_sumsq, *self.act_sumsq, *self.act_max))
+            and all(a is None or isinstance(a, np.ndarray) for a in attention)
+        )
+        if host:
+            return self._host_matrix(attention, float(backward_scale))
+        return self._device_matrix(attention, device, sync, backward_scale)
+
+    def _host_matrix(self, attention: list, backward_scale: float) -> np.ndarray:
+        nan = float("nan")
+        out = np.full((self.n, len(DEPTH_STATS)), nan, dtype=np.float64)
+        for i in range(self.n):
+            if self.resid_sumsq[i] is not None:
+                out[i, 0] = math.sqrt(self.resid_sumsq[i]) / backward_scale if self.resid_sumsq[i] >= 0 else nan
+            if self.act_sumsq[i] is not None:
+                out[i, 1] = math.sqrt(self.act_sumsq[i] / max(self.act_count[i], 1)) if self.act_sumsq[i] >= 0 else nan
+                out[i, 2] = self.act_max[i]
+        for i, a in enumerate(attention):
+            if a is not None:
+                out[i + 1, 3:5] = a
+        return out.astype(np.float32)
+
+    def _device_matrix(self, attention: list, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
         nan = torch.tensor(float("nan"), device=device)
         zero = torch.zeros((), device=device)
 
-        def column(values: list[torch.Tensor | None], fill: torch.Tensor) -> torch.Tensor:
-            return torch.stack([fill if v is None else v.to(device).float().reshape(()) for v in values])
+        def as_tensor(v) -> torch.Tensor:
+            return torch.as_tensor(v, device=device).float().reshape(())
+
+        def column(values: list, fill: torch.Tensor) -> torch.Tensor:
+            return torch.stack([fill if v is None else as_tensor(v) for v in values])
 
         seen = torch.tensor(
             [[v is not None for v in self.resid_sumsq], [v is not None for v in self.act_sumsq]],
@@ -309,7 +388,9 @@ class DepthProbe(_Probe):
         sums = torch.stack([column(self.resid_sumsq, zero), column(self.act_sumsq, zero)])
         counts = torch.tensor(self.act_count, dtype=torch.float32, device=device)
         act_max = column(self.act_max, torch.tensor(float("-inf"), device=device))
-        att = torch.stack([a.to(device).float() if a is not None else torch.stack([nan, nan]) for a in attention])
+        att = torch.stack(
+            [torch.as_tensor(a, device=device).float() if a is not None else torch.stack([nan, nan]) for a in attention]
+        )
         att_seen = torch.isfinite(att[:, 0]).float()
         if sync:
             import torch.distributed as dist
@@ -349,20 +430,30 @@ class LogitsProbe(_Probe):
         z = _first_tensor(output)
         if not self.armed or z is None or not torch.is_grad_enabled():
             return
-        with torch.no_grad():
-            z = z.detach()
-            mx = tensorstats.max_abs_one(z)
-            lse = torch.logsumexp(z.float(), dim=-1).sum()
-        self.max_abs = mx if self.max_abs is None else torch.maximum(self.max_abs, mx)
-        self.lse_sum = lse if self.lse_sum is None else self.lse_sum + lse
-        self.rows += math.prod(z.shape[:-1])
+        if _on_kernels(z):  # one pass while the logits are in cache; Python floats
+            mx, lse, rows = kernels.logits(z)
+        else:
+            with torch.no_grad():
+                z = z.detach()
+                mx = tensorstats.max_abs_one(z)
+                lse = torch.logsumexp(z.float(), dim=-1).sum()
+            rows = math.prod(z.shape[:-1])
+        self.max_abs = _max(self.max_abs, mx)
+        self.lse_sum = _add(self.lse_sum, lse)
+        self.rows += rows
 
-    def values(self, device: torch.device, sync: bool = False) -> torch.Tensor:
-        """[max |z|, mean lse] float32 on the device (NaN when nothing was seen); `sync`: over all ranks."""
+    def values(self, device: torch.device, sync: bool = False) -> torch.Tensor | np.ndarray:
+        """[max |z|, mean lse] float32 (NaN when nothing was seen): numpy when measured by the CPU kernels,
+        else on the device; `sync`: over all ranks."""
         if self.max_abs is None and not sync:
-            return torch.full((2,), float("nan"), device=device)
-        mx = self.max_abs.to(device).float() if self.max_abs is not None else torch.tensor(float("-inf"), device=device)
-        lse = self.lse_sum.to(device).float() if self.lse_sum is not None else torch.zeros((), device=device)
+            return np.full(2, np.nan, dtype=np.float32)
+        if not sync and isinstance(self.max_abs, float) and isinstance(self.lse_sum, float):
+            return np.array([self.max_abs, self.lse_sum / max(self.rows, 1)], dtype=np.float32)
+
+        def as_tensor(v, fill: float) -> torch.Tensor:
+            return torch.as_tensor(fill if v is None else v, device=device).float().reshape(())
+
+        mx, lse = as_tensor(self.max_abs, float("-inf")), as_tensor(self.lse_sum, 0.0)
         rows = torch.tensor(float(self.rows), device=device)
         if sync:
             import torch.distributed as dist

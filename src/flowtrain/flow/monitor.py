@@ -24,7 +24,7 @@ from torch import nn
 
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
-from flowtrain.flow.records import FlowRecord, aggregate_layers
+from flowtrain.flow.records import FlowRecord, LayerGroups
 from flowtrain.flow.stats import TENSOR_STATS, ParamStats
 
 CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped")
@@ -54,6 +54,13 @@ def default_layer_of(model: nn.Module) -> Callable[[str], str]:
         return parts[0]
 
     return by_child
+
+
+def _sqrt_of_sum(values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """sqrt(sum(values)) as a 1-element vector, on the host or the device as the values are."""
+    if isinstance(values, np.ndarray):
+        return np.sqrt(values.sum(keepdims=True))
+    return values.sum().sqrt().reshape(1)
 
 
 def _default_blocks(model: nn.Module) -> list[nn.Module]:
@@ -105,7 +112,7 @@ class FlowMonitor:
         if not self.cfg.enabled:
             return
         self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates)
-        self._numels = self.params.numels.cpu().numpy().astype(np.float64)
+        self._layer_groups = LayerGroups(self.layers, self.params.numels.cpu().numpy())
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
             self.depth = DepthProbe(blocks, self.cfg)
@@ -136,6 +143,14 @@ class FlowMonitor:
         step = self.step_index if step is None else step
         return self.cfg.enabled and step % self.cfg.interval == 0
 
+    def restart_at(self, step: int) -> None:
+        """Go on from `step` after the weights were replaced (a rollback): nothing kept from before is reused."""
+        self.step_index = step
+        self._pending = self._ready = None
+        if self.params is not None:
+            self.params.invalidate()
+        self._arm()
+
     def _arm(self) -> None:
         on = self.is_monitored()
         for probe in (self.depth, self.logits):
@@ -162,7 +177,7 @@ class FlowMonitor:
         """Per-tensor sums of squares of this step's gradients, when measured (monitored step, every parameter
         has a gradient): a clipper can reuse them instead of another pass over the gradients."""
         grads = (self._pending or {}).get("grads")
-        return grads["grad_sumsq"] if grads is not None and grads["complete"] else None
+        return grads["clip_sumsq"] if grads is not None and grads["complete"] else None
 
     def after_step(self, clip_stats=None) -> None:
         """Measure the update that happened; `clip_stats` (ClipStats or anything with its fields) is reported."""
@@ -171,12 +186,10 @@ class FlowMonitor:
         if self._pending is None:
             raise RuntimeError("FlowMonitor.after_step() called without after_backward() for this step")
         pending, self._pending = self._pending, None
-        if pending["monitored"]:
-            pending["update_sumsq"] = self.params.update_sumsq()
         if clip_stats is not None:
             pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
         if pending["monitored"]:
-            pending["adam"] = self.params.adam_v_rms()
+            pending["update_sumsq"], pending["adam"] = self.params.after_step(self.is_monitored(self.step_index + 1))
             device = self.params.device
             if self.depth is not None:
                 attention = pending.pop("attention", [None] * len(self.depth.blocks))
@@ -193,14 +206,18 @@ class FlowMonitor:
         if ready is None or self.params is None:
             return None
         device = self.params.device
-        parts: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor | np.ndarray] = {}  # numpy: measured on the host (CPU kernels)
         wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
         if wsq is not None:
-            parts["param_norm"] = wsq.sum().sqrt().reshape(1)
+            parts["param_norm"] = _sqrt_of_sum(wsq)
         if usq is not None:
-            parts["update_norm"] = usq.sum().sqrt().reshape(1)
+            parts["update_norm"] = _sqrt_of_sum(usq)
         if "clip" in ready:
-            parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in ready["clip"]])
+            clip = ready["clip"]
+            if all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in clip):
+                parts["clip"] = np.array([float(v) for v in clip])  # CPU: no stack, no copy
+            else:
+                parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
         if ready["monitored"]:
             parts["tensors"] = self.params.per_tensor_matrix(ready["grads"], wsq, usq, ready["adam"])
             for key in ("depth", "logits"):
@@ -209,15 +226,16 @@ class FlowMonitor:
         hist = ready.get("histograms", {})
         for layer, values in hist.items():
             parts["hist:" + layer] = values
-        if not parts:  # nothing measured this step (no clip stats given, not a monitored step)
-            return self._record(step if step is not None else ready["step"], {})
-        flat = torch.cat([t.reshape(-1).float().to(device) for t in parts.values()]).cpu().numpy()
-        host: dict[str, np.ndarray] = {}
-        offset = 0
-        for key, t in parts.items():
-            host[key] = flat[offset : offset + t.numel()].reshape(t.shape)
-            offset += t.numel()
-        return self._record(step if step is not None else ready["step"], host)
+        step = step if step is not None else ready["step"]
+        host = {k: v.astype(np.float32, copy=False) for k, v in parts.items() if isinstance(v, np.ndarray)}
+        on_device = {k: v for k, v in parts.items() if not isinstance(v, np.ndarray)}
+        if on_device:  # one device->host transfer for all of them
+            flat = torch.cat([t.reshape(-1).float().to(device) for t in on_device.values()]).cpu().numpy()
+            offset = 0
+            for key, t in on_device.items():
+                host[key] = flat[offset : offset + t.numel()].reshape(t.shape)
+                offset += t.numel()
+        return self._record(step, host)
 
     def _record(self, step: int, host: dict[str, np.ndarray]) -> FlowRecord:
         scalars: dict[str, float] = {}
@@ -233,7 +251,7 @@ class FlowMonitor:
         if "tensors" in host:
             stats = host["tensors"]
             record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
-            record.layer_names, record.layer_stats = aggregate_layers(self.layers, stats, self._numels)
+            record.layer_names, record.layer_stats = self._layer_groups.names, self._layer_groups(stats)
             scalars["grad_nonfinite"] = float(np.nansum(stats[:, TENSOR_STATS.index("grad_nonfinite")]))
         if "depth" in host:
             record.depth_names = [f"h{i}" for i in range(len(host["depth"]))]

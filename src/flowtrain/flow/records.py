@@ -26,39 +26,58 @@ SCHEMA = pa.schema(
     [("step", pa.int64()), ("name", pa.string()), ("layer", pa.string()), ("kind", pa.string())]
     + [(c, pa.float32()) for c in STAT_COLUMNS]
 )
+_TENSOR_COLS = [STAT_COLUMNS.index(c) for c in TENSOR_STATS]
+_DEPTH_COLS = [STAT_COLUMNS.index(c) for c in DEPTH_STATS]
 
 
-def aggregate_layers(layers: list[str], stats: np.ndarray, numels: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Per-layer rows from per-tensor rows (TENSOR_STATS columns), in order of first appearance.
+class LayerGroups:
+    """Per-layer rows from per-tensor rows (TENSOR_STATS columns) for a fixed tensor -> layer assignment,
+    layers in order of first appearance; vectorized (np.bincount per column), as it runs every monitored step.
 
     Norms combine as sqrt of summed squares, maxima as max, counts as sums, RMS over all elements of the layer.
     Tensors without a gradient (grad_nonfinite is NaN for them) are left out of the gradient columns; a
     non-finite gradient value still makes its layer's norm non-finite, on purpose.
     """
-    col = {name: i for i, name in enumerate(TENSOR_STATS)}
-    s = stats.astype(np.float64)
-    order = list(dict.fromkeys(layers))
-    out = np.full((len(order), len(TENSOR_STATS)), np.nan)
-    layer_arr = np.asarray(layers)
-    for row, layer in enumerate(order):
-        m = layer_arr == layer
-        has_grad = m & ~np.isnan(s[:, col["grad_nonfinite"]])
-        if has_grad.any():
-            gsq = (s[has_grad, col["grad_norm"]] ** 2).sum()
-            out[row, col["grad_norm"]] = np.sqrt(gsq)
-            out[row, col["grad_max_abs"]] = s[has_grad, col["grad_max_abs"]].max()
-            out[row, col["grad_rms"]] = np.sqrt(gsq / numels[has_grad].sum())
-            out[row, col["grad_nonfinite"]] = s[has_grad, col["grad_nonfinite"]].sum()
-        wn = np.sqrt((s[m, col["weight_norm"]] ** 2).sum())
-        un = np.sqrt((s[m, col["update_norm"]] ** 2).sum())
-        out[row, col["weight_norm"]] = wn
-        out[row, col["update_norm"]] = un
-        out[row, col["update_ratio"]] = un / wn if wn > 0 else np.nan
-        has_v = m & ~np.isnan(s[:, col["adam_v_rms"]])
-        if has_v.any():
-            vsum = (s[has_v, col["adam_v_rms"]] ** 2 * numels[has_v]).sum()
-            out[row, col["adam_v_rms"]] = np.sqrt(vsum / numels[has_v].sum())
-    return order, out.astype(np.float32)
+
+    def __init__(self, layers: list[str], numels: np.ndarray):
+        self.names = list(dict.fromkeys(layers))
+        row = {name: i for i, name in enumerate(self.names)}
+        self.index = np.array([row[layer] for layer in layers], dtype=np.int64)
+        self.numels = np.asarray(numels, dtype=np.float64)
+
+    def _sum(self, values: np.ndarray) -> np.ndarray:
+        return np.bincount(self.index, weights=values, minlength=len(self.names))
+
+    def __call__(self, stats: np.ndarray) -> np.ndarray:
+        col = {name: i for i, name in enumerate(TENSOR_STATS)}
+        s = stats.astype(np.float64)
+        out = np.full((len(self.names), len(TENSOR_STATS)), np.nan)
+        has_grad = ~np.isnan(s[:, col["grad_nonfinite"]])
+        grad_count = self._sum(has_grad.astype(np.float64))
+        gsq = self._sum(np.where(has_grad, s[:, col["grad_norm"]] ** 2, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):  # NaN/Inf propagate on purpose
+            gmax = np.full(len(self.names), -np.inf)
+            np.maximum.at(gmax, self.index[has_grad], s[has_grad, col["grad_max_abs"]])
+            grads = grad_count > 0
+            out[grads, col["grad_norm"]] = np.sqrt(gsq[grads])
+            out[grads, col["grad_max_abs"]] = gmax[grads]
+            out[grads, col["grad_rms"]] = np.sqrt(gsq[grads] / self._sum(np.where(has_grad, self.numels, 0.0))[grads])
+            out[grads, col["grad_nonfinite"]] = self._sum(np.where(has_grad, s[:, col["grad_nonfinite"]], 0.0))[grads]
+            wn = np.sqrt(self._sum(s[:, col["weight_norm"]] ** 2))
+            un = np.sqrt(self._sum(s[:, col["update_norm"]] ** 2))
+            out[:, col["weight_norm"]], out[:, col["update_norm"]] = wn, un
+            out[:, col["update_ratio"]] = np.where(wn > 0, un / wn, np.nan)
+            has_v = ~np.isnan(s[:, col["adam_v_rms"]])
+            v_numel = self._sum(np.where(has_v, self.numels, 0.0))
+            v_sum = self._sum(np.where(has_v, s[:, col["adam_v_rms"]] ** 2 * self.numels, 0.0))
+            out[:, col["adam_v_rms"]] = np.where(v_numel > 0, np.sqrt(v_sum / v_numel), np.nan)
+        return out.astype(np.float32)
+
+
+def aggregate_layers(layers: list[str], stats: np.ndarray, numels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Per-layer rows from per-tensor rows: see LayerGroups (which a monitor builds once and reuses)."""
+    groups = LayerGroups(layers, numels)
+    return groups.names, groups(stats)
 
 
 @dataclass
@@ -88,20 +107,28 @@ class FlowRecord:
         """One depth statistic along h_0..h_L."""
         return self.depth_stats[:, DEPTH_STATS.index(stat)].tolist()
 
+    def _parts(self):
+        """(kind, names, layers, stats, column indices in STAT_COLUMNS) of each non-empty block of rows."""
+        for kind, names, layers, stats, cols in (
+            ("tensor", self.tensor_names, self.tensor_layers, self.tensor_stats, _TENSOR_COLS),
+            ("layer", self.layer_names, self.layer_names, self.layer_stats, _TENSOR_COLS),
+            ("depth", self.depth_names, self.depth_layers, self.depth_stats, _DEPTH_COLS),
+        ):
+            if stats is not None and len(names):
+                yield kind, names, layers, stats, cols
+
+    def stat_block(self) -> np.ndarray:
+        """[rows, len(STAT_COLUMNS)] float32: every row's stat columns (NaN where a stat does not apply)."""
+        blocks = []
+        for _, names, _, stats, cols in self._parts():
+            block = np.full((len(names), len(STAT_COLUMNS)), np.nan, dtype=np.float32)
+            block[:, cols] = stats
+            blocks.append(block)
+        return np.concatenate(blocks) if blocks else np.zeros((0, len(STAT_COLUMNS)), np.float32)
+
     def columns(self) -> dict[str, np.ndarray]:
         """Columnar form (flow.parquet's schema) of every per-tensor, per-layer and depth row."""
-        parts = []
-        for kind, names, layers, stats, cols in (
-            ("tensor", self.tensor_names, self.tensor_layers, self.tensor_stats, TENSOR_STATS),
-            ("layer", self.layer_names, self.layer_names, self.layer_stats, TENSOR_STATS),
-            ("depth", self.depth_names, self.depth_layers, self.depth_stats, DEPTH_STATS),
-        ):
-            if stats is None or not len(names):
-                continue
-            block = np.full((len(names), len(STAT_COLUMNS)), np.nan, dtype=np.float32)
-            for j, c in enumerate(cols):
-                block[:, STAT_COLUMNS.index(c)] = stats[:, j]
-            parts.append((kind, names, layers, block))
+        parts = list(self._parts())
         n = sum(len(p[1]) for p in parts)
         out: dict[str, np.ndarray] = {
             "step": np.full(n, self.step, dtype=np.int64),
@@ -109,7 +136,7 @@ class FlowRecord:
             "layer": np.array([x for p in parts for x in p[2]], dtype=object),
             "kind": np.array([p[0] for p in parts for _ in p[1]], dtype=object),
         }
-        stats = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, len(STAT_COLUMNS)), np.float32)
+        stats = self.stat_block()
         for j, c in enumerate(STAT_COLUMNS):
             out[c] = stats[:, j]
         return out
@@ -148,11 +175,13 @@ class FlowParquetWriter:
             self._writer.write_table(carried, row_group_size=row_group_rows)
 
     def write(self, record: FlowRecord) -> None:
-        cols = record.columns()
-        if not len(cols["step"]):
+        """Buffer one step's record (its arrays are kept, not copied: the monitor makes new ones each step);
+        rows are laid out when a row group is written."""
+        rows = len(record.tensor_names) + len(record.layer_names) + len(record.depth_names)
+        if not rows:
             return
-        self._buffer.append(cols)
-        self._buffered += len(cols["step"])
+        self._buffer.append(record)
+        self._buffered += rows
         if self._buffered >= self.row_group_rows:
             self.flush()
 
@@ -160,10 +189,15 @@ class FlowParquetWriter:
         """Write buffered rows as one row group (still readable only after close)."""
         if not self._buffer:
             return
-        arrays = []
-        for f in SCHEMA:
-            data = np.concatenate([b[f.name] for b in self._buffer])
-            arrays.append(pa.array(data, type=f.type))
+        parts: list[dict[str, np.ndarray]] = []
+        run: list[FlowRecord] = []
+        for record in self._buffer:  # runs of records with the same rows are laid out in one go
+            if run and not _same_rows(run[0], record):
+                parts.append(_columns_of_run(run))
+                run = []
+            run.append(record)
+        parts.append(_columns_of_run(run))
+        arrays = [pa.array(np.concatenate([p[f.name] for p in parts]), type=f.type) for f in SCHEMA]
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=SCHEMA), row_group_size=self.row_group_rows)
         self._buffer.clear()
         self._buffered = 0
@@ -188,6 +222,30 @@ class FlowParquetWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_rows(a: FlowRecord, b: FlowRecord) -> bool:
+    return (
+        a.tensor_names == b.tensor_names
+        and a.layer_names == b.layer_names
+        and a.depth_names == b.depth_names
+        and (a.tensor_stats is None) == (b.tensor_stats is None)
+        and (a.layer_stats is None) == (b.layer_stats is None)
+        and (a.depth_stats is None) == (b.depth_stats is None)
+    )
+
+
+def _columns_of_run(run: list[FlowRecord]) -> dict[str, np.ndarray]:
+    """flow.parquet columns of consecutive records that have the same rows: the first record's row layout
+    repeated, the stat blocks stacked."""
+    first = run[0].columns()
+    per = len(first["step"])
+    out = {key: np.tile(first[key], len(run)) for key in ("name", "layer", "kind")}
+    out["step"] = np.repeat(np.array([r.step for r in run], dtype=np.int64), per)
+    stats = np.concatenate([r.stat_block() for r in run])
+    for j, c in enumerate(STAT_COLUMNS):
+        out[c] = stats[:, j]
+    return out
 
 
 def read_flow(path: str | os.PathLike) -> pa.Table:

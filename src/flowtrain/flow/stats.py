@@ -1,21 +1,29 @@
 """Per-parameter-tensor statistics: gradients, weights, the update that actually happened, Adam's second moment.
 
-All reductions go through flowtrain.tensorstats (fused, shard-aware); results stay on the device as one
-[n_tensors] float32 vector per statistic, so the monitor can move everything to the host in one transfer.
+Results are one [n_tensors] vector per statistic: float64 numpy arrays when the CPU kernels measured them
+(flowtrain.kernels: no torch op at all), else float32 tensors on the device (torch's fused multi-tensor
+kernels via flowtrain.tensorstats, shard-aware). Either way the monitor moves everything to the host in one go.
 
-The update ΔW is measured, not reconstructed from the optimizer's formula: before the step we copy the weights
-into preallocated buffers (one fused _foreach_copy_), after the step we subtract the new weights in place
-(_foreach_sub_) and take norms. That is exact for any optimizer, costs one extra copy of the parameters in
-memory and two fused passes per step.
+The update ΔW is measured, not reconstructed from the optimizer's formula: a copy of the weights from before
+the step is subtracted from the weights after it. That is exact for any optimizer and costs one extra copy of
+the parameters in memory.
+
+On the CPU kernels everything about the weights is one pass after the step: ||W_after - copy||^2,
+||W_after||^2, Adam's sum(v), and the copy refreshed to W_after when the next step is monitored too. The next
+step's "weights before" are then already known and copied, unless something else wrote to the weights in
+between (a rollback, a checkpoint load, a user's in-place edit): every such write bumps the parameters'
+version counters, which we compare, and `invalidate()` forces a fresh copy. Elsewhere (GPUs, DTensor shards)
+the copy is taken before the step (_foreach_copy_) and subtracted after it (_foreach_sub_).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from flowtrain import tensorstats
+from flowtrain import kernels, tensorstats
 
 # Column order of the per-tensor matrix; also the per-tensor / per-layer stat columns of flow.parquet.
 TENSOR_STATS = (
@@ -28,6 +36,8 @@ TENSOR_STATS = (
     "update_ratio",
     "adam_v_rms",
 )
+
+Vector = torch.Tensor | np.ndarray  # one value per parameter tensor
 
 
 class ParamStats:
@@ -46,6 +56,11 @@ class ParamStats:
         self._adam_index: list[int] | None = None
         self._adam_key: tuple[int, int] | None = None
         self._adam_numels: torch.Tensor | None = None
+        # CPU kernels: the weights' sums of squares and version counters when the copy was last refreshed by
+        # the pass after a step (None: take a fresh copy before the next step)
+        self.fast = bool(self.params) and kernels.takes(self.params + (self._snapshot or []))
+        self._np_numels = np.array([p.numel() for p in self.params], dtype=np.int64)
+        self._fresh: tuple[list[int], np.ndarray] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -54,26 +69,51 @@ class ParamStats:
     def _nan(self) -> torch.Tensor:
         return torch.full((len(self.params),), float("nan"), device=self.device)
 
+    def invalidate(self) -> None:
+        """The weights were replaced behind the optimizer's back: take a fresh copy before the next step."""
+        self._fresh = None
+
+    def _versions(self) -> list[int]:
+        return [p._version for p in self.params]
+
     # -- before the optimizer step --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def weights_and_snapshot(self) -> torch.Tensor:
+    def weights_and_snapshot(self) -> Vector:
         """Sum of squares of the weights as they are before the step (per tensor); keep a copy for ΔW."""
+        if self.fast:
+            if self._fresh is not None and self._fresh[0] == self._versions():
+                return self._fresh[1]  # measured and copied by the last step's pass
+            self._fresh = None
+            return kernels.weights(self.params, self._snapshot, self._np_numels)
         sq = tensorstats.sums_of_squares(self.params)
         if self._snapshot is not None:
             torch._foreach_copy_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
         return sq
 
     @torch.no_grad()
-    def grad_stats(self) -> dict[str, torch.Tensor]:
-        """grad sum of squares, max |g| and non-finite count per tensor (NaN where a parameter has no grad)."""
+    def grad_stats(self) -> dict:
+        """grad_sumsq, grad_max_abs, grad_nonfinite per tensor (NaN where a parameter has no grad); with
+        "complete" (every parameter has a gradient) also "clip_sumsq": the float32 tensor of sums of squares
+        that tensorstats.sums_of_squares would give the clipper, bit for bit."""
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in present]
-        sq = tensorstats.sums_of_squares(grads)
-        mx = tensorstats.max_abs(grads)
+        complete = len(present) == len(self.params)
+        if grads and kernels.takes(grads):
+            sq, mx = kernels.sumsq_maxabs(grads, self._np_numels if complete else None)
+            bad = kernels.nonfinite(grads).astype(np.float64) if not np.isfinite(sq).all() else np.zeros_like(sq)
+            out = {"grad_sumsq": sq, "grad_max_abs": mx.astype(np.float64), "grad_nonfinite": bad}
+            if complete:
+                return {**out, "clip_sumsq": torch.from_numpy(sq.astype(np.float32)), "complete": True}
+            for key, values in out.items():
+                full = np.full(len(self.params), np.nan)
+                full[present] = values
+                out[key] = full
+            return {**out, "complete": False}
+        sq, mx = tensorstats.sumsq_and_max_abs(grads)
         bad = self._nonfinite(grads, sq)
-        if len(present) == len(self.params):
-            return {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad, "complete": True}
+        if complete:
+            return {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad, "clip_sumsq": sq, "complete": True}
         index = torch.tensor(present, dtype=torch.long, device=self.device)
         out = {}
         for key, values in (("grad_sumsq", sq), ("grad_max_abs", mx), ("grad_nonfinite", bad)):
@@ -94,6 +134,37 @@ class ParamStats:
         return tensorstats.nonfinite_counts(grads)
 
     # -- after the optimizer step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def after_step(self, keep_for_next: bool) -> tuple[Vector | None, Vector]:
+        """(per-tensor ||ΔW||^2 or None when updates are off, Adam's RMS(v) per tensor) after an optimizer step.
+
+        keep_for_next: the next step is monitored too; on the CPU kernels the same pass then refreshes the
+        copy of the weights (and their sums of squares) for it.
+        """
+        if not self.fast:
+            return self.update_sumsq(), self.adam_v_rms()
+        index, vs = self._adam_tensors()
+        vs_fast = bool(vs) and kernels.takes(vs)
+        if self._snapshot is None:
+            v_sums = kernels.sums(vs) if vs_fast else None
+            return None, self._host_v_rms(index, v_sums) if vs_fast or not vs else self.adam_v_rms()
+        aligned: list[torch.Tensor | None] | None = None
+        if vs_fast:
+            aligned = [None] * len(self.params)
+            for i, v in zip(index, vs, strict=True):
+                aligned[i] = v
+        out = kernels.update(self.params, self._snapshot, aligned, self._np_numels, copy=keep_for_next)
+        self._fresh = (self._versions(), out[:, 1]) if keep_for_next else None
+        if vs and not vs_fast:
+            return out[:, 0], self.adam_v_rms()
+        return out[:, 0], self._host_v_rms(index, out[index, 2] if vs else None)
+
+    def _host_v_rms(self, index: list[int], v_sums: np.ndarray | None) -> np.ndarray:
+        out = np.full(len(self.params), np.nan)
+        if v_sums is not None:
+            out[index] = np.sqrt(v_sums / np.maximum(self._np_numels[index], 1))
+        return out
 
     @torch.no_grad()
     def update_sumsq(self) -> torch.Tensor | None:
@@ -121,9 +192,10 @@ class ParamStats:
         out = self._nan()
         if not vs:
             return out
-        if self._adam_numels is None or len(self._adam_numels) != len(vs):
-            self._adam_numels = tensorstats.numels(vs).clamp_min(1)
-        means = tensorstats.sums(vs) / self._adam_numels
+        if self._adam_numels is None or len(self._adam_numels) != len(index):
+            numels = [float(self.params[i].numel()) for i in index]  # of the whole tensors, also when sharded
+            self._adam_numels = torch.tensor(numels, device=self.device).clamp_min(1)
+        means = tensorstats.sums(vs).to(self.device) / self._adam_numels
         if len(index) == len(self.params):
             return means.sqrt()
         out[torch.tensor(index, dtype=torch.long, device=self.device)] = means.sqrt()
@@ -132,25 +204,36 @@ class ParamStats:
     # -- assembling ------------------------------------------------------------------------------------------
 
     def per_tensor_matrix(
-        self,
-        grads: dict[str, torch.Tensor] | None,
-        weight_sumsq: torch.Tensor,
-        update_sumsq: torch.Tensor | None,
-        adam: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """[n_tensors, len(TENSOR_STATS)] float32 on the device, in TENSOR_STATS column order."""
-        nan = self._nan()
-        weight_norm = weight_sumsq.sqrt()
-        update_norm = update_sumsq.sqrt() if update_sumsq is not None else nan
-        columns = {
-            "weight_norm": weight_norm,
-            "update_norm": update_norm,
-            "update_ratio": update_norm / weight_norm,
-            "adam_v_rms": adam if adam is not None else nan,
-        }
-        if grads is not None:
-            columns["grad_norm"] = grads["grad_sumsq"].sqrt()
-            columns["grad_max_abs"] = grads["grad_max_abs"]
-            columns["grad_rms"] = (grads["grad_sumsq"] / self.numels.clamp_min(1)).sqrt()
-            columns["grad_nonfinite"] = grads["grad_nonfinite"]
-        return torch.stack([columns.get(k, nan) for k in TENSOR_STATS], dim=1)
+        self, grads: dict | None, weight_sumsq: Vector, update_sumsq: Vector | None, adam: Vector | None
+    ) -> Vector:
+        """[n_tensors, len(TENSOR_STATS)] in TENSOR_STATS column order: numpy when every input is numpy (the
+        CPU kernels), else float32 on the device."""
+        parts = [weight_sumsq, update_sumsq, adam, *((grads["grad_sumsq"], grads["grad_max_abs"]) if grads else ())]
+        if all(p is None or isinstance(p, np.ndarray) for p in parts):
+            xp, nan = np, np.full(len(self.params), np.nan)
+            numels = self._np_numels
+        else:
+            xp, nan, numels = torch, self._nan(), self.numels
+
+            def dev(v):
+                return None if v is None else torch.as_tensor(v, device=self.device).float()
+
+            weight_sumsq, update_sumsq, adam = dev(weight_sumsq), dev(update_sumsq), dev(adam)
+            if grads:
+                grads = {k: dev(grads[k]) for k in ("grad_sumsq", "grad_max_abs", "grad_nonfinite")}
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 is NaN, as in torch
+            weight_norm = xp.sqrt(weight_sumsq)
+            update_norm = xp.sqrt(update_sumsq) if update_sumsq is not None else nan
+            columns = {
+                "weight_norm": weight_norm,
+                "update_norm": update_norm,
+                "update_ratio": update_norm / weight_norm,
+                "adam_v_rms": adam if adam is not None else nan,
+            }
+            if grads:
+                at_least_one = numels.clip(1) if xp is np else numels.clamp_min(1)
+                columns["grad_norm"] = xp.sqrt(grads["grad_sumsq"])
+                columns["grad_max_abs"] = grads["grad_max_abs"]
+                columns["grad_rms"] = xp.sqrt(grads["grad_sumsq"] / at_least_one)
+                columns["grad_nonfinite"] = grads["grad_nonfinite"]
+        return xp.stack([columns.get(k, nan) for k in TENSOR_STATS], 1)

@@ -69,7 +69,7 @@ def roll_back(trainer: Trainer, event_step: int) -> str:
     trainer.slots.skip_steps(skip_steps)
     _scale_lr(trainer, lr_scale_wanted / trainer.lr_scale)
     trainer.step = target
-    trainer.flow.step_index = target
+    trainer.flow.restart_at(target)  # the weights were replaced: the microscope takes a fresh copy
     for sink in (trainer.metrics_sink, trainer.evals_sink):
         sink.mark_discarded_after(target)
     return (

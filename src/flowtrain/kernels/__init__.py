@@ -1,0 +1,273 @@
+"""Fused CPU reductions for the microscope (flowstats.cpp), compiled on first use and loaded with ctypes.
+
+Why a kernel of our own: on the CPU, torch's multi-tensor reductions loop over tensors one kernel at a time and
+each statistic is one more pass over memory; the microscope needs several statistics of the same tensors every
+step. flowstats.cpp takes a whole list of tensors per call and gets every statistic of a pass at once
+(sum of squares and max |g| of the gradients; ||ΔW||, ||W|| and Adam's sum(v) in the one pass after the step).
+
+The source is plain C ABI (no Python or torch headers): the system C++ compiler builds it in about a second,
+with -march=native, into a cache directory keyed by the source, the flags and this CPU's feature flags
+($FLOWTRAIN_KERNEL_CACHE, default ~/.cache/flowtrain/kernels). Nothing here is required: without a compiler,
+or with FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to ~1e-7).
+Only CPU float32 contiguous tensors take this path (`takes`); GPUs keep torch's fused kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("flowstats.cpp")
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles wins
+_VOID_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+build_error: str | None = None  # why the library is not there, for `flowtrain diagnose`-style reporting and tests
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _torch_libgomp() -> bool:
+    """Whether torch runs on GNU OpenMP (libgomp, loaded once per process): then kernels built with -fopenmp
+    share torch's thread pool instead of starting a second one that would fight it for the cores."""
+    try:
+        return "OpenMP" in torch.__config__.parallel_info() and "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _flag_sets() -> list[list[str]]:
+    sets = [list(f) for f in FLAG_SETS]
+    if _torch_libgomp():
+        sets.insert(0, [*FLAG_SETS[0], "-fopenmp"])
+    return sets
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FLOWTRAIN_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "flowtrain" / "kernels"
+
+
+def _compile(cxx: str, flags: list[str], target: Path) -> None:
+    """Build into a temporary file next to `target`, then rename: concurrent ranks never load half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(SOURCE)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.ft_sumsq_maxabs.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P]
+    lib.ft_nonfinite.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P]
+    lib.ft_sums.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P]
+    lib.ft_weights.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P]
+    lib.ft_update.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P, _VOID_P, ctypes.c_int]
+    lib.ft_sumsq_maxabs1.argtypes = [_VOID_P, _I64, _VOID_P]
+    lib.ft_logits.argtypes = [_VOID_P, _I64, _I64, _VOID_P]
+    lib.ft_attention.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P, *[_I64] * 5, _VOID_P, _I64, ctypes.c_int]
+    lib.ft_attention.argtypes += [ctypes.c_double, _VOID_P]
+    for name in ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "sumsq_maxabs1", "logits", "attention"):
+        getattr(lib, "ft_" + name).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them the first time; None when they cannot be had (callers fall back)."""
+    global _lib, _tried, build_error
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("FLOWTRAIN_KERNELS", "1") == "0":
+        build_error = "disabled by FLOWTRAIN_KERNELS=0"
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    if cxx is None:
+        build_error = "no C++ compiler (g++/clang++) on PATH"
+        return None
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256(
+            b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_fingerprint().encode(), cxx.encode()])
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"flowstats-{platform.machine()}-{key}.so"
+        try:
+            if not target.exists():
+                _compile(cxx, flags, target)
+            _lib = _declare(ctypes.CDLL(str(target)))
+            build_error = None
+            return _lib
+        except (OSError, subprocess.SubprocessError) as exc:
+            stderr = getattr(exc, "stderr", b"") or b""
+            errors.append(f"{' '.join(flags)}: {exc} {stderr.decode(errors='replace')[-300:]}".strip())
+    build_error = "; ".join(errors)
+    return None
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch FLOWTRAIN_KERNELS on and off)."""
+    global _lib, _tried, build_error
+    _lib, _tried, build_error = None, False, None
+
+
+def takes(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether these tensors can take the kernels: plain CPU float32 contiguous tensors, and the kernels built."""
+    if (_lib if _tried else library()) is None:
+        return False
+    f32 = torch.float32
+    for t in tensors:  # cheapest checks first: this runs in every hook of a monitored step
+        if t.dtype is not f32 or not t.is_cpu or not t.is_contiguous() or type(t) not in _PLAIN:
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _ptrs(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
+    return np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.uint64)
+
+
+def _numels(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.array([t.numel() for t in tensors], dtype=np.int64)
+
+
+def sumsq_maxabs(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per tensor: sum of squares (float64) and max |x| (float32; NaN where the tensor holds a NaN), one pass."""
+    n = len(tensors)
+    sq, mx = np.empty(n, np.float64), np.empty(n, np.float32)
+    ptrs, numels = _ptrs(tensors), _numels(tensors) if numels is None else numels  # alive during the call
+    library().ft_sumsq_maxabs(n, ptrs.ctypes.data, numels.ctypes.data, sq.ctypes.data, mx.ctypes.data)
+    nan = np.isnan(sq)  # only a NaN element makes a sum of non-negative squares NaN
+    if nan.any():
+        mx[nan] = np.nan
+    return sq, mx
+
+
+def nonfinite(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Per tensor: count of NaN/Inf elements (int64)."""
+    n = len(tensors)
+    out, ptrs, numels = np.empty(n, np.int64), _ptrs(tensors), _numels(tensors)
+    library().ft_nonfinite(n, ptrs.ctypes.data, numels.ctypes.data, out.ctypes.data)
+    return out
+
+
+def sums(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = None) -> np.ndarray:
+    """Per tensor: sum of elements (float64)."""
+    n = len(tensors)
+    out = np.empty(n, np.float64)
+    ptrs, numels = _ptrs(tensors), _numels(tensors) if numels is None else numels
+    library().ft_sums(n, ptrs.ctypes.data, numels.ctypes.data, out.ctypes.data)
+    return out
+
+
+def weights(params: Sequence[torch.Tensor], snapshot: Sequence[torch.Tensor] | None, numels: np.ndarray) -> np.ndarray:
+    """Per tensor ||w||^2 (float64); with `snapshot` (same shapes), copy the weights into it in the same pass."""
+    n = len(params)
+    out = np.empty(n, np.float64)
+    ptrs, snap = _ptrs(params), _ptrs(snapshot) if snapshot is not None else None
+    snap_arg = snap.ctypes.data if snap is not None else None
+    library().ft_weights(n, ptrs.ctypes.data, snap_arg, numels.ctypes.data, out.ctypes.data)
+    return out
+
+
+def update(
+    params: Sequence[torch.Tensor],
+    snapshot: Sequence[torch.Tensor],
+    second_moments: Sequence[torch.Tensor | None] | None,
+    numels: np.ndarray,
+    copy: bool,
+) -> np.ndarray:
+    """[n, 3] float64: ||w - snapshot||^2, ||w||^2, sum(v) (0 where no v) per tensor; `copy`: snapshot = w."""
+    n = len(params)
+    out = np.empty((n, 3), np.float64)
+    w, snap = _ptrs(params), _ptrs(snapshot)
+    v = _ptrs(second_moments) if second_moments is not None else None
+    v_arg = v.ctypes.data if v is not None else None
+    library().ft_update(n, w.ctypes.data, snap.ctypes.data, v_arg, numels.ctypes.data, out.ctypes.data, int(copy))
+    return out
+
+
+_ONE = np.empty(2, np.float64)  # result buffer of the single-tensor calls (the hooks run on one thread)
+
+
+_ONE_ADDR = _ONE.ctypes.data
+
+
+def one(t: torch.Tensor) -> tuple[float, float]:
+    """(sum of squares, max |x|) of one tensor that `takes([t])` accepts; max is NaN when the sum is."""
+    _lib.ft_sumsq_maxabs1(t.data_ptr(), t.numel(), _ONE_ADDR)
+    sq, mx = _ONE.tolist()
+    return sq, (mx if sq == sq else float("nan"))
+
+
+def logits(z: torch.Tensor) -> tuple[float, float, int]:
+    """(max |z|, sum over rows of logsumexp, rows) of contiguous float32 logits [..., vocab]."""
+    v = z.shape[-1]
+    rows = z.numel() // v if v else 0
+    _lib.ft_logits(z.data_ptr(), rows, v, _ONE_ADDR)
+    mx, lse = _ONE.tolist()
+    return (mx if lse == lse else float("nan")), lse, rows
+
+
+def attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """q [B, H, T, D] and k [B, H, S, D] of the plain kind the attention kernel reads (strided is fine)."""
+    return (
+        q.dim() == 4
+        and k.dim() == 4
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[3] == k.shape[3]
+        and q.stride(3) == 1
+        and k.stride(3) == 1
+        and q.dtype == k.dtype == torch.float32
+        and q.device.type == k.device.type == "cpu"
+        and type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and library() is not None
+    )
+
+
+def attention(
+    qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor], nb: int, nh: int, rows: np.ndarray, causal: bool
+) -> np.ndarray:
+    """[n, 2] float64: (mean entropy, max logit) of the sampled rows of softmax(q k^T / sqrt(d)) per (q, k) pair.
+
+    All pairs share one shape; `rows` (int64) are the sampled query positions; the first nb sequences and nh
+    heads are sampled; causal: query i sees keys up to i + S - T.
+    """
+    b, h, t, d = qs[0].shape
+    s = ks[0].shape[2]
+    nb, nh = min(nb, b), min(nh, h)
+    q_strides = np.array([q.stride()[:3] for q in qs], dtype=np.int64)
+    k_strides = np.array([k.stride()[:3] for k in ks], dtype=np.int64)
+    qp, kp, out = _ptrs(qs), _ptrs(ks), np.empty((len(qs), 2), np.float64)
+    library().ft_attention(
+        len(qs), qp.ctypes.data, kp.ctypes.data, q_strides.ctypes.data, k_strides.ctypes.data,
+        nb, nh, t, s, d, rows.ctypes.data, len(rows), int(causal), d**-0.5, out.ctypes.data,
+    )  # fmt: skip
+    return out

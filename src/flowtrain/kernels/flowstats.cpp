@@ -1,0 +1,404 @@
+// Fused reductions for the gradient-flow microscope on the CPU (float32; strided only where stated).
+//
+// Why: on the CPU torch's _foreach_* reductions are loops of one kernel per tensor and statistic, and every
+// statistic is another pass over memory. Here one call walks a list of tensors once and produces every
+// statistic the monitor needs from that pass. The work is memory-bound: passes, not flops, are the cost.
+//
+// Threads: work is cut into fixed chunks of CHUNK elements, spread over OpenMP threads; each chunk's partial
+// result is kept and the partials are added in chunk order, so results do not depend on the thread count.
+// Built with -fopenmp the kernels join the OpenMP runtime torch has already loaded (libgomp.so.1 is loaded
+// once per process), so they run on torch's own intra-op threads, which wait warm between torch's ops;
+// without OpenMP they run on the calling thread.
+//
+// Accuracy: blocks of BLOCK elements are summed in float across LANES independent lanes (16 terms per lane)
+// and the block sums are added in double: relative error ~1e-7, independent of the tensor's size.
+// Maxima ignore NaN here; callers see NaN through the sums (a NaN element makes its sum NaN).
+//
+// Plain C ABI, loaded with ctypes (flowtrain/kernels/__init__.py): no Python or torch headers, so it builds
+// in about a second with the system compiler, for the machine it runs on (-march=native).
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int LANES = 16;
+constexpr int BLOCK = 256;
+constexpr int64_t CHUNK = 1 << 14;  // elements per unit of work (64 KiB of float32)
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(float))));
+
+inline vf load(const float *p) {
+  vf v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+inline vf absv(vf v) { return (vf)((vi)v & 0x7fffffff); }
+inline float hsum(vf v) {  // a tree of halves: 4 vector adds instead of 15 scalar ones
+  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < LANES; l++) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline float fabs1(float x) { return x < 0 ? -x : x; }
+
+// Ask for the block PREFETCH elements ahead: hardware prefetchers stop at every 4 KiB page, and the tensors
+// here are small enough (hundreds of KiB) that those restarts are most of the time of a cold read.
+constexpr int64_t PREFETCH = 2048;
+inline void prefetch(const float *p, int64_t left) {
+  if (left > PREFETCH + BLOCK)
+    for (int j = 0; j < BLOCK; j += 64 / sizeof(float)) __builtin_prefetch(p + PREFETCH + j);
+}
+
+// exp(x) for x <= 0 (arguments are z - max): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-7
+// Taylor polynomial, relative error < 3e-7; below -87 the result is clamped to ~1.6e-38 (it is added to a
+// sum that holds at least exp(0) = 1, where it vanishes).
+inline vf exp_nonpos(vf x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  vf n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest
+  vf r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);
+  vf p = splat(1.0f / 5040);
+  p = p * r + splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)scale;
+}
+
+// -- work split ------------------------------------------------------------------------------------------------
+
+struct Chunk {
+  int64_t tensor, lo, hi;
+};
+
+std::vector<Chunk> chunks_of(int64_t n, const int64_t *numel) {
+  std::vector<Chunk> out;
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t lo = 0; lo < numel[i]; lo += CHUNK) out.push_back({i, lo, lo + CHUNK < numel[i] ? lo + CHUNK : numel[i]});
+  return out;
+}
+
+// f(c) for every c in [0, count), on the OpenMP threads when there is enough work for more than one
+template <class F>
+void parallel(int64_t count, int64_t elements, F f) {
+#pragma omp parallel for schedule(static) if (count > 1 && elements > 2 * CHUNK)
+  for (int64_t c = 0; c < count; c++) f(c);
+}
+
+// -- one range of one tensor -----------------------------------------------------------------------------------
+
+void sumsq_maxabs_range(const float *p, int64_t n, double *sumsq, float *maxabs) {
+  double s = 0;
+  vf mx = {};
+  int64_t k = 0;
+  for (; k + BLOCK <= n; k += BLOCK) {
+    prefetch(p + k, n - k);
+    vf a0 = {}, a1 = {};
+    for (int j = 0; j < BLOCK; j += 2 * LANES) {
+      vf x0 = load(p + k + j), x1 = load(p + k + j + LANES);
+      a0 += x0 * x0;
+      a1 += x1 * x1;
+      vf b0 = absv(x0), b1 = absv(x1);
+      mx = b0 > mx ? b0 : mx;
+      mx = b1 > mx ? b1 : mx;
+    }
+    s += hsum(a0 + a1);
+  }
+  float m = hmax(mx);
+  for (; k < n; k++) {
+    float x = p[k], ax = fabs1(x);
+    s += (double)x * x;
+    m = ax > m ? ax : m;
+  }
+  *sumsq = s;
+  *maxabs = m;
+}
+
+double sum_range(const float *p, int64_t n) {
+  double s = 0;
+  int64_t k = 0;
+  for (; k + BLOCK <= n; k += BLOCK) {
+    vf a = {};
+    for (int j = 0; j < BLOCK; j += LANES) a += load(p + k + j);
+    s += hsum(a);
+  }
+  for (; k < n; k++) s += p[k];
+  return s;
+}
+
+double weights_range(const float *w, float *snap, int64_t n) {
+  double s = 0;
+  int64_t k = 0;
+  for (; k + BLOCK <= n; k += BLOCK) {
+    vf a = {};
+    for (int j = 0; j < BLOCK; j += LANES) {
+      vf x = load(w + k + j);
+      a += x * x;
+      if (snap) store(snap + k + j, x);
+    }
+    s += hsum(a);
+  }
+  for (; k < n; k++) {
+    s += (double)w[k] * w[k];
+    if (snap) snap[k] = w[k];
+  }
+  return s;
+}
+
+// ||w - snap||^2, ||w||^2 and sum(v) of one range; with COPY, snap = w afterwards
+template <bool COPY, bool HAS_V>
+void update_range(const float *w, float *snap, const float *v, int64_t n, double *out) {
+  double d = 0, ww = 0, vs = 0;
+  int64_t k = 0;
+  for (; k + BLOCK <= n; k += BLOCK) {
+    vf ad = {}, aw = {}, av = {};
+    for (int j = 0; j < BLOCK; j += LANES) {
+      vf x = load(w + k + j), diff = load(snap + k + j) - x;
+      ad += diff * diff;
+      aw += x * x;
+      if (COPY) store(snap + k + j, x);
+      if (HAS_V) av += load(v + k + j);
+    }
+    d += hsum(ad);
+    ww += hsum(aw);
+    if (HAS_V) vs += hsum(av);
+  }
+  for (; k < n; k++) {
+    float x = w[k], diff = snap[k] - x;
+    d += (double)diff * diff;
+    ww += (double)x * x;
+    if (COPY) snap[k] = x;
+    if (HAS_V) vs += v[k];
+  }
+  out[0] = d;
+  out[1] = ww;
+  out[2] = vs;
+}
+
+// log-sum-exp of one row and its max |z| (NaN in the row makes the lse NaN)
+double row_lse(const float *row, int64_t v, float *max_abs) {
+  float hi = -__builtin_inff(), lo = __builtin_inff();
+  int64_t j = 0;
+  if (v >= LANES) {
+    vf vhi = splat(-__builtin_inff()), vlo = splat(__builtin_inff());
+    for (; j + LANES <= v; j += LANES) {
+      vf x = load(row + j);
+      vhi = x > vhi ? x : vhi;
+      vlo = x < vlo ? x : vlo;
+    }
+    hi = hmax(vhi);
+    lo = -hmax(-vlo);
+  }
+  for (; j < v; j++) {
+    hi = row[j] > hi ? row[j] : hi;
+    lo = row[j] < lo ? row[j] : lo;
+  }
+  *max_abs = hi > -lo ? hi : -lo;
+  vf acc = {};
+  j = 0;
+  for (; j + LANES <= v; j += LANES) acc += exp_nonpos(load(row + j) - splat(hi));
+  double sum = hsum(acc);
+  for (; j < v; j++) sum += __builtin_exp((double)row[j] - hi);
+  return hi + __builtin_log(sum);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Per tensor i: sumsq[i] = sum x^2 (double), maxabs[i] = max |x| ignoring NaN.
+void ft_sumsq_maxabs(int64_t n, const float *const *ptrs, const int64_t *numel, double *sumsq, float *maxabs) {
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> s(cs.size());
+  std::vector<float> m(cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) {
+    sumsq_maxabs_range(ptrs[cs[c].tensor] + cs[c].lo, cs[c].hi - cs[c].lo, &s[c], &m[c]);
+  });
+  for (int64_t i = 0; i < n; i++) sumsq[i] = 0, maxabs[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++) {
+    sumsq[cs[c].tensor] += s[c];
+    maxabs[cs[c].tensor] = m[c] > maxabs[cs[c].tensor] ? m[c] : maxabs[cs[c].tensor];
+  }
+}
+
+// One tensor: out[0] = sum x^2, out[1] = max |x| ignoring NaN (the hooks' per-boundary call).
+void ft_sumsq_maxabs1(const float *p, int64_t n, double *out) {
+  float m;
+  ft_sumsq_maxabs(1, &p, &n, out, &m);
+  out[1] = m;
+}
+
+// Per tensor i: out[i] = number of NaN/Inf elements.
+void ft_nonfinite(int64_t n, const float *const *ptrs, const int64_t *numel, int64_t *out) {
+  for (int64_t i = 0; i < n; i++) {
+    const uint32_t *p = (const uint32_t *)ptrs[i];
+    int64_t bad = 0;
+    for (int64_t k = 0; k < numel[i]; k++) bad += (p[k] & 0x7f800000u) == 0x7f800000u;  // exponent all ones
+    out[i] = bad;
+  }
+}
+
+// Per tensor i: out[i] = sum x (double); Adam's second moments (non-negative, so this is their L1 norm).
+void ft_sums(int64_t n, const float *const *ptrs, const int64_t *numel, double *out) {
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> s(cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) { s[c] = sum_range(ptrs[cs[c].tensor] + cs[c].lo, cs[c].hi - cs[c].lo); });
+  for (int64_t i = 0; i < n; i++) out[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++) out[cs[c].tensor] += s[c];
+}
+
+// Per tensor i: wsq[i] = ||w_i||^2, and (snap non-null) snap_i = w_i: the weights before a step, kept for dW.
+void ft_weights(int64_t n, const float *const *w, float *const *snap, const int64_t *numel, double *wsq) {
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> s(cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) {
+    const Chunk &k = cs[c];
+    s[c] = weights_range(w[k.tensor] + k.lo, snap ? snap[k.tensor] + k.lo : nullptr, k.hi - k.lo);
+  });
+  for (int64_t i = 0; i < n; i++) wsq[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++) wsq[cs[c].tensor] += s[c];
+}
+
+// After an optimizer step, per tensor i (out is [n, 3] row-major):
+//   out[i, 0] = ||w_i - snap_i||^2   (the update that happened, snap_i holding the weights before it)
+//   out[i, 1] = ||w_i||^2            (the weights now: those before the next step)
+//   out[i, 2] = sum(v_i)             (v non-null and v[i] non-null; else 0)
+// and with copy != 0, snap_i = w_i (ready for the next step's update).
+void ft_update(int64_t n, const float *const *w, float *const *snap, const float *const *v, const int64_t *numel,
+               double *out, int copy) {
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> part(3 * cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) {
+    const Chunk &k = cs[c];
+    const float *wi = w[k.tensor] + k.lo;
+    float *si = snap[k.tensor] + k.lo;
+    const float *vi_ = v && v[k.tensor] ? v[k.tensor] + k.lo : nullptr;
+    int64_t len = k.hi - k.lo;
+    double *o = &part[3 * c];
+    if (copy && vi_) update_range<true, true>(wi, si, vi_, len, o);
+    else if (copy) update_range<true, false>(wi, si, nullptr, len, o);
+    else if (vi_) update_range<false, true>(wi, si, vi_, len, o);
+    else update_range<false, false>(wi, si, nullptr, len, o);
+  });
+  for (int64_t i = 0; i < 3 * n; i++) out[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++)
+    for (int j = 0; j < 3; j++) out[3 * cs[c].tensor + j] += part[3 * c + j];
+}
+
+// Output logits, rows of length v (contiguous): out[0] = max |z| (ignoring NaN), out[1] = sum over rows of
+// log-sum-exp(row).
+void ft_logits(const float *z, int64_t rows, int64_t v, double *out) {
+  int64_t per = v > 0 ? (CHUNK + v - 1) / v : rows;  // rows per unit of work
+  int64_t units = per > 0 ? (rows + per - 1) / per : 0;
+  std::vector<double> lse(units);
+  std::vector<float> mx(units);
+  parallel(units, rows * v, [&](int64_t u) {
+    double s = 0;
+    float m = 0;
+    for (int64_t r = u * per; r < rows && r < (u + 1) * per; r++) {
+      float a;
+      s += row_lse(z + r * v, v, &a);
+      m = a > m ? a : m;
+    }
+    lse[u] = s;
+    mx[u] = m;
+  });
+  out[0] = 0;
+  out[1] = 0;
+  for (int64_t u = 0; u < units; u++) {
+    out[1] += lse[u];
+    out[0] = mx[u] > out[0] ? mx[u] : out[0];
+  }
+}
+
+// Attention of a sample, per block i (q[i], k[i]: [B, H, T, D] and [B, H, S, D] float32, last dim contiguous,
+// strides in elements given per block in q_strides/k_strides, 3 each for the B, H and T/S dims): for the
+// first nb sequences and nh heads, query rows rows[0..P), keys j allowed when !causal or j <= row + S - T.
+// out[i, 0] = mean over sampled rows of the entropy -sum_j p_j log p_j (nats), out[i, 1] = max scaled score.
+void ft_attention(int64_t n, const float *const *q, const float *const *k, const int64_t *q_strides,
+                  const int64_t *k_strides, int64_t nb, int64_t nh, int64_t T, int64_t S, int64_t D,
+                  const int64_t *rows, int64_t P, int causal, double scale, double *out) {
+  int64_t items = n * nb * nh;  // one unit of work: the P sampled rows of one (block, sequence, head)
+  std::vector<double> ent(items), mx(items);
+  std::vector<int64_t> count(items);
+  parallel(items, items * P * S * D / 4, [&](int64_t it) {
+    int64_t i = it / (nb * nh), b = it / nh % nb, h = it % nh;
+    const int64_t *qs = q_strides + 3 * i, *ks = k_strides + 3 * i;
+    std::vector<float> scores(S > 0 ? S : 1);
+    double entropy_sum = 0, max_logit = -__builtin_inf();
+    int64_t seen = 0;
+    for (int64_t r = 0; r < P; r++) {
+      const float *qr = q[i] + b * qs[0] + h * qs[1] + rows[r] * qs[2];
+      int64_t keys = causal ? rows[r] + (S - T) + 1 : S;
+      keys = keys > S ? S : keys;
+      if (keys <= 0) continue;
+      float hi = -__builtin_inff();
+      for (int64_t j = 0; j < keys; j++) {
+        const float *kj = k[i] + b * ks[0] + h * ks[1] + j * ks[2];
+        float dot = 0;
+        int64_t d = 0;
+        if (D % LANES == 0) {
+          vf acc = {};
+          for (; d < D; d += LANES) acc += load(qr + d) * load(kj + d);
+          dot = hsum(acc);
+        }
+        for (; d < D; d++) dot += qr[d] * kj[d];
+        scores[j] = dot * (float)scale;
+        hi = scores[j] > hi ? scores[j] : hi;
+      }
+      vf az = {}, azs = {};
+      int64_t j = 0;
+      for (; j + LANES <= keys; j += LANES) {
+        vf sj = load(&scores[j]), e = exp_nonpos(sj - splat(hi));
+        az += e;
+        azs += e * sj;
+      }
+      double z = hsum(az), zs = hsum(azs);
+      for (; j < keys; j++) {
+        double e = __builtin_exp((double)scores[j] - hi);
+        z += e;
+        zs += e * scores[j];
+      }
+      entropy_sum += hi + __builtin_log(z) - zs / z;  // H = lse - E_p[s]
+      max_logit = hi > max_logit ? hi : max_logit;
+      seen++;
+    }
+    ent[it] = entropy_sum;
+    mx[it] = max_logit;
+    count[it] = seen;
+  });
+  for (int64_t i = 0; i < n; i++) {
+    double e = 0, m = -__builtin_inf();
+    int64_t c = 0;
+    for (int64_t it = i * nb * nh; it < (i + 1) * nb * nh; it++) {
+      e += ent[it];
+      m = mx[it] > m ? mx[it] : m;
+      c += count[it];
+    }
+    out[2 * i] = c ? e / c : __builtin_nan("");
+    out[2 * i + 1] = c ? m : __builtin_nan("");
+  }
+}
+
+}  // extern "C"
