@@ -32,8 +32,9 @@ from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
 BIG = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768"]
 
 
-def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]) -> float:
-    """Mean step time (ms) of one real run of `steps` steps, skipping the first `warmup`.
+def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]) -> tuple[float, float, float]:
+    """(mean step ms, mean microscope stopwatch ms, last flow interval) of one real run of `steps` steps,
+    skipping the first `warmup`.
 
     The mean, not the median: with flow.interval > 1 the cost sits in one step of every `interval`, and only
     the mean shows it amortized."""
@@ -52,25 +53,41 @@ def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]
         ],
     )
     summary = trainer.run_loop()
-    times = [r["step_time_ms"] for r in read_jsonl(summary.run_dir / "metrics.jsonl") if r["step"] > warmup]
-    return statistics.fmean(times)
+    rows = [r for r in read_jsonl(summary.run_dir / "metrics.jsonl") if r["step"] > warmup]
+    flow_ms = statistics.fmean(r.get("flow_ms", 0.0) for r in rows)
+    return statistics.fmean(r["step_time_ms"] for r in rows), flow_ms, rows[-1].get("flow_interval", 0)
 
 
-def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str], interval: int = 1) -> None:
+def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str], interval: str = "1") -> None:
+    """interval "auto": the run is `full` steps longer (monitored every step), and those steps are left out of
+    the mean of both variants: the figure is auto's steady state once it has chosen its interval."""
     variants = {"off": ["flow.enabled=false"], "on": ["flow.enabled=true", f"flow.interval={interval}"]}
+    if interval == "auto":
+        full = 100
+        variants["on"] += [f"flow.full_steps={full}", f"flow.reprobe_steps={steps}"]
+        steps, warmup = steps + full, warmup + full
     medians: dict[str, list[float]] = {k: [] for k in variants}
+    stopwatch, chosen = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 run = f"{name}-{r}"
-                medians[name].append(run_once(Path(tmp), run, steps, warmup, [*model, *variants[name]]))
+                step_ms, flow_ms, every = run_once(Path(tmp), run, steps, warmup, [*model, *variants[name]])
+                medians[name].append(step_ms)
+                if name == "on":
+                    stopwatch.append(flow_ms)
+                    chosen.append(every)
     ratios = [on / off for on, off in zip(medians["on"], medians["off"])]
+    extra = [on - off for on, off in zip(medians["on"], medians["off"])]
     print(label)
     for name, values in medians.items():
         print(f"  monitoring {name:<3}: step ms median [min, max] over rounds {summarize(values)}")
     spread = f"per-round ratios, {rounds} rounds of {steps} steps"
     print(f"  on (interval {interval}) / off ratio: {summarize(ratios)} ({spread})")
+    print(f"  extra ms per step {summarize(extra)}; microscope stopwatch ms per step {summarize(stopwatch)}")
+    if interval == "auto":
+        print(f"  interval auto chose: {sorted(chosen)}")
 
 
 def main() -> None:
@@ -81,7 +98,7 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=8)
     parser.add_argument("--big-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--intervals", type=int, nargs="+", default=[1], help="flow.interval values to compare")
+    parser.add_argument("--intervals", nargs="+", default=["1"], help="flow.interval values to compare (N or auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

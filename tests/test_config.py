@@ -39,6 +39,11 @@ def test_overrides_are_typed():
         ("train.batch_size=big", "train.batch_size"),
         ("optim.name=lion", "optim.name"),
         ("model.norm_placement=middle", "model.norm_placement"),
+        (
+            "flow.interval=0",
+            "'flow.interval' (got 0): Input should be greater than or equal to 1 or Input should be 'auto'",
+        ),
+        ("flow.interval=sometimes", "'flow.interval' (got 'sometimes')"),
     ],
 )
 def test_bad_config_fails_with_one_line(override, message):

@@ -162,8 +162,22 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _format_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    errors = exc.errors()
+    err = errors[0]
+    # a union field (e.g. flow.interval: a positive int or "auto") reports one error per choice, each with
+    # the choice's name appended to the location: name the field, and list what each choice wanted
+    fields = [
+        p
+        for p in err["loc"]
+        if not (
+            isinstance(p, str) and (p.startswith(("constrained-", "literal[")) or p in ("int", "str", "float", "bool"))
+        )
+    ]
+    loc = ".".join(str(p) for p in fields)
+    choices = [e for e in errors if tuple(e["loc"][: len(fields)]) == tuple(fields)]
+    if len(choices) > 1 and len(err["loc"]) > len(fields):
+        wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in choices))
+        return f"invalid config value for {loc!r} (got {err.get('input')!r}): {wanted}"
     if err["type"] == "extra_forbidden":
         hint = _nearest_key(loc)
         if not hint and "." not in loc:

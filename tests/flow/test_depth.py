@@ -13,6 +13,8 @@ from flowtrain.flow import FlowConfig, FlowMonitor
 from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
 
+pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
+
 REL = 1e-6
 
 

@@ -13,6 +13,8 @@ from flowtrain.flow import FlowConfig, FlowMonitor, diagnose
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.config import ClipConfig
 
+pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
+
 REL = 1e-6
 
 
@@ -148,3 +150,32 @@ def test_disabled_monitor_attaches_nothing():
     monitor.after_backward()
     monitor.after_step()
     assert monitor.collect(0) is None
+
+
+def test_weights_changed_between_steps_are_not_counted_as_the_update():
+    """The CPU kernels keep the copy of the weights from the pass after the last step; a change to the weights
+    before the next step (in place: noticed by version; through .data: after monitor.invalidate()) must not
+    end up in the next step's ΔW or weight norm."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = FlowMonitor(model, opt, FlowConfig(interval=1))
+    idx = torch.randint(0, 17, (4, 8))
+    edits = {1: "in_place", 2: "data"}
+    for step in range(4):
+        if edits.get(step) == "in_place":
+            with torch.no_grad():
+                model.tok_emb.weight.mul_(0.5)
+        elif edits.get(step) == "data":
+            model.lm_head.weight.data.mul_(2.0)
+            monitor.invalidate()
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, idx).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        monitor.after_backward()
+        opt.step()
+        monitor.after_step()
+        rec = monitor.collect(step)
+        for name, p in model.named_parameters():
+            close(rec.tensor(name)["weight_norm"], norm(before[name]))
+            close(rec.tensor(name)["update_norm"], norm(p.detach() - before[name]))

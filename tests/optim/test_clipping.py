@@ -279,3 +279,19 @@ def test_clipping_path_never_asks_the_host_for_a_value():
     for fn in path:
         source = inspect.getsource(fn)
         assert not host_read.search(source), f"{fn.__qualname__} reads a value on the host"
+    # the one read allowed: skipping the multiply by exactly 1 on the CPU, where reading costs no sync
+    assert 'device.type == "cpu" and' in inspect.getsource(clipping._is_one_on_cpu)
+
+
+def test_unclipped_cpu_step_leaves_gradients_untouched_and_clipped_step_scales_them():
+    model = model_with_grads()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stats = GradClipper(ClipConfig(kind="norm", max_norm=1e9))(model.named_parameters())
+    assert float(stats.clip_coef) == 1.0
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n])
+    stats = GradClipper(ClipConfig(kind="norm", max_norm=1e-3))(model.named_parameters())
+    coef = float(stats.clip_coef)
+    assert coef < 1.0
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n] * torch.tensor(coef))

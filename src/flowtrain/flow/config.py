@@ -1,5 +1,7 @@
 """Configuration of the gradient-flow microscope (flow/monitor.py). Lives in the run config as `flow:`."""
 
+from typing import Annotated, Literal
+
 from pydantic import Field
 
 from flowtrain._base import Section
@@ -9,12 +11,16 @@ class FlowConfig(Section):
     """What the microscope measures and how often. Everything defaults to on: it is cheap by design."""
 
     enabled: bool = Field(True, description="off: no hooks, no snapshots, collect() returns None")
-    interval: int = Field(
-        1,
-        ge=1,
+    interval: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
         description="monitored steps: per-tensor, per-layer and depth statistics, parameter and update norms every "
-        "N steps (clip statistics are reported every step); between monitored steps the microscope costs nothing",
+        "N steps (clip statistics are reported every step); between monitored steps the microscope costs nothing. "
+        "auto: every step for the first `full_steps`, then the smallest interval that keeps the microscope's "
+        "measured time under `budget` of the step time (re-chosen every `reprobe_steps`)",
     )
+    budget: float = Field(0.03, gt=0, le=1, description="auto interval: the microscope's share of step time")
+    full_steps: int = Field(100, ge=0, description="auto interval: steps monitored every step at the start")
+    reprobe_steps: int = Field(500, ge=1, description="auto interval: steps between choices of the interval")
     updates: bool = Field(
         True,
         description="update norms and ||dW||/||W|| on monitored steps (keeps one copy of the parameters in memory)",

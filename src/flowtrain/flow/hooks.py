@@ -21,6 +21,7 @@ device tensors (no host sync) and activations are reduced in one batch per micro
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,9 @@ from torch import nn
 from flowtrain import kernels, tensorstats
 
 DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "attn_max_logit")
+# CPU kernels: a block's q and k are kept referenced until after the backward (then all blocks are read in one
+# call, cheaper than one call per block in the forward) only while that holds on to at most this much memory
+HOLD_BYTES = 16 << 20
 
 
 def _add(prev, value):
@@ -124,6 +128,12 @@ def attention_stats(
     return torch.stack([entropy, max_logit])
 
 
+class _NoClock:
+    """Where a probe used on its own books its time (nobody reads it)."""
+
+    spent = 0.0
+
+
 class _Probe:
     """Hooks that measure only while armed (monitored steps); removing them leaves the model as it was."""
 
@@ -150,9 +160,10 @@ class _Probe:
 class DepthProbe(_Probe):
     """Forward/backward hooks on a stack of blocks; accumulates depth statistics while armed."""
 
-    def __init__(self, blocks: Sequence[nn.Module], cfg) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], cfg, clock=None) -> None:
         self.blocks = list(blocks)
         self.cfg = cfg
+        self.clock = clock if clock is not None else _NoClock()
         self.n = len(self.blocks) + 1  # boundaries h_0..h_L
         # attention: read q, k at the kernel when the model has one (no recompute), else recompute a sample
         self.kernels = [find_kernel(b) if cfg.attention else None for b in self.blocks]
@@ -185,6 +196,7 @@ class DepthProbe(_Probe):
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
+        self.qk_host: list[np.ndarray | None] = [None] * len(self.blocks)  # (entropy, max logit), CPU kernels
         self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
         self._pending_acts: list[tuple[int, torch.Tensor]] = []
 
@@ -220,22 +232,28 @@ class DepthProbe(_Probe):
 
     def _make_grad_hook(self, index: int):
         def on_grad(grad: torch.Tensor) -> None:
+            started = time.perf_counter()
             sq = kernels.one(grad)[0] if _on_kernels(grad) else tensorstats.sum_of_squares(grad)
             self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
             if index == 0:  # the last boundary the backward pass reaches: this micro-batch is done
                 self._flush_activations()
+            self.clock.spent += time.perf_counter() - started
 
         return on_grad
 
     def _on_block_input(self, module, args) -> None:
         if self.armed and args:
+            started = time.perf_counter()
             self._flush_activations()  # a new micro-batch begins: reduce the previous one's activations
             self._observe(0, _first_tensor(args[0]))
+            self.clock.spent += time.perf_counter() - started
 
     def _make_output_hook(self, index: int):
         def on_output(module, args, output) -> None:
             if self.armed:
+                started = time.perf_counter()
                 self._observe(index, _first_tensor(output))
+                self.clock.spent += time.perf_counter() - started
 
         return on_output
 
@@ -262,23 +280,36 @@ class DepthProbe(_Probe):
             """Keep the sampled query rows, their keys and which keys each row may see (first micro-batch)."""
             if not self.armed or len(args) < 2 or not torch.is_grad_enabled():
                 return
-            if self.qk_samples[block] is not None or self.qk_refs[block] is not None:
+            if any(x[block] is not None for x in (self.qk_samples, self.qk_host, self.qk_refs)):
                 return
-            q, k = args[0].detach(), args[1].detach()
-            mask = args[3] if len(args) > 3 else None
-            is_causal = bool(args[5]) if len(args) > 5 else mask is None
-            if mask is None and kernels.attention_takes(q, k):
-                self.qk_refs[block] = (q, k, is_causal)  # read after the backward by one kernel call
-                return
-            nb, heads = self.cfg.attn_batch, self.cfg.attn_heads
-            rows = self._sample_rows(q.shape[-2], q.device)
-            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-                allowed = mask[:nb].index_select(-2, rows)
-            else:  # causal (query i sees keys up to i, aligned to the last key) or full
-                allowed = self._template_mask(q.shape[-2], k.shape[-2], is_causal, q.device)
-            self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
+            started = time.perf_counter()
+            self._capture_qk(block, args)
+            self.clock.spent += time.perf_counter() - started
 
         return on_kernel_input
+
+    def _capture_qk(self, block: int, args: tuple) -> None:
+        q, k = args[0].detach(), args[1].detach()
+        mask = args[3] if len(args) > 3 else None
+        is_causal = bool(args[5]) if len(args) > 5 else mask is None
+        if mask is None and kernels.attention_takes(q, k):
+            held = q.untyped_storage().nbytes()
+            if k.untyped_storage().data_ptr() != q.untyped_storage().data_ptr():
+                held += k.untyped_storage().nbytes()
+            if held <= HOLD_BYTES:  # keep references; all blocks are read by one kernel call after the backward
+                self.qk_refs[block] = (q, k, is_causal)
+            else:  # too much memory to hold on to until then: measure now, while q and k are in cache
+                rows = self._sample_rows(q.shape[-2], q.device).numpy()
+                cfg = self.cfg
+                self.qk_host[block] = kernels.attention([q], [k], cfg.attn_batch, cfg.attn_heads, rows, is_causal)[0]
+            return
+        nb, heads = self.cfg.attn_batch, self.cfg.attn_heads
+        rows = self._sample_rows(q.shape[-2], q.device)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            allowed = mask[:nb].index_select(-2, rows)
+        else:  # causal (query i sees keys up to i, aligned to the last key) or full
+            allowed = self._template_mask(q.shape[-2], k.shape[-2], is_causal, q.device)
+        self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
 
     def _make_attn_input_hook(self, block: int):
         def on_attn_input(module, args, kwargs) -> None:
@@ -313,7 +344,8 @@ class DepthProbe(_Probe):
     def attention(self) -> list:
         """Attention stats of the sampled rows (call before the weights change): per block None, a float64
         numpy pair (CPU kernels) or a device tensor pair."""
-        out: list = [None] * len(self.blocks)
+        out: list = list(self.qk_host)
+        self.qk_host = [None] * len(self.blocks)
         if any(r is not None for r in self.qk_refs):
             self._kernel_refs_attention(out)
         captured = [i for i, s in enumerate(self.qk_samples) if s is not None]
@@ -416,7 +448,8 @@ class DepthProbe(_Probe):
 class LogitsProbe(_Probe):
     """Forward hook on the output head: max |z| and mean log-sum-exp over every position of the step."""
 
-    def __init__(self, head: nn.Module) -> None:
+    def __init__(self, head: nn.Module, clock=None) -> None:
+        self.clock = clock if clock is not None else _NoClock()
         self.armed = False
         self._reset()
         self._handles = [head.register_forward_hook(self._on_output)]
@@ -430,6 +463,11 @@ class LogitsProbe(_Probe):
         z = _first_tensor(output)
         if not self.armed or z is None or not torch.is_grad_enabled():
             return
+        started = time.perf_counter()
+        self._measure(z)
+        self.clock.spent += time.perf_counter() - started
+
+    def _measure(self, z: torch.Tensor) -> None:
         if _on_kernels(z):  # one pass while the logits are in cache; Python floats
             mx, lse, rows = kernels.logits(z)
         else:

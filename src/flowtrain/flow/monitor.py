@@ -15,6 +15,7 @@ Hooks fire on monitored steps only (step % interval == 0); on the others they re
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowtrain.flow.budget import Interval, Stopwatch
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
 from flowtrain.flow.records import FlowRecord, LayerGroups
@@ -103,9 +105,12 @@ class FlowMonitor:
         self.layer_of = layer_of or default_layer_of(model)
         self.layers = [self.layer_of(n) for n in self.names]
         self.step_index = start_step
+        self.clock = Stopwatch()  # the microscope's own seconds this step (hooks and the calls below)
+        self.interval = Interval(self.cfg, start_step, self.clock)
         self._pending: dict | None = None
         self._ready: dict | None = None
         self._clipped: deque[float] = deque(maxlen=self.cfg.clip_rate_window)
+        self._clipped_sum = 0.0  # of the values in _clipped (0/1): the rolling clip rate without a pass
         self.params: ParamStats | None = None
         self.depth: DepthProbe | None = None
         self.logits: LogitsProbe | None = None
@@ -115,12 +120,12 @@ class FlowMonitor:
         self._layer_groups = LayerGroups(self.layers, self.params.numels.cpu().numpy())
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
-            self.depth = DepthProbe(blocks, self.cfg)
+            self.depth = DepthProbe(blocks, self.cfg, self.clock)
             self.depth_layers = self._depth_layers(model, blocks)
         if head is None and isinstance(getattr(model, "lm_head", None), nn.Module):
             head = model.lm_head
         if self.cfg.logits and head is not None:
-            self.logits = LogitsProbe(head)
+            self.logits = LogitsProbe(head, self.clock)
         self._arm()
 
     def _depth_layers(self, model: nn.Module, blocks: list[nn.Module]) -> list[str]:
@@ -141,12 +146,19 @@ class FlowMonitor:
     def is_monitored(self, step: int | None = None) -> bool:
         """Whether per-tensor and depth statistics are taken at `step` (default: the step now running)."""
         step = self.step_index if step is None else step
-        return self.cfg.enabled and step % self.cfg.interval == 0
+        return self.cfg.enabled and self.interval.monitored(step)
+
+    def invalidate(self) -> None:
+        """The weights were changed outside the optimizer through `.data` (which bypasses the version counters
+        the monitor checks; in-place edits of the parameters themselves are noticed): measure ΔW afresh."""
+        if self.params is not None:
+            self.params.invalidate()
 
     def restart_at(self, step: int) -> None:
         """Go on from `step` after the weights were replaced (a rollback): nothing kept from before is reused."""
         self.step_index = step
         self._pending = self._ready = None
+        self.interval.restart_at(step)
         if self.params is not None:
             self.params.invalidate()
         self._arm()
@@ -161,6 +173,7 @@ class FlowMonitor:
         """Read the accumulated gradients (and snapshot the weights) before clipping and the optimizer step."""
         if self.params is None:
             return
+        started = time.perf_counter()
         pending: dict = {"step": self.step_index, "monitored": self.is_monitored()}
         if pending["monitored"]:  # between monitored steps the microscope costs nothing
             pending["weight_sumsq"] = self.params.weights_and_snapshot()
@@ -171,6 +184,7 @@ class FlowMonitor:
             if hist and self.step_index % hist == 0:
                 pending["histograms"] = self._histogram_samples()
         self._pending = pending
+        self.clock.spent += time.perf_counter() - started
 
     @property
     def grad_sumsq(self) -> torch.Tensor | None:
@@ -185,6 +199,7 @@ class FlowMonitor:
             return
         if self._pending is None:
             raise RuntimeError("FlowMonitor.after_step() called without after_backward() for this step")
+        started = time.perf_counter()
         pending, self._pending = self._pending, None
         if clip_stats is not None:
             pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
@@ -197,14 +212,35 @@ class FlowMonitor:
             if self.logits is not None:
                 pending["logits"] = self.logits.values(device, self.sync)
         self._ready = pending
+        self.clock.spent += time.perf_counter() - started
+        pending["flow_interval"] = self.interval.every  # the interval this step was taken under
+        if self.interval.step_done(self.step_index, pending["monitored"]) and self.sync:
+            self._agree_on_interval()
+        pending["flow_ms"] = 1e3 * self.interval.last_spent
         self.step_index += 1
         self._arm()
+
+    def _agree_on_interval(self) -> None:
+        """Data parallel: every rank takes the largest interval any rank chose (they monitor the same steps)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            every = torch.tensor([self.interval.every], dtype=torch.int64, device=self.params.device)
+            dist.all_reduce(every, op=dist.ReduceOp.MAX)
+            self.interval.every = int(every.item())
 
     def collect(self, step: int | None = None) -> FlowRecord | None:
         """The last finished step's record as host numbers (one transfer), or None if there is none."""
         ready, self._ready = self._ready, None
         if ready is None or self.params is None:
             return None
+        started = time.perf_counter()
+        try:
+            return self._collect(ready, step)
+        finally:
+            self.clock.spent += time.perf_counter() - started
+
+    def _collect(self, ready: dict, step: int | None) -> FlowRecord:
         device = self.params.device
         parts: dict[str, torch.Tensor | np.ndarray] = {}  # numpy: measured on the host (CPU kernels)
         wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
@@ -214,8 +250,8 @@ class FlowMonitor:
             parts["update_norm"] = _sqrt_of_sum(usq)
         if "clip" in ready:
             clip = ready["clip"]
-            if all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in clip):
-                parts["clip"] = np.array([float(v) for v in clip])  # CPU: no stack, no copy
+            if all(isinstance(v, torch.Tensor) and v.is_cpu for v in clip):
+                ready["clip_values"] = [float(v.item()) for v in clip]  # CPU: read as they are
             else:
                 parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
         if ready["monitored"]:
@@ -235,18 +271,24 @@ class FlowMonitor:
             for key, t in on_device.items():
                 host[key] = flat[offset : offset + t.numel()].reshape(t.shape)
                 offset += t.numel()
-        return self._record(step, host)
+        return self._record(step, host, ready)
 
-    def _record(self, step: int, host: dict[str, np.ndarray]) -> FlowRecord:
+    def _record(self, step: int, host: dict[str, np.ndarray], ready: dict) -> FlowRecord:
         scalars: dict[str, float] = {}
         if "param_norm" in host:
             scalars["param_norm"] = float(host["param_norm"][0])
         if "update_norm" in host:
             scalars["update_norm"] = float(host["update_norm"][0])
-        if "clip" in host:
-            scalars.update(zip(CLIP_FIELDS, (float(v) for v in host["clip"]), strict=True))
+        clip = ready.get("clip_values") or (host["clip"].tolist() if "clip" in host else None)
+        if clip is not None:
+            scalars.update(zip(CLIP_FIELDS, clip, strict=True))
+            if len(self._clipped) == self._clipped.maxlen:
+                self._clipped_sum -= self._clipped[0]
             self._clipped.append(scalars["clipped"])
-            scalars["clip_rate"] = float(np.mean(self._clipped))
+            self._clipped_sum += scalars["clipped"]
+            scalars["clip_rate"] = self._clipped_sum / len(self._clipped)
+        scalars["flow_ms"] = ready["flow_ms"]  # the microscope's own time, booked to this step
+        scalars["flow_interval"] = float(ready["flow_interval"])
         record = FlowRecord(step=step, scalars=scalars)
         if "tensors" in host:
             stats = host["tensors"]

@@ -87,12 +87,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
-    """grads *= coef (0-dim tensor), fused per device, in place."""
+    """grads *= coef (0-dim tensor), fused per device, in place. On the CPU a coefficient of exactly 1 (the
+    common, unclipped step) skips the pass over the gradients: reading it costs no device sync there, and
+    x * 1.0 == x bit for bit."""
+    if _is_one_on_cpu(coef):
+        return
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[g.device].append(g)
     for device, group in by_device.items():
         torch._foreach_mul_(group, coef.to(device))
+
+
+def _is_one_on_cpu(coef: torch.Tensor) -> bool:
+    """coef == 1 for a CPU tensor (a host read is free there); False, without reading, on any other device."""
+    return coef.device.type == "cpu" and coef.item() == 1.0
 
 
 def _unit_norms(t: torch.Tensor) -> torch.Tensor:

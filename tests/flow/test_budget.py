@@ -1,0 +1,101 @@
+"""The monitoring interval: fixed, or auto (chosen from measured times to stay within the budget)."""
+
+import math
+
+import pytest
+import torch
+
+from flowtrain.config import load_config
+from flowtrain.flow import budget
+from flowtrain.flow.budget import Interval, Stopwatch
+from flowtrain.flow.config import FlowConfig
+from flowtrain.flow.records import read_flow
+from flowtrain.sinks.jsonl import read_jsonl
+from flowtrain.train.trainer import Trainer
+from tests.conftest import SHAKESPEARE, tiny_overrides
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def run(interval: Interval, clock: Stopwatch, fake: FakeTime, steps: int, step_s: float, cost_s: float) -> list[bool]:
+    """Steps of `step_s` seconds of training plus `cost_s` of microscope time when monitored."""
+    seen = []
+    for step in range(steps):
+        on = interval.monitored(step)
+        seen.append(on)
+        fake.now += step_s + (cost_s if on else 0.0)
+        clock.spent += cost_s if on else 0.0
+        interval.step_done(step, on)
+    return seen
+
+
+def test_auto_monitors_every_step_first_then_the_smallest_interval_within_budget(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    interval = Interval(FlowConfig(full_steps=10, reprobe_steps=20, budget=0.03), 0, clock)
+    seen = run(interval, clock, fake, 10, step_s=0.010, cost_s=0.002)
+    assert all(seen) and interval.every == math.ceil(0.002 / (0.03 * 0.010))  # 7: 2 ms / 7 <= 3% of 10 ms
+    seen = run_from(interval, clock, fake, 10, 30, step_s=0.010, cost_s=0.002)
+    assert [s for s, on in zip(range(10, 30), seen, strict=True) if on] == [14, 21, 28]
+
+
+def run_from(interval, clock, fake, start, stop, step_s, cost_s):
+    seen = []
+    for step in range(start, stop):
+        on = interval.monitored(step)
+        seen.append(on)
+        fake.now += step_s + (cost_s if on else 0.0)
+        clock.spent += cost_s if on else 0.0
+        interval.step_done(step, on)
+    return seen
+
+
+def test_auto_stays_at_every_step_when_monitoring_is_cheap_and_caps_when_it_is_not(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    cheap = Interval(FlowConfig(full_steps=5, budget=0.03), 0, clock)
+    run(cheap, clock, fake, 8, step_s=0.100, cost_s=0.001)
+    assert cheap.every == 1
+    dear = Interval(FlowConfig(full_steps=5, budget=0.001), 0, clock)
+    run(dear, clock, fake, 8, step_s=0.001, cost_s=1.0)
+    assert dear.every == budget.MAX_INTERVAL
+
+
+def test_fixed_interval_never_changes(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    fixed = Interval(FlowConfig(interval=3, full_steps=2), 0, clock)
+    seen = run(fixed, clock, fake, 9, step_s=0.01, cost_s=1.0)
+    assert seen == [s % 3 == 0 for s in range(9)] and fixed.every == 3
+
+
+def test_interval_config_accepts_auto_or_a_positive_integer():
+    assert FlowConfig().interval == "auto"
+    assert FlowConfig(interval=5).interval == 5
+    for bad in (0, -1, "sometimes"):
+        with pytest.raises(ValueError):
+            FlowConfig(interval=bad)
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="reference corpus not available")
+def test_trainer_reports_the_interval_and_records_only_monitored_steps(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    extra = {"train.max_steps": 30, "flow.full_steps": 6, "flow.reprobe_steps": 8, "flow.budget": 0.0001}
+    torch.set_num_threads(1)
+    summary = Trainer(load_config("default", tiny_overrides(text, tmp_path, **extra))).run_loop()
+    rows = read_jsonl(summary.run_dir / "metrics.jsonl")
+    intervals = [r["flow_interval"] for r in rows]
+    assert intervals[:6] == [1.0] * 6 and intervals[-1] > 1  # a budget no step meets: the interval grows
+    assert all(r["flow_ms"] > 0 for r in rows[:6])
+    flow_steps = sorted(set(read_flow(summary.run_dir / "flow.parquet").column("step").to_pylist()))
+    assert flow_steps[:6] == [1, 2, 3, 4, 5, 6] and len(flow_steps) < 30
