@@ -27,7 +27,6 @@ WINDOW = 64  # steps of timings a choice is made from
 MAX_INTERVAL = 1000
 
 
-
 class Stopwatch:
     """Seconds the microscope spent since the last step ended; hooks and monitor calls add to it."""
 
