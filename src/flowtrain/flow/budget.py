@@ -25,6 +25,12 @@ from collections import deque
 
 WINDOW = 64  # steps of timings a choice is made from
 MAX_INTERVAL = 1000
+UNMONITORED_SHARE = 0.05
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 class Stopwatch:
@@ -69,13 +75,21 @@ class Interval:
         return True
 
     def choose(self) -> int:
-        """Smallest N with (microscope seconds per monitored step) / N <= budget * (step seconds without it)."""
-        base = sorted(step - spent for step, spent, _ in self._window)[len(self._window) // 2]
-        monitored = sum(1 for *_, m in self._window if m)
-        cost = sum(spent for _, spent, _ in self._window) / max(monitored, 1)
-        if base <= 0:
+        """Smallest N with (cost of a monitored step + (N - 1) * cost of another step) / N within
+        budget * (step seconds without the microscope); costs are the stopwatch's, medians over the window."""
+        base = _median([step - spent for step, spent, _ in self._window])
+        on = [spent for _, spent, m in self._window if m]
+        off = [spent for _, spent, m in self._window if not m]
+        if base <= 0 or not on:
             return self.every
-        return max(1, min(MAX_INTERVAL, math.ceil(cost / (self.cfg.budget * base))))
+        cost_on = _median(on)
+        # between monitored steps the microscope still books the step (~5% of a monitored step measured on
+        # shakespeare-char); before any such step was seen, assume that
+        cost_off = _median(off) if off else UNMONITORED_SHARE * cost_on
+        room = self.cfg.budget * base - cost_off
+        if room <= 0:
+            return MAX_INTERVAL
+        return max(1, min(MAX_INTERVAL, math.ceil((cost_on - cost_off) / room)))
 
     def restart_at(self, step: int) -> None:
         """After a rollback: step timings go on, the monitored steps are counted from `step` again."""

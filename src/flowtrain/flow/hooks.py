@@ -50,8 +50,7 @@ def _max(prev, value):
     return torch.maximum(torch.as_tensor(prev), torch.as_tensor(value))
 
 
-def _on_kernels(t: torch.Tensor) -> bool:
-    return kernels.takes((t,))
+_on_kernels = kernels.takes_one
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -171,6 +170,7 @@ class DepthProbe(_Probe):
             find_attention(b) if cfg.attention and kern is None else None
             for b, kern in zip(self.blocks, self.kernels, strict=True)
         ]
+        self._grad_hooks = [self._make_grad_hook(i) for i in range(self.n)]  # made once, registered per step
         self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._mask_cache: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
         self.armed = False
@@ -214,7 +214,7 @@ class DepthProbe(_Probe):
                 # pass anyway): a handful of fused ops instead of ~7 small ones per boundary
                 self._pending_acts.append((index, h.detach()))
         if self.cfg.residual and h.requires_grad:
-            h.register_hook(self._make_grad_hook(index))
+            h.register_hook(self._grad_hooks[index])
 
     def _add_activation(self, index: int, sq, mx, count: int) -> None:
         self.act_sumsq[index] = _add(self.act_sumsq[index], sq)
@@ -331,7 +331,7 @@ class DepthProbe(_Probe):
         groups: dict[tuple, list[int]] = {}
         for i, ref in enumerate(self.qk_refs):
             if ref is not None:
-                groups.setdefault((tuple(ref[0].shape), tuple(ref[1].shape), ref[2]), []).append(i)
+                groups.setdefault((ref[0].shape, ref[1].shape, ref[2]), []).append(i)
         for (q_shape, _, causal), index in groups.items():
             rows = self._sample_rows(q_shape[2], torch.device("cpu")).numpy()
             qs = [self.qk_refs[i][0] for i in index]

@@ -32,7 +32,8 @@ _DEPTH_COLS = [STAT_COLUMNS.index(c) for c in DEPTH_STATS]
 
 class LayerGroups:
     """Per-layer rows from per-tensor rows (TENSOR_STATS columns) for a fixed tensor -> layer assignment,
-    layers in order of first appearance; vectorized (np.bincount per column), as it runs every monitored step.
+    layers in order of first appearance; vectorized (tensors sorted by layer once, then one np.add.reduceat
+    for every summed column and one np.maximum.reduceat), as it runs every monitored step.
 
     Norms combine as sqrt of summed squares, maxima as max, counts as sums, RMS over all elements of the layer.
     Tensors without a gradient (grad_nonfinite is NaN for them) are left out of the gradient columns; a
@@ -42,36 +43,45 @@ class LayerGroups:
     def __init__(self, layers: list[str], numels: np.ndarray):
         self.names = list(dict.fromkeys(layers))
         row = {name: i for i, name in enumerate(self.names)}
-        self.index = np.array([row[layer] for layer in layers], dtype=np.int64)
-        self.numels = np.asarray(numels, dtype=np.float64)
-
-    def _sum(self, values: np.ndarray) -> np.ndarray:
-        return np.bincount(self.index, weights=values, minlength=len(self.names))
+        index = np.array([row[layer] for layer in layers], dtype=np.int64)
+        self.order = np.argsort(index, kind="stable")  # tensors grouped by layer
+        self.starts = np.searchsorted(index[self.order], np.arange(len(self.names)))
+        self.numels = np.asarray(numels, dtype=np.float64)[self.order]
 
     def __call__(self, stats: np.ndarray) -> np.ndarray:
-        col = {name: i for i, name in enumerate(TENSOR_STATS)}
-        s = stats.astype(np.float64)
-        out = np.full((len(self.names), len(TENSOR_STATS)), np.nan)
-        has_grad = ~np.isnan(s[:, col["grad_nonfinite"]])
-        grad_count = self._sum(has_grad.astype(np.float64))
-        gsq = self._sum(np.where(has_grad, s[:, col["grad_norm"]] ** 2, 0.0))
+        s = stats[self.order].astype(np.float64)
+        g = _COL
+        has_grad = ~np.isnan(s[:, g["grad_nonfinite"]])
+        has_v = ~np.isnan(s[:, g["adam_v_rms"]])
         with np.errstate(divide="ignore", invalid="ignore"):  # NaN/Inf propagate on purpose
-            gmax = np.full(len(self.names), -np.inf)
-            np.maximum.at(gmax, self.index[has_grad], s[has_grad, col["grad_max_abs"]])
-            grads = grad_count > 0
-            out[grads, col["grad_norm"]] = np.sqrt(gsq[grads])
-            out[grads, col["grad_max_abs"]] = gmax[grads]
-            out[grads, col["grad_rms"]] = np.sqrt(gsq[grads] / self._sum(np.where(has_grad, self.numels, 0.0))[grads])
-            out[grads, col["grad_nonfinite"]] = self._sum(np.where(has_grad, s[:, col["grad_nonfinite"]], 0.0))[grads]
-            wn = np.sqrt(self._sum(s[:, col["weight_norm"]] ** 2))
-            un = np.sqrt(self._sum(s[:, col["update_norm"]] ** 2))
-            out[:, col["weight_norm"]], out[:, col["update_norm"]] = wn, un
-            out[:, col["update_ratio"]] = np.where(wn > 0, un / wn, np.nan)
-            has_v = ~np.isnan(s[:, col["adam_v_rms"]])
-            v_numel = self._sum(np.where(has_v, self.numels, 0.0))
-            v_sum = self._sum(np.where(has_v, s[:, col["adam_v_rms"]] ** 2 * self.numels, 0.0))
-            out[:, col["adam_v_rms"]] = np.where(v_numel > 0, np.sqrt(v_sum / v_numel), np.nan)
+            summed = np.stack(
+                [
+                    np.where(has_grad, s[:, g["grad_norm"]] ** 2, 0.0),
+                    np.where(has_grad, self.numels, 0.0),
+                    np.where(has_grad, s[:, g["grad_nonfinite"]], 0.0),
+                    s[:, g["weight_norm"]] ** 2,
+                    s[:, g["update_norm"]] ** 2,
+                    np.where(has_v, s[:, g["adam_v_rms"]] ** 2 * self.numels, 0.0),
+                    np.where(has_v, self.numels, 0.0),
+                ],
+                axis=1,
+            )
+            gsq, g_numel, bad, wsq, usq, v_sum, v_numel = np.add.reduceat(summed, self.starts, axis=0).T
+            gmax = np.maximum.reduceat(np.where(has_grad, s[:, g["grad_max_abs"]], -np.inf), self.starts)
+            out = np.full((len(self.names), len(TENSOR_STATS)), np.nan)
+            grads = g_numel > 0
+            out[grads, g["grad_norm"]] = np.sqrt(gsq[grads])
+            out[grads, g["grad_max_abs"]] = gmax[grads]
+            out[grads, g["grad_rms"]] = np.sqrt(gsq[grads] / g_numel[grads])
+            out[grads, g["grad_nonfinite"]] = bad[grads]
+            wn, un = np.sqrt(wsq), np.sqrt(usq)
+            out[:, g["weight_norm"]], out[:, g["update_norm"]] = wn, un
+            out[:, g["update_ratio"]] = np.where(wn > 0, un / wn, np.nan)
+            out[:, g["adam_v_rms"]] = np.where(v_numel > 0, np.sqrt(v_sum / v_numel), np.nan)
         return out.astype(np.float32)
+
+
+_COL = {name: i for i, name in enumerate(TENSOR_STATS)}
 
 
 def aggregate_layers(layers: list[str], stats: np.ndarray, numels: np.ndarray) -> tuple[list[str], np.ndarray]:

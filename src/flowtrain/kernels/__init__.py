@@ -149,6 +149,13 @@ def takes(tensors: Sequence[torch.Tensor]) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def takes_one(t: torch.Tensor) -> bool:
+    """takes([t]) for one tensor, without the list (the hooks ask it for every boundary of a monitored step)."""
+    return (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and type(t) in _PLAIN and _lib is not None) or (
+        not _tried and takes((t,))
+    )
+
+
 def _ptrs(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
     return np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.uint64)
 
