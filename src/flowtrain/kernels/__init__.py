@@ -48,12 +48,15 @@ def _cpu_fingerprint() -> str:
 
 
 def _torch_libgomp() -> bool:
-    """Whether torch runs on GNU OpenMP (libgomp, loaded once per process): then kernels built with -fopenmp
-    share torch's thread pool instead of starting a second one that would fight it for the cores."""
+    """Whether torch runs on GNU OpenMP loaded under the name our -fopenmp build links to (libgomp.so.1): then
+    the dynamic loader hands the kernels torch's copy and its thread pool. A wheel that ships libgomp under
+    another name (libgomp-<hash>.so.1) would get a second runtime fighting torch's for the cores: no OpenMP."""
     try:
-        return "OpenMP" in torch.__config__.parallel_info() and "libgomp" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
         return False
+    loaded = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "libgomp" in line}
+    return "OpenMP" in torch.__config__.parallel_info() and loaded == {"libgomp.so.1"}
 
 
 def _flag_sets() -> list[list[str]]:
@@ -63,9 +66,14 @@ def _flag_sets() -> list[list[str]]:
     return sets
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where built kernels are kept: $FLOWTRAIN_KERNEL_CACHE, else ~/.cache/flowtrain/kernels, then (a
+    read-only home) a per-user directory under the system's temporary directory."""
     root = os.environ.get("FLOWTRAIN_KERNEL_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "flowtrain" / "kernels"
+    if root:
+        return [Path(root)]
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return [Path.home() / ".cache" / "flowtrain" / "kernels", Path(tempfile.gettempdir()) / f"flowtrain-kernels-{user}"]
 
 
 def _compile(cxx: str, flags: list[str], target: Path) -> None:
@@ -115,16 +123,19 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_fingerprint().encode(), cxx.encode()])
         ).hexdigest()[:16]
-        target = _cache_dir() / f"flowstats-{platform.machine()}-{key}.so"
-        try:
-            if not target.exists():
-                _compile(cxx, flags, target)
-            _lib = _declare(ctypes.CDLL(str(target)))
-            build_error = None
-            return _lib
-        except (OSError, subprocess.SubprocessError) as exc:
-            stderr = getattr(exc, "stderr", b"") or b""
-            errors.append(f"{' '.join(flags)}: {exc} {stderr.decode(errors='replace')[-300:]}".strip())
+        for cache in _cache_dirs():
+            target = cache / f"flowstats-{platform.machine()}-{key}.so"
+            try:
+                if not target.exists():
+                    _compile(cxx, flags, target)
+                _lib = _declare(ctypes.CDLL(str(target)))
+                build_error = None
+                return _lib
+            except (OSError, subprocess.SubprocessError) as exc:
+                stderr = getattr(exc, "stderr", b"") or b""
+                errors.append(f"{' '.join(flags)} in {cache}: {exc} {stderr.decode(errors='replace')[-300:]}".strip())
+                if isinstance(exc, subprocess.SubprocessError):
+                    break  # the compiler refused these flags: another directory will not help
     build_error = "; ".join(errors)
     return None
 

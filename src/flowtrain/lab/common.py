@@ -63,6 +63,7 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
         "schedule.min_lr": 0.0,
         "log.console": False,
         "log.tensorboard": False,
+        "flow.interval": 1,  # studies read every step's records, and must not depend on timings
     }
     base.update({k.replace("__", "."): v for k, v in settings.items()})
     return [*ctx.data_overrides(), *(f"{k}={_yaml_value(v)}" for k, v in base.items())]
