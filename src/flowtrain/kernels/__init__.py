@@ -6,10 +6,12 @@ step. flowstats.cpp takes a whole list of tensors per call and gets every statis
 (sum of squares and max |g| of the gradients; ||ΔW||, ||W|| and Adam's sum(v) in the one pass after the step).
 
 The source is plain C ABI (no Python or torch headers): the system C++ compiler builds it in about a second,
-with -march=native, into a cache directory keyed by the source, the flags and this CPU's feature flags
-($FLOWTRAIN_KERNEL_CACHE, default ~/.cache/flowtrain/kernels). Nothing here is required: without a compiler,
-or with FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to ~1e-7).
-Only CPU float32 contiguous tensors take this path (`takes`); GPUs keep torch's fused kernels.
+with -march=native (and -fopenmp when torch runs on libgomp.so.1, whose thread pool the kernels then share),
+into a cache directory keyed by the source, the flags and this CPU's feature flags ($FLOWTRAIN_KERNEL_CACHE,
+default ~/.cache/flowtrain/kernels). Nothing here is required: without a compiler, or with
+FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to ~1e-7); a
+run's env.json says which (`cpu_kernels`). Only CPU float32 contiguous tensors take this path (`takes`); GPUs
+keep torch's fused kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _I64 = ctypes.c_int64
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-build_error: str | None = None  # why the library is not there, for `flowtrain diagnose`-style reporting and tests
+build_error: str | None = None  # why the library is not there (env.json's cpu_kernels, tests)
 
 
 def _cpu_fingerprint() -> str:

@@ -75,6 +75,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _cpu_kernels() -> str:
+    """Which reductions the microscope uses on the CPU: flowtrain's kernels, or torch's and why."""
+    from flowtrain import kernels
+
+    return "built" if kernels.library() is not None else f"torch ({kernels.build_error})"
+
+
 def write_env(run: RunDir, device: torch.device) -> None:
     """Versions and machine facts, so a report can say what produced the numbers."""
     env = {
@@ -86,6 +93,7 @@ def write_env(run: RunDir, device: torch.device) -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "num_threads": torch.get_num_threads(),
+        "cpu_kernels": _cpu_kernels(),
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
