@@ -101,7 +101,9 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
-    return sumsq_and_max_abs(tensors)[1]
+    if tensors and kernels.takes(tensors):
+        return sumsq_and_max_abs(tensors)[1]  # the kernel's one pass gives both
+    return _max_abs_torch(tensors)
 
 
 def sumsq_and_max_abs(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

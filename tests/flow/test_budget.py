@@ -24,9 +24,13 @@ class FakeTime:
 
 
 def run(interval: Interval, clock: Stopwatch, fake: FakeTime, steps: int, step_s: float, cost_s: float) -> list[bool]:
-    """Steps of `step_s` seconds of training plus `cost_s` of microscope time when monitored."""
+    """Steps 0..steps-1 of `step_s` seconds of training plus `cost_s` of microscope time when monitored."""
+    return run_from(interval, clock, fake, 0, steps, step_s, cost_s)
+
+
+def run_from(interval, clock, fake, start, stop, step_s, cost_s) -> list[bool]:
     seen = []
-    for step in range(steps):
+    for step in range(start, stop):
         on = interval.monitored(step)
         seen.append(on)
         fake.now += step_s + (cost_s if on else 0.0)
@@ -49,17 +53,6 @@ def test_auto_monitors_every_step_first_then_the_smallest_interval_within_budget
     assert [s for s, on in zip(range(10, 30), seen, strict=True) if on] == [10, 20]
     # re-chosen at step 29 (reprobe_steps after the first choice), now from measured unmonitored steps (free)
     assert interval.every == math.ceil(0.002 / (0.03 * 0.010)) == 7
-
-
-def run_from(interval, clock, fake, start, stop, step_s, cost_s):
-    seen = []
-    for step in range(start, stop):
-        on = interval.monitored(step)
-        seen.append(on)
-        fake.now += step_s + (cost_s if on else 0.0)
-        clock.spent += cost_s if on else 0.0
-        interval.step_done(step, on)
-    return seen
 
 
 def test_auto_stays_at_every_step_when_monitoring_is_cheap_and_caps_when_it_is_not(monkeypatch):
