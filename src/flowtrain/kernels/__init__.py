@@ -148,25 +148,26 @@ def reset() -> None:
     _lib, _tried, build_error = None, False, None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cpu_f32(t: torch.Tensor) -> bool:
+    """A plain (not DTensor or other subclass) CPU float32 tensor; cheapest checks first (hooks ask this)."""
+    return t.dtype is torch.float32 and t.is_cpu and type(t) in _PLAIN
+
+
+def _built() -> bool:
+    return (_lib if _tried else library()) is not None
+
+
 def takes(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether these tensors can take the kernels: plain CPU float32 contiguous tensors, and the kernels built."""
-    if (_lib if _tried else library()) is None:
-        return False
-    f32 = torch.float32
-    for t in tensors:  # cheapest checks first: this runs in every hook of a monitored step
-        if t.dtype is not f32 or not t.is_cpu or not t.is_contiguous() or type(t) not in _PLAIN:
-            return False
-    return True
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+    return _built() and all(_cpu_f32(t) and t.is_contiguous() for t in tensors)
 
 
 def takes_one(t: torch.Tensor) -> bool:
     """takes([t]) for one tensor, without the list (the hooks ask it for every boundary of a monitored step)."""
-    return (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and type(t) in _PLAIN and _lib is not None) or (
-        not _tried and takes((t,))
-    )
+    return _cpu_f32(t) and t.is_contiguous() and _built()
 
 
 def _ptrs(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
@@ -264,11 +265,9 @@ def attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
         and q.shape[3] == k.shape[3]
         and q.stride(3) == 1
         and k.stride(3) == 1
-        and q.dtype == k.dtype == torch.float32
-        and q.device.type == k.device.type == "cpu"
-        and type(q) is torch.Tensor
-        and type(k) is torch.Tensor
-        and library() is not None
+        and _cpu_f32(q)
+        and _cpu_f32(k)
+        and _built()
     )
 
 
