@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from flowtrain.config import load_config
@@ -97,3 +98,35 @@ def test_microscope_on_or_off_trains_bitwise_identically(small_text, tmp_path):
         run = Trainer(cfg).run_loop().run_dir
         losses[flow] = [(r["loss"], r["grad_norm_preclip"], r["clip_coef"]) for r in read_jsonl(run / "metrics.jsonl")]
     assert losses["true"] == losses["false"]
+
+
+def test_logging_every_n_steps_still_records_every_monitored_step(small_text, tmp_path):
+    """log.interval=4: metrics.jsonl has every 4th step, but flow.parquet and the per-layer TensorBoard series
+    have every step, with the same numbers a run logging every step records (checkpoints at 5 and 10 fall
+    between logging steps: the records before them are written first)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowtrain.flow.records import read_flow
+
+    tables, runs = {}, {}
+    for every in (1, 4):
+        overrides = {
+            "train.run_name": f"log{every}",
+            "log.interval": every,
+            "log.tensorboard": True,
+            "flow.interval": 1,
+            "train.max_steps": 10,
+            "train.checkpoint_interval": 5,
+            "train.sample_tokens": 0,
+        }
+        runs[every] = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **overrides))).run_loop()
+        table = read_flow(runs[every].run_dir / "flow.parquet").to_pydict()
+        tables[every] = {k: v for k, v in table.items() if k != "flow_ms"}  # the microscope's own timing
+    assert [r["step"] for r in read_jsonl(runs[4].run_dir / "metrics.jsonl")] == [4, 8, 10]
+    assert sorted(set(tables[4]["step"])) == list(range(1, 11))
+    assert tables[4].keys() == tables[1].keys()
+    for column, values in tables[1].items():
+        np.testing.assert_array_equal(np.array(tables[4][column]), np.array(values), err_msg=column)  # NaN == NaN
+    acc = EventAccumulator(str(runs[4].run_dir / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grad_norm_by_layer/block.0")] == list(range(1, 11))

@@ -20,6 +20,7 @@ rank chose, so all ranks monitor the same steps (their statistics are combined w
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 
@@ -76,16 +77,18 @@ class Interval:
 
     def choose(self) -> int:
         """Smallest N with (cost of a monitored step + (N - 1) * cost of another step) / N within
-        budget * (step seconds without the microscope); costs are the stopwatch's, medians over the window."""
+        budget * (step seconds without the microscope). The step time is the median over the window; the
+        costs are the stopwatch's means (a loop logging every few steps collects all their records at once,
+        and only the mean spreads that work over the steps it belongs to)."""
         base = _median([step - spent for step, spent, _ in self._window])
         on = [spent for _, spent, m in self._window if m]
         off = [spent for _, spent, m in self._window if not m]
         if base <= 0 or not on:
             return self.every
-        cost_on = _median(on)
+        cost_on = statistics.fmean(on)
         # between monitored steps the microscope still books the step (~5% of a monitored step measured on
         # shakespeare-char); before any such step was seen, assume that
-        cost_off = _median(off) if off else UNMONITORED_SHARE * cost_on
+        cost_off = statistics.fmean(off) if off else UNMONITORED_SHARE * cost_on
         room = self.cfg.budget * base - cost_off
         if room <= 0:
             return MAX_INTERVAL

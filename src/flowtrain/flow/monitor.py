@@ -10,6 +10,8 @@
         record = monitor.collect(step)       # host numbers (one device->host transfer), or None
 
 Every call between collect()s only launches fused device work; collect() is the single host transfer.
+A loop that logs every N steps calls `collect_all(step)` instead: the records of all N steps, still one
+transfer (the trainer does; so flow.parquet has every monitored step whatever the logging interval).
 Hooks fire on monitored steps only (step % interval == 0); on the others they return after one flag check.
 """
 
@@ -30,6 +32,8 @@ from flowtrain.flow.records import FlowRecord, LayerGroups
 from flowtrain.flow.stats import TENSOR_STATS, ParamStats
 
 CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped")
+# finished steps kept for collect_all(); a loop that never collects loses the oldest beyond this
+MAX_UNCOLLECTED = 1000
 
 
 def default_layer_of(model: nn.Module) -> Callable[[str], str]:
@@ -108,7 +112,7 @@ class FlowMonitor:
         self.clock = Stopwatch()  # the microscope's own seconds this step (hooks and the calls below)
         self.interval = Interval(self.cfg, start_step, self.clock)
         self._pending: dict | None = None
-        self._ready: dict | None = None
+        self._ready: deque[dict] = deque(maxlen=MAX_UNCOLLECTED)  # finished steps not collected yet
         self._clipped: deque[float] = deque(maxlen=self.cfg.clip_rate_window)
         self._clipped_sum = 0.0  # of the values in _clipped (0/1): the rolling clip rate without a pass
         self.params: ParamStats | None = None
@@ -157,7 +161,8 @@ class FlowMonitor:
     def restart_at(self, step: int) -> None:
         """Go on from `step` after the weights were replaced (a rollback): nothing kept from before is reused."""
         self.step_index = step
-        self._pending = self._ready = None
+        self._pending = None
+        self._ready.clear()
         self.interval.restart_at(step)
         if self.params is not None:
             self.params.invalidate()
@@ -211,7 +216,7 @@ class FlowMonitor:
                 pending["depth"] = self.depth.matrix(attention, device, self.sync, self.backward_scale)
             if self.logits is not None:
                 pending["logits"] = self.logits.values(device, self.sync)
-        self._ready = pending
+        self._ready.append(pending)
         self.clock.spent += time.perf_counter() - started
         pending["flow_interval"] = self.interval.every  # the interval this step was taken under
         if self.interval.step_done(self.step_index, pending["monitored"]) and self.sync:
@@ -230,19 +235,39 @@ class FlowMonitor:
             self.interval.every = int(every.item())
 
     def collect(self, step: int | None = None) -> FlowRecord | None:
-        """The last finished step's record as host numbers (one transfer), or None if there is none."""
-        ready, self._ready = self._ready, None
-        if ready is None or self.params is None:
+        """The last finished step's record as host numbers (one transfer), or None if there is none.
+        Older steps not collected yet are dropped (collect_all() keeps them)."""
+        if not self._ready:
             return None
+        newest = self._ready[-1]
+        self._ready.clear()
+        return self._timed_collect([newest], step)[0]
+
+    def collect_all(self, step: int | None = None) -> list[FlowRecord]:
+        """Every finished step's record not collected yet, oldest first, with one host transfer for all of them.
+        `step` numbers the newest record (the others count back from it), as in collect()."""
+        ready = list(self._ready)
+        self._ready.clear()
+        return self._timed_collect(ready, step) if ready else []
+
+    def discard(self) -> None:
+        """Forget the finished steps not collected (a data-parallel rank that writes nothing)."""
+        self._ready.clear()
+
+    def _timed_collect(self, ready: list[dict], step: int | None) -> list[FlowRecord]:
+        if self.params is None:
+            return []
         started = time.perf_counter()
         try:
-            return self._collect(ready, step)
+            newest = ready[-1]["step"]
+            offset = 0 if step is None else step - newest
+            return self._collect(ready, [r["step"] + offset for r in ready])
         finally:
             self.clock.spent += time.perf_counter() - started
 
-    def _collect(self, ready: dict, step: int | None) -> FlowRecord:
-        device = self.params.device
-        parts: dict[str, torch.Tensor | np.ndarray] = {}  # numpy: measured on the host (CPU kernels)
+    def _host_parts(self, ready: dict) -> dict[str, torch.Tensor | np.ndarray]:
+        """One finished step's numbers, by name: numpy where measured on the host (CPU kernels), else tensors."""
+        parts: dict[str, torch.Tensor | np.ndarray] = {}
         wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
         if wsq is not None:
             parts["param_norm"] = _sqrt_of_sum(wsq)
@@ -253,25 +278,29 @@ class FlowMonitor:
             if all(isinstance(v, torch.Tensor) and v.is_cpu for v in clip):
                 ready["clip_values"] = [float(v.item()) for v in clip]  # CPU: read as they are
             else:
+                device = self.params.device
                 parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
         if ready["monitored"]:
             parts["tensors"] = self.params.per_tensor_matrix(ready["grads"], wsq, usq, ready["adam"])
             for key in ("depth", "logits"):
                 if key in ready:
                     parts[key] = ready[key]
-        hist = ready.get("histograms", {})
-        for layer, values in hist.items():
+        for layer, values in ready.get("histograms", {}).items():
             parts["hist:" + layer] = values
-        step = step if step is not None else ready["step"]
-        host = {k: v.astype(np.float32, copy=False) for k, v in parts.items() if isinstance(v, np.ndarray)}
-        on_device = {k: v for k, v in parts.items() if not isinstance(v, np.ndarray)}
+        return parts
+
+    def _collect(self, ready: list[dict], steps: list[int]) -> list[FlowRecord]:
+        parts = [self._host_parts(r) for r in ready]
+        host = [{k: v.astype(np.float32, copy=False) for k, v in p.items() if isinstance(v, np.ndarray)} for p in parts]
+        on_device = [(i, k, v) for i, p in enumerate(parts) for k, v in p.items() if not isinstance(v, np.ndarray)]
         if on_device:  # one device->host transfer for all of them
-            flat = torch.cat([t.reshape(-1).float().to(device) for t in on_device.values()]).cpu().numpy()
+            device = self.params.device
+            flat = torch.cat([t.reshape(-1).float().to(device) for _, _, t in on_device]).cpu().numpy()
             offset = 0
-            for key, t in on_device.items():
-                host[key] = flat[offset : offset + t.numel()].reshape(t.shape)
+            for i, key, t in on_device:
+                host[i][key] = flat[offset : offset + t.numel()].reshape(t.shape)
                 offset += t.numel()
-        return self._record(step, host, ready)
+        return [self._record(s, h, r) for s, h, r in zip(steps, host, ready, strict=True)]
 
     def _record(self, step: int, host: dict[str, np.ndarray], ready: dict) -> FlowRecord:
         scalars: dict[str, float] = {}

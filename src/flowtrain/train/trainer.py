@@ -309,6 +309,7 @@ class Trainer:
             ckpt.prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last, keep)
         dist_util.barrier()
         if self.flow_writer is not None:  # make flow.parquet complete up to this checkpoint
+            self._write_flow_records()
             self.flow_writer.close()
             self.flow_writer = FlowParquetWriter(self.run.flow, keep_before_step=self.step + 1)
         return path
@@ -445,6 +446,8 @@ class Trainer:
                     scalars = self._scalars(out, lr, elapsed, flops_per_token, peak)
                     for sink in sinks:
                         sink.write(self.step, scalars)
+                elif not self.is_main:
+                    self.flow.discard()  # other ranks measure (their sums join rank 0's) but write nothing
                 if self._act_on(out.verdict):  # rolled back: the loop goes on from the restored step
                     last_time = time.perf_counter()
                     continue
@@ -517,16 +520,24 @@ class Trainer:
             scalars["mfu"] = flops_per_token * tokens_per_s / (peak * self.world_size)
         if self.device.type == "cuda":
             scalars["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        record = self.flow.collect(self.step)
+        record = self._write_flow_records()
         if record is not None:
             scalars.update({k: v for k, v in record.scalars.items() if k not in scalars})
+        return scalars
+
+    def _write_flow_records(self):
+        """The microscope's records of every step since the last call (one host transfer) to flow.parquet,
+        TensorBoard and the guard's record detectors; returns this step's record (None if not monitored).
+        Logging every N steps still records every monitored step."""
+        records = self.flow.collect_all(self.step)
+        for record in records:
             if self.flow_writer is not None:
                 self.flow_writer.write(record)
             if self.tb is not None:
-                self.tb.write_layers(self.step, record)
+                self.tb.write_layers(record.step, record)
             for alert in self.guard.observe_record(record):
                 self._alert(alert)
-        return scalars
+        return records[-1] if records and records[-1].step == self.step else None
 
     @torch.no_grad()
     def sample_text(self, prompt: str = "", max_new_tokens: int | None = None, seed: int | None = None) -> str:
