@@ -1,17 +1,20 @@
 """Step-time overhead of the gradient-flow microscope in the real training loop: monitoring off vs everything on.
 
-    python benchmarks/flow_overhead.py [--steps 60] [--rounds 5] [--big]
+    python benchmarks/flow_overhead.py [--blocks 40] [--block 10] [--intervals 1 auto 10] [--big]
 
-Each variant is a real `Trainer.run_loop()` on shakespeare-char (nanoGPT's CPU recipe: 4 layers, 4 heads, 128
-wide, context 64, batch 12, fused AdamW, clip 1.0) on Tiny Shakespeare, with the product's defaults (TensorBoard
-and metrics.jsonl on, guard on) in both variants; "on" adds the microscope with everything every step
-(per-tensor and per-layer stats, update/weight ratios, residual gradients, activations, attention sample,
-logits, flow.parquet, per-layer TensorBoard series). The step time is the trainer's own `step_time_ms` (a
-whole loop iteration: the step plus its logging; evaluation and checkpoints excluded), averaged over each run's
-steps after a warm-up (mean over the run's steps, so a cost paid every `interval` steps is amortized).
-Variants alternate order in rounds so a shared machine's drifts hit both. Prints the
-median ratio of per-round medians and the spread.
---big adds a 12-layer, 768-wide model (context 64, batch 12; fewer steps).
+Two real runs of shakespeare-char (nanoGPT's CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12,
+fused AdamW, clip 1.0) on Tiny Shakespeare live in one process, with the product's defaults (TensorBoard,
+metrics.jsonl, flow.parquet and the guard on): one with `flow.enabled=false`, one with the microscope on at
+the interval under test. Each is driven through `Trainer.steps()` (the loop `run_loop()` runs: step, logging,
+sinks, guard), and the two take turns in blocks of `--block` steps, the order flipping every block, so the
+drifts of a shared, noisy machine hit both within seconds instead of between whole runs. Evaluation and
+checkpoints fall outside the timed steps.
+
+A block's figure is the mean wall time of its steps (the mean, so a cost paid once every `interval` steps is
+amortized; the block length should be a multiple of the interval), a block pair gives one on/off ratio, and
+the script prints the median ratio over the pairs with its quartiles and range. "stopwatch" is the
+microscope's own time booked per step (`flow_ms`; it includes the gradient pass the clipper would otherwise
+make, so it can exceed the extra time). --big adds a 12-layer, 768-wide model (context 64, batch 12).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,85 +31,99 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import shakespeare_trainer, summarize  # noqa: E402
 
+from flowtrain.flow.budget import WINDOW  # noqa: E402
 from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
 
 BIG = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768"]
+FULL_STEPS = 100  # flow.full_steps of the auto variant: its every-step phase, run before the timed blocks
 
 
-def run_once(workdir: Path, name: str, steps: int, warmup: int, extra: list[str]) -> tuple[float, float, float]:
-    """(mean step ms, mean microscope stopwatch ms, last flow interval) of one real run of `steps` steps,
-    skipping the first `warmup`.
-
-    The mean, not the median: with flow.interval > 1 the cost sits in one step of every `interval`, and only
-    the mean shows it amortized."""
-    trainer = shakespeare_trainer(
-        workdir,
-        name,
-        [
-            f"train.max_steps={steps}",
-            "schedule.warmup_steps=1",
-            f"train.eval_interval={steps}",
-            "train.eval_batches=1",
-            f"train.checkpoint_interval={steps}",
-            "train.sample_tokens=0",
-            "log.tensorboard=true",
-            *extra,
-        ],
-    )
-    summary = trainer.run_loop()
-    rows = [r for r in read_jsonl(summary.run_dir / "metrics.jsonl") if r["step"] > warmup]
-    flow_ms = statistics.fmean(r.get("flow_ms", 0.0) for r in rows)
-    return statistics.fmean(r["step_time_ms"] for r in rows), flow_ms, rows[-1].get("flow_interval", 0)
-
-
-def compare(label: str, steps: int, rounds: int, warmup: int, model: list[str], interval: str = "1") -> None:
-    """interval "auto": the run is `full` steps longer (monitored every step), and those steps are left out of
-    the mean of both variants: the figure is auto's steady state once it has chosen its interval."""
-    variants = {"off": ["flow.enabled=false"], "on": ["flow.enabled=true", f"flow.interval={interval}"]}
-    if interval == "auto":
-        full = 100
-        variants["on"] += [f"flow.full_steps={full}", f"flow.reprobe_steps={steps}"]
-        steps, warmup = steps + full, warmup + full
-    medians: dict[str, list[float]] = {k: [] for k in variants}
-    stopwatch, chosen = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+def side_by_side(
+    workdir: Path, variants: dict[str, list[str]], blocks: int, block: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+    """Per variant: the mean step ms of each timed block, and the metrics.jsonl rows of its timed steps."""
+    total = warmup + blocks * block
+    common = [
+        f"train.max_steps={total + 1}",  # the last step (eval, checkpoint) is never driven
+        "schedule.warmup_steps=1",
+        f"train.eval_interval={total + 1}",
+        "train.eval_batches=1",
+        f"train.checkpoint_interval={total + 1}",
+        "train.sample_tokens=0",
+        "log.tensorboard=true",
+    ]
+    trainers = {name: shakespeare_trainer(workdir, name, [*common, *extra]) for name, extra in variants.items()}
+    loops = {name: t.steps() for name, t in trainers.items()}
+    means: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for loop in loops.values():  # one run after the other: auto sees its own step times while it chooses
+            for _ in range(warmup):
+                next(loop)
+        for b in range(blocks):
+            order = list(variants) if b % 2 == 0 else list(reversed(variants))
             for name in order:
-                run = f"{name}-{r}"
-                step_ms, flow_ms, every = run_once(Path(tmp), run, steps, warmup, [*model, *variants[name]])
-                medians[name].append(step_ms)
-                if name == "on":
-                    stopwatch.append(flow_ms)
-                    chosen.append(every)
-    ratios = [on / off for on, off in zip(medians["on"], medians["off"])]
-    extra = [on - off for on, off in zip(medians["on"], medians["off"])]
+                started = time.perf_counter()
+                for _ in range(block):
+                    next(loops[name])
+                means[name].append((time.perf_counter() - started) * 1e3 / block)
+    finally:
+        for loop in loops.values():
+            loop.close()  # closes the sinks: metrics.jsonl is complete
+    rows = {name: [r for r in read_jsonl(t.run.metrics) if r["step"] > warmup] for name, t in trainers.items()}
+    return means, rows
+
+
+def quartiles(values: list[float]) -> str:
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return f"{q2:.4g} (quartiles {q1:.4g}-{q3:.4g}, range {min(values):.4g}-{max(values):.4g})"
+
+
+def compare(label: str, blocks: int, block: int, warmup: int, model: list[str], interval: str) -> None:
+    on = ["flow.enabled=true", f"flow.interval={interval}"]
+    if interval == "auto":  # past its every-step phase and first check before the timed blocks; no re-choice
+        on += [f"flow.full_steps={FULL_STEPS}", f"flow.reprobe_steps={10 * blocks * block}"]  # while timed
+        warmup = max(warmup, FULL_STEPS + WINDOW + 5)
+    variants = {"off": [*model, "flow.enabled=false"], "on": [*model, *on]}
+    with tempfile.TemporaryDirectory() as tmp:
+        means, rows = side_by_side(Path(tmp), variants, blocks, block, warmup)
+    ratios = [a / b for a, b in zip(means["on"], means["off"], strict=True)]
+    extra = [a - b for a, b in zip(means["on"], means["off"], strict=True)]
+    stopwatch = statistics.fmean(r.get("flow_ms", 0.0) for r in rows["on"])
+    total_ratio = statistics.fmean(means["on"]) / statistics.fmean(means["off"])
     print(label)
-    for name, values in medians.items():
-        print(f"  monitoring {name:<3}: step ms median [min, max] over rounds {summarize(values)}")
-    spread = f"per-round ratios, {rounds} rounds of {steps} steps"
-    print(f"  on (interval {interval}) / off ratio: {summarize(ratios)} ({spread})")
-    print(f"  extra ms per step {summarize(extra)}; microscope stopwatch ms per step {summarize(stopwatch)}")
+    for name, values in means.items():
+        print(f"  monitoring {name:<3}: step ms median [min, max] over blocks {summarize(values)}")
+    print(f"  on (interval {interval}) / off ratio: {quartiles(ratios)}; {blocks} block pairs of {block} steps")
+    print(f"  ratio of the means over all timed steps: {total_ratio:.4f}")
+    print(f"  extra ms per step {summarize(extra)}; microscope stopwatch {stopwatch:.3g} ms per step")
     if interval == "auto":
-        print(f"  interval auto chose: {sorted(chosen)}")
+        print(f"  interval auto chose: {sorted({r.get('flow_interval') for r in rows['on']})}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--blocks", type=int, default=40, help="block pairs (each variant runs this many blocks)")
+    parser.add_argument("--block", type=int, default=10, help="steps per block")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each run first")
     parser.add_argument("--big", action="store_true")
-    parser.add_argument("--big-steps", type=int, default=8)
-    parser.add_argument("--big-rounds", type=int, default=3)
+    parser.add_argument("--big-blocks", type=int, default=6)
+    parser.add_argument("--big-block", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--intervals", nargs="+", default=["1"], help="flow.interval values to compare (N or auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for interval in args.intervals:
-        compare("shakespeare-char (4 layers, 128 wide, ctx 64, batch 12)", args.steps, args.rounds, 10, [], interval)
+        compare(
+            "shakespeare-char (4 layers, 128 wide, ctx 64, batch 12)",
+            args.blocks,
+            args.block,
+            args.warmup,
+            [],
+            interval,
+        )
     if args.big:
-        compare("12 layers, 768 wide, ctx 64, batch 12", args.big_steps, args.big_rounds, 2, BIG)
+        compare("12 layers, 768 wide, ctx 64, batch 12", args.big_blocks, args.big_block, 2, BIG, "1")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,27 @@ def test_trainer_reports_the_interval_and_records_only_monitored_steps(tmp_path)
     assert all(r["flow_ms"] > 0 for r in rows[:6])
     flow_steps = sorted(set(read_flow(summary.run_dir / "flow.parquet").column("step").to_pylist()))
     assert flow_steps[:6] == [1, 2, 3, 4, 5, 6] and len(flow_steps) < 30
+
+
+def test_auto_adds_what_the_stopwatch_cannot_see_once_both_kinds_of_steps_are_timed(monkeypatch):
+    """Monitored steps cost 2 ms more than the stopwatch books (hooks' side effects): the first choice (from the
+    stopwatch alone) is too small; the check a window later, from measured step times, widens the interval."""
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    interval = Interval(FlowConfig(full_steps=10, reprobe_steps=1000, budget=0.03), 0, clock)
+    hidden = 0.002
+
+    def steps(start, stop):
+        for step in range(start, stop):
+            on = interval.monitored(step)
+            fake.now += 0.010 + (0.001 + hidden if on else 0.0)
+            clock.spent += 0.001 if on else 0.0
+            interval.step_done(step, on)
+
+    steps(0, 10)
+    off = budget.UNMONITORED_SHARE * 0.001
+    first = math.ceil((0.001 - off) / (0.03 * 0.010 - off))
+    assert interval.every == first == 4
+    steps(10, 10 + budget.WINDOW)
+    assert interval.every == 10  # (1 ms booked + 2 ms unseen) / N <= 3% of 10 ms

@@ -130,3 +130,17 @@ def test_logging_every_n_steps_still_records_every_monitored_step(small_text, tm
     acc = EventAccumulator(str(runs[4].run_dir / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("grad_norm_by_layer/block.0")] == list(range(1, 11))
+
+
+def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):
+    """Trainer.steps() is run_loop's loop: the same losses step by step; closing it early closes the sinks
+    (metrics.jsonl holds the steps done) and leaves no summary.json (the run is not finished)."""
+    whole = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "whole"})))
+    whole_run = whole.run_loop().run_dir
+    stepped = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "stepped"})))
+    loop = stepped.steps()
+    assert [next(loop) for _ in range(7)] == list(range(1, 8))
+    loop.close()
+    run = stepped.run.root
+    assert _losses(run) == _losses(whole_run)[:7]
+    assert not (run / "summary.json").exists()

@@ -5,11 +5,14 @@ model pays ~5-10% for everything every step; a big model on a GPU pays well unde
 the microscope times its own work (every hook, the passes before and after the optimizer step, collect()),
 the wall time between steps gives the step time without it, and the interval becomes the smallest N with
 cost / N <= budget * step time. The first `full_steps` steps are monitored every step (the start of training
-is where most gradient-flow trouble shows); the interval is then re-chosen every `reprobe_steps` steps.
+is where most gradient-flow trouble shows); the interval chosen then is checked a window (64 steps) later
+and re-chosen every `reprobe_steps` steps.
 
-What the stopwatch misses (torch's module calls leave their fast path when hooks are attached, autograd calls
-into Python) is about what it over-counts (the gradient pass it times is one the clipper would make anyway):
-on shakespeare-char the measured extra step time was 0.8x the stopwatch's (benchmarks/flow_overhead.py).
+The stopwatch does not see everything a monitored step costs: autograd calling into Python for the hooks,
+the caches the microscope's passes evict from under the training's own kernels. On a 2-core CPU that was
+between -0.2x and +0.5x of the stopwatch's figure (benchmarks/flow_overhead.py, on different days). So once
+the window holds monitored and unmonitored steps, the choice adds what the step times show beyond the
+stopwatch: median(monitored step) - median(other step) - the stopwatch's own difference, when positive.
 
 The choice depends on timings, so with `auto` which steps get per-tensor records can differ between two
 otherwise identical runs; training itself does not depend on it (monitoring only reads). Set an integer
@@ -27,6 +30,7 @@ from collections import deque
 WINDOW = 64  # steps of timings a choice is made from
 MAX_INTERVAL = 1000
 UNMONITORED_SHARE = 0.05
+MIN_SEEN = 8  # steps of each kind (monitored or not) before their step times are compared
 
 
 def _median(values: list[float]) -> float:
@@ -70,7 +74,10 @@ class Interval:
         if not self.auto:
             return False
         done = step + 1 - self.start - self.cfg.full_steps
-        if done < 0 or done % self.cfg.reprobe_steps != 0 or not self._window:
+        # chosen at the end of the every-step phase, checked once a window of steps later (against step times
+        # with both kinds of steps in it), then re-chosen every reprobe_steps
+        due = done >= 0 and (done % self.cfg.reprobe_steps == 0 or done == WINDOW)
+        if not due or not self._window:
             return False
         self.every = self.choose()
         return True
@@ -79,7 +86,9 @@ class Interval:
         """Smallest N with (cost of a monitored step + (N - 1) * cost of another step) / N within
         budget * (step seconds without the microscope). The step time is the median over the window; the
         costs are the stopwatch's means (a loop logging every few steps collects all their records at once,
-        and only the mean spreads that work over the steps it belongs to)."""
+        and only the mean spreads that work over the steps it belongs to), plus, once the window holds enough
+        of both kinds of steps, what the stopwatch cannot see: how much longer a monitored step takes than an
+        unmonitored one beyond the difference the stopwatch booked (medians of both)."""
         base = _median([step - spent for step, spent, _ in self._window])
         on = [spent for _, spent, m in self._window if m]
         off = [spent for _, spent, m in self._window if not m]
@@ -89,6 +98,11 @@ class Interval:
         # between monitored steps the microscope still books the step (~5% of a monitored step measured on
         # shakespeare-char); before any such step was seen, assume that
         cost_off = statistics.fmean(off) if off else UNMONITORED_SHARE * cost_on
+        if min(len(on), len(off)) >= MIN_SEEN:
+            steps_on = [step for step, _, m in self._window if m]
+            steps_off = [step for step, _, m in self._window if not m]
+            unseen = _median(steps_on) - _median(steps_off) - (_median(on) - _median(off))
+            cost_on += max(0.0, unseen)
         room = self.cfg.budget * base - cost_off
         if room <= 0:
             return MAX_INTERVAL

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,7 +425,18 @@ class Trainer:
         return False
 
     def run_loop(self) -> RunSummary:
+        """Train to the end (max_steps, or stop_after): every iteration of steps(), then the run's summary."""
+        for _ in self.steps():
+            pass
+        return self._finish()
+
+    def steps(self) -> Iterator[int]:
+        """The training loop one iteration at a time: yields the step number after each step, its logging, guard
+        action and side work (snapshot, eval, checkpoint). The sinks open at the first next() and close when the
+        loop ends or the generator is closed; run_loop() is this plus the run's end. Benchmarks drive two runs
+        side by side with it."""
         tc = self.cfg.train
+        self.final_eval: dict[str, float] = {}
         self.sinks = sinks = self._open_sinks()
         evals = self.evals_sink = JsonlSink(self.run.evals) if self.is_main else _Silent()
         peak = self._peak_flops()
@@ -450,6 +462,7 @@ class Trainer:
                     self.flow.discard()  # other ranks measure (their sums join rank 0's) but write nothing
                 if self._act_on(out.verdict):  # rolled back: the loop goes on from the restored step
                     last_time = time.perf_counter()
+                    yield self.step
                     continue
                 side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
                 snap = self.cfg.guard.snapshot_interval
@@ -460,9 +473,9 @@ class Trainer:
                 if self.step % tc.checkpoint_interval == 0 or self.step == end:
                     self.save_checkpoint()
                 last_time += time.perf_counter() - side_work_started
-            final: dict[str, float] = {}
+                yield self.step
             if self.step == tc.max_steps and tc.eval_full_at_end:
-                final = self.evaluate(full=True)
+                self.final_eval = final = self.evaluate(full=True)
                 evals.write(self.step, {f"{k}_full": v for k, v in final.items()})
         finally:
             evals.close()
@@ -472,6 +485,10 @@ class Trainer:
             if self.flow_writer is not None:
                 self.flow_writer.close()
             self.flow.close()
+
+    def _finish(self) -> RunSummary:
+        """After the loop: the sample text, summary.json (a finished run only) and the distributed teardown."""
+        tc, final = self.cfg.train, self.final_eval
         text = ""
         if tc.sample_tokens and self.step == tc.max_steps and (self.is_main or self.dist.strategy == "fsdp"):
             text = self.sample_text()  # FSDP: every rank runs the (identical, seeded) generation; its forward
