@@ -128,8 +128,9 @@ def test_interval_skips_per_tensor_stats_and_hooks_between_monitored_steps():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = FlowMonitor(model, opt, FlowConfig(interval=3))
     idx = torch.randint(0, 17, (2, 8))
-    got = []
+    got, hooked = [], []
     for step in range(4):
+        hooked.append(any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
         opt.zero_grad()
         loss_of(model, idx).backward()
         monitor.after_backward()
@@ -137,8 +138,13 @@ def test_interval_skips_per_tensor_stats_and_hooks_between_monitored_steps():
         monitor.after_step()
         rec = monitor.collect(step)
         got.append((rec.tensor_stats is not None, rec.depth_stats is not None, "update_norm" in rec.scalars))
-    # between monitored steps nothing is measured (not even the update norm, which needs a weight copy)
+    # between monitored steps nothing is measured (not even the update norm, which needs a weight copy), and the
+    # model runs without hooks
     assert got == [(True, True, True), (False, False, False), (False, False, False), (True, True, True)]
+    assert hooked == [True, False, False, True]
+    monitor.remove()
+    monitor.restart_at(6)  # arms step 6 (monitored), but removed hooks stay removed
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     # SGD keeps no second moment
     assert np.isnan(rec.tensor_stats[:, -1]).all()
 

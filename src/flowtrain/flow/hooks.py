@@ -10,7 +10,7 @@ concatenation of the per-micro-batch gradients, and its squared norm is the sum 
 add up sums of squares (no gradient tensor is kept), which gives exactly ||dL/dh_l|| of the accumulated step:
 the number one big batch of the same rows would give (tested with grad_accum=2).
 
-When not armed (non-monitored steps, evaluation under no_grad) every hook returns after one flag check.
+Hooks are attached only while armed (monitored steps); under no_grad (evaluation) they return at once.
 
 Cost: on the CPU (float32) each hook reduces its tensor at once, while it is still in cache, with one call into
 flowtrain.kernels, and the sums are kept as Python floats; the attention kernel's q and k are only referenced
@@ -134,10 +134,14 @@ class _NoClock:
 
 
 class _Probe:
-    """Hooks that measure only while armed (monitored steps); removing them leaves the model as it was."""
+    """Hooks that are attached only while armed (monitored steps): between monitored steps the model runs
+    without them, on torch's fast path for modules without hooks (measured: ~0.2 ms a step on shakespeare-char
+    when they stayed attached and returned at once). remove() detaches them for good."""
 
     armed = False
+    removed = False
     _handles: list
+    _plan: list  # (module, "forward" | "forward_pre" | "forward_pre_kwargs", hook)
 
     def _reset(self) -> None:
         raise NotImplementedError
@@ -145,15 +149,23 @@ class _Probe:
     def arm(self) -> None:
         self._reset()
         self.armed = True
+        if not self._handles and not self.removed:
+            for module, kind, hook in self._plan:
+                if kind == "forward":
+                    self._handles.append(module.register_forward_hook(hook))
+                else:
+                    kwargs = {"with_kwargs": True} if kind == "forward_pre_kwargs" else {}
+                    self._handles.append(module.register_forward_pre_hook(hook, **kwargs))
 
     def disarm(self) -> None:
         self.armed = False
-
-    def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.armed = False
+
+    def remove(self) -> None:
+        self.disarm()
+        self.removed = True
 
 
 class DepthProbe(_Probe):
@@ -176,16 +188,14 @@ class DepthProbe(_Probe):
         self.armed = False
         self._handles: list = []
         self._reset()
-        self._handles.append(self.blocks[0].register_forward_pre_hook(self._on_block_input))
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_hook(self._make_output_hook(i + 1)))
+        self._plan = [(self.blocks[0], "forward_pre", self._on_block_input)]
+        self._plan += [(block, "forward", self._make_output_hook(i + 1)) for i, block in enumerate(self.blocks)]
         for i, kernel in enumerate(self.kernels):
             if kernel is not None:
-                self._handles.append(kernel.register_forward_pre_hook(self._make_kernel_hook(i)))
+                self._plan.append((kernel, "forward_pre", self._make_kernel_hook(i)))
         for i, attn in enumerate(self.attn_modules):
             if attn is not None:
-                hook = self._make_attn_input_hook(i)
-                self._handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+                self._plan.append((attn, "forward_pre_kwargs", self._make_attn_input_hook(i)))
 
     def _reset(self) -> None:
         # per boundary: None (not seen), a float (CPU kernels) or a device tensor
@@ -452,7 +462,8 @@ class LogitsProbe(_Probe):
         self.clock = clock if clock is not None else _NoClock()
         self.armed = False
         self._reset()
-        self._handles = [head.register_forward_hook(self._on_output)]
+        self._handles: list = []
+        self._plan = [(head, "forward", self._on_output)]
 
     def _reset(self) -> None:
         self.max_abs: torch.Tensor | None = None
