@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from flowtrain.flow import FlowConfig, FlowMonitor, diagnose
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.config import ClipConfig
+from flowtrain.optim.observed import ObservedAdamW
 
 pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
 
@@ -30,11 +31,11 @@ def loss_of(model, idx):
     return F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
 
 
-def one_step(seed=0, max_norm=0.05, poison=None):
+def one_step(seed=0, max_norm=0.05, poison=None, optimizer=torch.optim.AdamW):
     torch.manual_seed(seed)
     model = TinyTransformer()
     model.unused = nn.Linear(2, 2)  # a parameter that never gets a gradient
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = optimizer(model.parameters(), lr=3e-3, weight_decay=0.1)
     clipper = GradClipper(ClipConfig(kind="norm", max_norm=max_norm))
     monitor = FlowMonitor(model, opt, FlowConfig())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -55,8 +56,15 @@ def one_step(seed=0, max_norm=0.05, poison=None):
     return model, opt, monitor, grads, weights, clip, records
 
 
-def test_per_tensor_statistics_match_manual_recomputation():
-    model, opt, monitor, grads, weights, clip, records = one_step()
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, ObservedAdamW], ids=["torch-adamw", "observing-adamw"])
+def test_per_tensor_statistics_match_manual_recomputation(optimizer, reductions):
+    """With torch's AdamW the microscope measures ΔW from its copy of the weights; with the observing AdamW the
+    optimizer's own pass does and the monitor keeps no copy at all (without the CPU kernels it takes torch's
+    step and the copy is back)."""
+    model, opt, monitor, grads, weights, clip, records = one_step(optimizer=optimizer)
+    observing = optimizer is ObservedAdamW and reductions == "kernels"
+    assert getattr(opt, "observing", False) == observing
+    assert (monitor.params._snapshot is None) == observing
     rec = records[-1]
     assert rec.step == 1
     for name, p in model.named_parameters():
@@ -185,3 +193,27 @@ def test_weights_changed_between_steps_are_not_counted_as_the_update():
         for name, p in model.named_parameters():
             close(rec.tensor(name)["weight_norm"], norm(before[name]))
             close(rec.tensor(name)["update_norm"], norm(p.detach() - before[name]))
+
+
+def test_observing_optimizer_skipped_step_reports_no_update_and_the_weights(reductions):
+    """The guard skips a step through found_inf (as the trainer does for fused optimizers): the observing
+    optimizer takes no step, and the record says ΔW = 0 with the weights' true norms."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = ObservedAdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    monitor = FlowMonitor(model, opt, FlowConfig())
+    idx = torch.randint(0, 17, (4, 8))
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, idx).backward()
+        monitor.after_backward()
+        if step == 1:
+            opt.found_inf = torch.ones(())
+        opt.step()
+        monitor.after_step()
+        rec = monitor.collect(step)
+    for name, p in model.named_parameters():
+        s = rec.tensor(name)
+        assert s["update_norm"] == 0.0
+        close(s["weight_norm"], norm(p.detach()))
+        close(s["adam_v_rms"], math.sqrt(float(opt.state[p]["exp_avg_sq"].double().mean())))

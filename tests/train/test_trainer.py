@@ -33,7 +33,9 @@ def test_run_directory_contract(small_text, tmp_path):
     assert [e["step"] for e in evals] == [10, 20]
     assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
-    assert json.loads((run / "env.json").read_text())["cpu_kernels"] == "built"  # the CPU kernels ran here
+    env = json.loads((run / "env.json").read_text())
+    assert env["cpu_kernels"] == "built"  # the CPU kernels ran here
+    assert env["optimizer_step"].startswith("ObservedAdamW: flowtrain's observing kernel")  # ΔW from its own pass
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -209,7 +209,10 @@ class FlowMonitor:
         if clip_stats is not None:
             pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
         if pending["monitored"]:
-            pending["update_sumsq"], pending["adam"] = self.params.after_step(self.is_monitored(self.step_index + 1))
+            usq, adam, wsq = self.params.after_step(self.is_monitored(self.step_index + 1))
+            pending["update_sumsq"], pending["adam"] = usq, adam
+            if wsq is not None:  # measured by an observing optimizer in its step
+                pending["weight_sumsq"] = wsq
             device = self.params.device
             if self.depth is not None:
                 attention = pending.pop("attention", [None] * len(self.depth.blocks))

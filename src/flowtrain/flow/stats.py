@@ -48,8 +48,12 @@ class ParamStats:
         self.params = list(params)
         self.optimizer = optimizer
         self.numels = tensorstats.numels(self.params)
+        self.keep_updates = keep_updates
+        # an optimizer that measures its own update in its pass (optim/observed.py): no copy, no pass of ours
+        self.observer = optimizer if getattr(optimizer, "observing", False) else None
+        self._since = 0  # the observer's steps_taken before this step
         self._snapshot: list[torch.Tensor] | None = None
-        if keep_updates:
+        if keep_updates and self.observer is None:
             with torch.no_grad():
                 # this rank's pieces (FSDP2 shards are DTensors, which foreach copies do not take)
                 self._snapshot = [torch.empty_like(tensorstats.local(p.detach())) for p in self.params]
@@ -80,7 +84,11 @@ class ParamStats:
 
     @torch.no_grad()
     def weights_and_snapshot(self) -> Vector:
-        """Sum of squares of the weights as they are before the step (per tensor); keep a copy for ΔW."""
+        """Sum of squares of the weights as they are before the step (per tensor); keep a copy for ΔW. With an
+        observing optimizer: None (its step measures them)."""
+        if self.observer is not None:
+            self._since = self.observer.steps_taken
+            return None
         if self.fast:
             if self._fresh is not None and self._fresh[0] == self._versions():
                 return self._fresh[1]  # measured and copied by the last step's pass
@@ -136,19 +144,22 @@ class ParamStats:
     # -- after the optimizer step ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def after_step(self, keep_for_next: bool) -> tuple[Vector | None, Vector]:
-        """(per-tensor ||ΔW||^2 or None when updates are off, Adam's RMS(v) per tensor) after an optimizer step.
+    def after_step(self, keep_for_next: bool) -> tuple[Vector | None, Vector, Vector | None]:
+        """(per-tensor ||ΔW||^2 or None when updates are off, Adam's RMS(v) per tensor, and with an observing
+        optimizer the weights' sums of squares before the step) after an optimizer step.
 
         keep_for_next: the next step is monitored too; on the CPU kernels the same pass then refreshes the
         copy of the weights (and their sums of squares) for it.
         """
+        if self.observer is not None:
+            return self._observed()
         if not self.fast:
-            return self.update_sumsq(), self.adam_v_rms()
+            return self.update_sumsq(), self.adam_v_rms(), None
         index, vs = self._adam_tensors()
         vs_fast = bool(vs) and kernels.takes(vs)
         if self._snapshot is None:
             v_sums = kernels.sums(vs) if vs_fast else None
-            return None, self._host_v_rms(index, v_sums) if vs_fast or not vs else self.adam_v_rms()
+            return None, self._host_v_rms(index, v_sums) if vs_fast or not vs else self.adam_v_rms(), None
         aligned: list[torch.Tensor | None] | None = None
         if vs_fast:
             aligned = [None] * len(self.params)
@@ -157,8 +168,33 @@ class ParamStats:
         out = kernels.update(self.params, self._snapshot, aligned, self._np_numels, copy=keep_for_next)
         self._fresh = (self._versions(), out[:, 1]) if keep_for_next else None
         if vs and not vs_fast:
-            return out[:, 0], self.adam_v_rms()
-        return out[:, 0], self._host_v_rms(index, out[index, 2] if vs else None)
+            return out[:, 0], self.adam_v_rms(), None
+        return out[:, 0], self._host_v_rms(index, out[index, 2] if vs else None), None
+
+    def _observed(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The observing optimizer's figures of this step. Tensors it did not step (no gradient), and all of them
+        when it took no step (the guard skipped it), did not move: ΔW = 0 and one pass measures their ||W||
+        and sum(v). A step it could not measure (torch's own, e.g. with a closure): ΔW is unknown (NaN) and ||W||
+        is read after the step."""
+        status, rows = self.observer.update_since(self.params, self._since)
+        if status != "measured":
+            rows = np.full((len(self.params), 4), np.nan)
+            if status == "none":
+                rows[:, 1] = 0.0
+        index, vs = self._adam_tensors()
+        still = np.flatnonzero(np.isnan(rows[:, 0]))  # not stepped, or unmeasured: read as they are now
+        if len(still):
+            rows[still, 0] = rows[still, 2] = kernels.weights(
+                [self.params[i] for i in still], None, self._np_numels[still]
+            )
+            if status == "measured":
+                rows[still, 1] = 0.0
+            v_of = dict(zip(index, vs, strict=True))
+            with_v = [i for i in still if i in v_of]
+            if with_v:
+                rows[with_v, 3] = kernels.sums([v_of[i] for i in with_v])
+        usq = rows[:, 1] if self.keep_updates else None
+        return usq, self._host_v_rms(index, rows[index, 3] if vs else None), rows[:, 0]
 
     def _host_v_rms(self, index: list[int], v_sums: np.ndarray | None) -> np.ndarray:
         out = np.full(len(self.params), np.nan)

@@ -30,7 +30,10 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("flowstats.cpp")
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles wins
+# the first that compiles wins; no contraction of a*b+c into fma unless written (the Adam step must round
+# exactly where torch's does), no errno from sqrt (so it vectorizes)
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+COMMON_FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
 _VOID_P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
@@ -84,7 +87,7 @@ def _compile(cxx: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(SOURCE)]
+        cmd = [cxx, *flags, *COMMON_FLAGS, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(SOURCE)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
@@ -102,7 +105,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ft_logits.argtypes = [_VOID_P, _I64, _I64, _VOID_P]
     lib.ft_attention.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P, *[_I64] * 5, _VOID_P, _I64, ctypes.c_int]
     lib.ft_attention.argtypes += [ctypes.c_double, _VOID_P]
-    for name in ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "sumsq_maxabs1", "logits", "attention"):
+    lib.ft_adam_step.argtypes = [_I64, *[_VOID_P] * 8, ctypes.c_double, ctypes.c_double, ctypes.c_double]
+    lib.ft_adam_step.argtypes += [ctypes.c_int, _I64, _VOID_P]
+    names = ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "sumsq_maxabs1", "logits", "attention")
+    for name in (*names, "adam_step"):
         getattr(lib, "ft_" + name).restype = None
     return lib
 
@@ -122,9 +128,8 @@ def library() -> ctypes.CDLL | None:
         return None
     errors = []
     for flags in _flag_sets():
-        key = hashlib.sha256(
-            b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_fingerprint().encode(), cxx.encode()])
-        ).hexdigest()[:16]
+        parts = [SOURCE.read_bytes(), " ".join([*flags, *COMMON_FLAGS]).encode(), _cpu_fingerprint().encode()]
+        key = hashlib.sha256(b"\0".join([*parts, cxx.encode()])).hexdigest()[:16]
         for cache in _cache_dirs():
             target = cache / f"flowstats-{platform.machine()}-{key}.so"
             try:
@@ -288,5 +293,30 @@ def attention(
     library().ft_attention(
         len(qs), qp.ctypes.data, kp.ctypes.data, q_strides.ctypes.data, k_strides.ctypes.data,
         nb, nh, t, s, d, rows.ctypes.data, len(rows), int(causal), d**-0.5, out.ctypes.data,
+    )  # fmt: skip
+    return out
+
+
+def adam_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    hyper: np.ndarray,
+    betas: tuple[float, float],
+    eps: float,
+    decoupled: bool,
+    vec: int,
+) -> np.ndarray:
+    """One Adam (decoupled=False) or AdamW step in place, with torch's fused CPU arithmetic (flowstats.cpp);
+    hyper is [3, n] float64: learning rate, weight decay and step count (after the increment) per tensor; vec is
+    torch's SIMD width in floats. Returns [n, 4] float64: ||W before||^2, ||dW||^2, ||W after||^2, sum(v)."""
+    n = len(params)
+    out = np.empty((n, 4), np.float64)
+    arrays = [_ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _numels(params)]  # alive in the call
+    hyper = np.ascontiguousarray(hyper, dtype=np.float64)
+    library().ft_adam_step(
+        n, *(a.ctypes.data for a in arrays), hyper[0].ctypes.data, hyper[1].ctypes.data, hyper[2].ctypes.data,
+        betas[0], betas[1], eps, int(decoupled), vec, out.ctypes.data,
     )  # fmt: skip
     return out

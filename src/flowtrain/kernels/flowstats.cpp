@@ -21,6 +21,10 @@
 
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int LANES = 16;
@@ -77,6 +81,36 @@ inline vf exp_nonpos(vf x) {
   vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
   return p * (vf)scale;
 }
+
+// fused multiply-add and square root of whole vectors (the Adam step needs both rounded exactly once)
+#if defined(__AVX512F__)
+inline vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline vf vfma(vf a, vf b, vf c) {
+  __m256 x[2], y[2], z[2];
+  memcpy(x, &a, sizeof a), memcpy(y, &b, sizeof b), memcpy(z, &c, sizeof c);
+  x[0] = _mm256_fmadd_ps(x[0], y[0], z[0]), x[1] = _mm256_fmadd_ps(x[1], y[1], z[1]);
+  memcpy(&a, x, sizeof a);
+  return a;
+}
+inline vf vsqrt(vf a) {
+  __m256 x[2];
+  memcpy(x, &a, sizeof a);
+  x[0] = _mm256_sqrt_ps(x[0]), x[1] = _mm256_sqrt_ps(x[1]);
+  memcpy(&a, x, sizeof a);
+  return a;
+}
+#else
+inline vf vfma(vf a, vf b, vf c) {
+  for (int l = 0; l < LANES; l++) a[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return a;
+}
+inline vf vsqrt(vf a) {
+  for (int l = 0; l < LANES; l++) a[l] = __builtin_sqrtf(a[l]);
+  return a;
+}
+#endif
 
 // -- work split ------------------------------------------------------------------------------------------------
 
@@ -213,6 +247,84 @@ double row_lse(const float *row, int64_t v, float *max_abs) {
   double sum = hsum(acc);
   for (; j < v; j++) sum += __builtin_exp((double)row[j] - hi);
   return hi + __builtin_log(sum);
+}
+
+// -- Adam/AdamW step with the statistics of the update (the observing optimizer) ------------------------------
+//
+// The same arithmetic, operation for operation, as torch's fused CPU Adam kernel for float32 (ATen
+// FusedAdamKernel.cpp): its vectorized body computes exp_avg.lerp_(grad, 1 - beta1) with one fused
+// multiply-add and rounds after every other operation; its scalar remainder (a tensor's last numel % vec
+// elements, vec = torch's SIMD width) is compiled with contraction, so the multiply-adds of the L2 term, the
+// lerp and the second moment are fused there (found by comparing results bit for bit). This file is built
+// without contraction (-ffp-contract=off): the fused ones are written out. flowtrain/optim/observed.py checks at run time that the results are bit-identical to
+// torch's kernel before using this one. In the same pass: ||W before||^2, ||dW||^2, ||W after||^2, sum(v).
+
+struct AdamScalars {
+  float decay;     // AdamW: 1 - lr * wd (p *= decay); 1 when not decoupled or wd == 0
+  float wd;        // Adam: L2 added to the gradient; 0 for AdamW
+  float w, w_minus_1;  // lerp weight 1 - beta1 and (w - 1), both in float as torch forms them
+  bool small;      // |w| < 0.5: lerp from exp_avg, else from grad
+  float beta2, c2; // v = v * beta2 + (c2 * g) * g
+  float bc2_sqrt, eps, neg_step;
+};
+
+#ifndef WD_BODY
+#define WD_BODY 1
+#endif
+// where an element sits in torch's loop over a tensor: the explicitly vectorized body, the remainder loop's
+// auto-vectorized part (8 floats at a time) or its scalar end
+enum Region { BODY, REST_VECTOR, REST_SCALAR };
+
+template <Region R>
+inline void adam_elem(const AdamScalars &a, float &p, float g, float &m, float &v) {
+  if (a.wd != 0.0f) g = (R != BODY || WD_BODY) ? __builtin_fmaf(p, a.wd, g) : g + p * a.wd;
+  if (a.decay != 1.0f) p = p * a.decay;
+  if (R == BODY) {
+    m = a.small ? __builtin_fmaf(a.w, g - m, m) : __builtin_fmaf(a.w_minus_1, g - m, g);
+  } else {
+    m = a.small ? __builtin_fmaf(a.w, g - m, m) : __builtin_fmaf(-(g - m), 1.0f - a.w, g);
+  }
+  v = R == REST_SCALAR ? __builtin_fmaf(v, a.beta2, a.c2 * g * g) : __builtin_fmaf(a.c2 * g, g, v * a.beta2);
+  float denom = __builtin_sqrtf(v) / a.bc2_sqrt + a.eps;
+  p = p + a.neg_step * m / denom;
+}
+
+// elements [lo, hi) of one tensor whose torch remainder starts at `tail`; out: the four sums of the range
+void adam_range(const AdamScalars &a, float *p, const float *g, float *m, float *v, int64_t lo, int64_t hi,
+                int64_t tail, double *out) {
+  double s_old = 0, s_d = 0, s_new = 0, s_v = 0;
+  int64_t k = lo;
+  int64_t body_end = hi < tail ? hi : tail;
+  const vf decay = splat(a.decay), wd = splat(a.wd), w = splat(a.small ? a.w : a.w_minus_1);
+  const vf beta2 = splat(a.beta2), c2 = splat(a.c2), bc2 = splat(a.bc2_sqrt), eps = splat(a.eps);
+  const vf neg_step = splat(a.neg_step);
+  while (k + LANES <= body_end) {  // blocks of up to BLOCK elements summed in float, then added in double
+    vf f_old = {}, f_d = {}, f_new = {}, f_v = {};
+    for (int j = 0; j < BLOCK && k + LANES <= body_end; j += LANES, k += LANES) {
+      vf P = load(p + k), G = load(g + k), M = load(m + k), V = load(v + k), before = P;
+      if (a.wd != 0.0f) G = WD_BODY ? vfma(P, wd, G) : G + P * wd;
+      if (a.decay != 1.0f) P = P * decay;
+      M = vfma(w, G - M, a.small ? M : G);
+      V = vfma(c2 * G, G, V * beta2);
+      vf denom = vsqrt(V) / bc2 + eps;
+      P = P + neg_step * M / denom;
+      store(p + k, P), store(m + k, M), store(v + k, V);
+      vf d = P - before;
+      f_old += before * before, f_d += d * d, f_new += P * P, f_v += V;
+    }
+    s_old += hsum(f_old), s_d += hsum(f_d), s_new += hsum(f_new), s_v += hsum(f_v);
+  }
+  int64_t rest_scalar = tail + (hi - tail) / 8 * 8;
+  for (; k < hi; k++) {
+    float pp = p[k], mm = m[k], vv = v[k], before = pp;
+    if (k < tail) adam_elem<BODY>(a, pp, g[k], mm, vv);
+    else if (k < rest_scalar) adam_elem<REST_VECTOR>(a, pp, g[k], mm, vv);
+    else adam_elem<REST_SCALAR>(a, pp, g[k], mm, vv);
+    p[k] = pp, m[k] = mm, v[k] = vv;
+    double d = (double)pp - before;
+    s_old += (double)before * before, s_d += d * d, s_new += (double)pp * pp, s_v += vv;
+  }
+  out[0] = s_old, out[1] = s_d, out[2] = s_new, out[3] = s_v;
 }
 
 }  // namespace
@@ -399,6 +511,42 @@ void ft_attention(int64_t n, const float *const *q, const float *const *k, const
     out[2 * i] = c ? e / c : __builtin_nan("");
     out[2 * i + 1] = c ? m : __builtin_nan("");
   }
+}
+
+// One Adam (decoupled = 0) or AdamW (decoupled = 1) step over n float32 tensors, in place, with torch's
+// arithmetic (see adam_elem). Per tensor i: learning rate lr[i], weight decay wd[i] and step count step[i]
+// (after the increment); vec = torch's SIMD width in floats (16 with AVX-512, 8 with AVX2). out is [n, 4]:
+// ||W before||^2, ||W after - W before||^2, ||W after||^2, sum(v after).
+void ft_adam_step(int64_t n, float *const *p, const float *const *g, float *const *m, float *const *v,
+                  const int64_t *numel, const double *lr, const double *wd, const double *step, double beta1,
+                  double beta2, double eps, int decoupled, int64_t vec, double *out) {
+  std::vector<AdamScalars> sc(n);
+  for (int64_t i = 0; i < n; i++) {
+    double bc1 = 1 - __builtin_pow(beta1, step[i]), bc2 = 1 - __builtin_pow(beta2, step[i]);
+    AdamScalars &a = sc[i];
+    a.decay = decoupled && wd[i] != 0 ? (float)(1 - lr[i] * wd[i]) : 1.0f;
+    a.wd = !decoupled ? (float)wd[i] : 0.0f;
+    a.w = (float)(1 - beta1);
+    a.w_minus_1 = a.w - 1.0f;
+    a.small = (a.w < 0 ? -a.w : a.w) < 0.5f;
+    a.beta2 = (float)beta2;
+    a.c2 = (float)(1 - beta2);
+    a.bc2_sqrt = (float)__builtin_sqrt(bc2);
+    a.eps = (float)eps;
+    a.neg_step = (float)(-(lr[i] / bc1));
+  }
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> part(4 * cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) {
+    const Chunk &k = cs[c];
+    int64_t i = k.tensor, tail = numel[i] - (vec > 0 ? numel[i] % vec : 0);
+    adam_range(sc[i], p[i], g[i], m[i], v[i], k.lo, k.hi, tail, &part[4 * c]);
+  });
+  for (int64_t i = 0; i < 4 * n; i++) out[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++)
+    for (int j = 0; j < 4; j++) out[4 * cs[c].tensor + j] += part[4 * c + j];
 }
 
 }  // extern "C"

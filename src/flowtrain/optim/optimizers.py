@@ -24,6 +24,7 @@ from torch import nn
 
 from flowtrain.errors import ConfigError
 from flowtrain.optim.config import OptimConfig
+from flowtrain.optim.observed import observed_class
 
 ParamKind = Literal["embedding", "norm", "bias", "weight"]
 
@@ -135,7 +136,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     """The configured torch optimizer over `model`'s trainable parameters, with weight-decay groups.
 
     implementation="auto" uses the fused kernel where torch has one for the device (one kernel for the
-    whole update; about 5x faster than foreach for AdamW on CPU), else foreach. If the fused constructor
+    whole update; about 5x faster than foreach for AdamW on CPU), else foreach. On the CPU, fused Adam and
+    AdamW are flowtrain's observing twins (optim/observed.py): the same step bit for bit, with the update's
+    statistics measured in the same pass. If the fused constructor
     still refuses the parameters (e.g. some are not floating point, or not on `device_type` yet), "auto"
     falls back to foreach; an explicit "fused" raises a ConfigError instead.
     """
@@ -143,8 +146,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     groups = param_groups(model, cfg)
     impl = cfg.implementation
     if impl in ("auto", "fused") and fused_supported(cls, device_type):
+        # on the CPU, Adam/AdamW take their fused step through flowtrain's observing kernel: torch's arithmetic
+        # bit for bit (checked when built), plus the update statistics the microscope needs (optim/observed.py)
+        observing = observed_class(cls) if device_type == "cpu" else None
         try:
-            return cls(groups, fused=True, **hyper)
+            return observing(groups, **hyper) if observing else cls(groups, fused=True, **hyper)
         except (RuntimeError, ValueError) as exc:
             if impl == "fused":
                 raise ConfigError(

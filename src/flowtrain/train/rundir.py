@@ -82,7 +82,18 @@ def _cpu_kernels() -> str:
     return "built" if kernels.library() is not None else f"torch ({kernels.build_error})"
 
 
-def write_env(run: RunDir, device: torch.device) -> None:
+def _optimizer_step(optimizer) -> str:
+    """Whose kernel takes the optimizer step: flowtrain's observing Adam/AdamW, or torch's (and why)."""
+    if optimizer is None:
+        return "unknown"
+    name = type(optimizer).__name__
+    if getattr(optimizer, "observing", False):
+        return f"{name}: flowtrain's observing kernel (bit-identical to torch's fused step, checked)"
+    note = getattr(optimizer, "observing_note", "")
+    return f"{name}: torch" + (f" ({note})" if note else "")
+
+
+def write_env(run: RunDir, device: torch.device, optimizer=None) -> None:
     """Versions and machine facts, so a report can say what produced the numbers."""
     env = {
         "run_dir_version": RUN_DIR_VERSION,
@@ -94,6 +105,7 @@ def write_env(run: RunDir, device: torch.device) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "num_threads": torch.get_num_threads(),
         "cpu_kernels": _cpu_kernels(),
+        "optimizer_step": _optimizer_step(optimizer),
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }

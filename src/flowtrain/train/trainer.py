@@ -327,7 +327,7 @@ class Trainer:
         else:
             for path in (self.run.metrics, self.run.evals, self.run.alerts):
                 JsonlSink.truncate_after(path, self.step)
-        write_env(self.run, self.device)
+        write_env(self.run, self.device, self.optimizer)
         self.metrics_sink = JsonlSink(self.run.metrics, flush_every=max(1, 50 // self.cfg.log.interval))
         self.alerts_sink = JsonlSink(self.run.alerts)
         self.flow_writer = (

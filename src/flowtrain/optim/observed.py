@@ -1,0 +1,182 @@
+"""Adam and AdamW that report the update they make: torch's fused CPU step, bit for bit, with the statistics of
+the update computed in the same pass over memory.
+
+Why: the microscope's update norm ||ΔW|| (and ||ΔW||/||W||) needs the weights before and after the step. Beside
+torch's optimizer that costs a copy of every parameter (memory) and a pass after each step that reads the
+weights, the copy and Adam's v and writes the copy: on a 12-layer, 768-wide model on a 2-core CPU ~50 ms of a
+1.4 s step. The optimizer holds the weights before and after in registers anyway; here its pass also sums
+||W before||^2, ||ΔW||^2, ||W after||^2 and sum(v) (flowtrain/kernels/flowstats.cpp, ft_adam_step).
+
+Safety first: a step is taken by our kernel only where it is bit-identical to torch's fused kernel, which it
+replicates operation for operation (including where torch's compiler fused multiply-adds): CPU float32
+contiguous parameters; no amsgrad, maximize, capturable, differentiable or grad scaling; float learning rates;
+and a check when the optimizer is built that runs both kernels for a few steps on tensors of every remainder
+size with this optimizer's betas, eps and weight decays and compares every bit of the weights and moments.
+Anything else, or a torch whose kernel rounds differently, takes torch's own fused step (`observing` is False
+and `observing_note` says why); the microscope then measures the update its own way. State, state_dict and
+checkpoints are torch's Adam/AdamW's, unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowtrain import kernels
+
+CHECK_SIZES = (*range(1, 41), 1000, 16385)  # every remainder modulo 16 and 8, a multi-chunk tensor
+CHECK_STEPS = 3
+
+
+def _simd_width() -> int:
+    """Floats per vector in torch's CPU kernels (where its fused Adam's scalar remainder begins)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+class _Observing:
+    """Mixin over torch.optim.Adam/AdamW (fused=True): step() with statistics, or torch's step."""
+
+    decoupled: bool
+
+    def _setup_observing(self) -> None:
+        self.steps_taken = 0  # every step that changed the weights, ours or torch's (see update_since)
+        self.last_update: tuple[int, dict[int, int], np.ndarray] | None = None  # step, id(param) -> row, [n, 4]
+        self._vec = _simd_width()
+        self.observing_note = self._why_not()
+        if not self.observing_note and not self._bitwise_like_torch():
+            self.observing_note = "this torch's fused Adam kernel rounds differently from flowtrain's"
+        self.observing = not self.observing_note
+
+    def _why_not(self) -> str:
+        if kernels.library() is None:
+            return f"no CPU kernels ({kernels.build_error})"
+        for group in self.param_groups:
+            for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if group.get(flag):
+                    return f"{flag}=True"
+            if not group.get("fused") or not isinstance(group["lr"], float):
+                return "not fused, or a tensor learning rate"
+            for p in group["params"]:
+                if not (p.dtype is torch.float32 and p.is_cpu and p.is_contiguous() and type(p) is torch.nn.Parameter):
+                    return "not every parameter is a plain contiguous CPU float32 tensor"
+        return ""
+
+    def _bitwise_like_torch(self) -> bool:
+        """Run torch's fused kernel and ours side by side on fresh tensors; True if every bit agrees."""
+        generator = torch.Generator().manual_seed(0)
+        group = self.param_groups[0]
+        torch_cls = torch.optim.AdamW if self.decoupled else torch.optim.Adam
+        for weight_decay in sorted({0.0, *(float(g["weight_decay"]) for g in self.param_groups)}):
+            ours = [torch.randn(n, generator=generator) for n in CHECK_SIZES]
+            theirs = [torch.nn.Parameter(t.clone()) for t in ours]
+            hyper = {"lr": float(group["lr"]) or 1e-3, "betas": group["betas"], "eps": group["eps"]}
+            reference = torch_cls(theirs, weight_decay=weight_decay, fused=True, **hyper)
+            exp_avgs = [torch.zeros_like(t) for t in ours]
+            exp_avg_sqs = [torch.zeros_like(t) for t in ours]
+            for step in range(1, CHECK_STEPS + 1):
+                grads = [torch.randn(t.shape, generator=generator) * 10.0 ** (step - 2) for t in ours]
+                for p, g in zip(theirs, grads, strict=True):
+                    p.grad = g.clone()
+                reference.step()
+                hyper_rows = np.array([[hyper["lr"], weight_decay, float(step)]] * len(ours)).T
+                kernels.adam_step(
+                    ours, grads, exp_avgs, exp_avg_sqs, hyper_rows, tuple(hyper["betas"]), hyper["eps"],
+                    self.decoupled, self._vec,
+                )  # fmt: skip
+            for mine, p, m, v in zip(ours, theirs, exp_avgs, exp_avg_sqs, strict=True):
+                state = reference.state[p]
+                if not (
+                    torch.equal(mine, p) and torch.equal(m, state["exp_avg"]) and torch.equal(v, state["exp_avg_sq"])
+                ):
+                    return False
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.observing or closure is not None or getattr(self, "grad_scale", None) is not None:
+            return self._torch_step(closure)
+        params, grads, exp_avgs, exp_avg_sqs, steps, hyper = [], [], [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.dtype is not torch.float32 or p.grad.is_sparse:
+                    return self._torch_step(closure)
+                state = self.state[p]
+                if not state:  # as torch's fused Adam initializes it
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad.contiguous())  # torch's kernel reads grad.contiguous() too
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                hyper.append((group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]))
+        found_inf = getattr(self, "found_inf", None)
+        if not params or (found_inf is not None and bool(found_inf)):  # a skipped step changes nothing
+            return None
+        torch._foreach_add_(steps, 1)
+        rows = np.array([[lr, wd, float(s)] for (lr, wd, _, _), s in zip(hyper, steps, strict=True)]).T
+        by_betas: dict[tuple, list[int]] = {}
+        for i, (_, _, betas, eps) in enumerate(hyper):
+            by_betas.setdefault((betas, eps), []).append(i)
+        out = np.empty((len(params), 4))
+        for (betas, eps), index in by_betas.items():
+
+            def pick(xs: list, index=index) -> list:
+                return xs if len(index) == len(xs) else [xs[i] for i in index]
+
+            out[index] = kernels.adam_step(
+                pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), rows[:, index], betas, eps,
+                self.decoupled, self._vec,
+            )  # fmt: skip
+        self.steps_taken += 1
+        self.last_update = (self.steps_taken, {id(p): i for i, p in enumerate(params)}, out)
+        return None
+
+    def _torch_step(self, closure):
+        """torch's own fused step: counted, so a reader of update_since() knows it has no statistics for it."""
+        loss = super().step(closure)
+        found_inf = getattr(self, "found_inf", None)
+        skipped = found_inf is not None and bool(found_inf)
+        if not skipped and any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self.steps_taken += 1
+        return loss
+
+    def update_since(self, params: list[torch.Tensor], since: int) -> tuple[str, np.ndarray | None]:
+        """What happened to `params` since steps_taken was `since`: ("none", None) no step; ("measured", [n, 4]:
+        ||W before||^2, ||ΔW||^2, ||W after||^2, sum(v)) exactly one step, by our kernel, with NaN rows for the
+        parameters it did not touch (no gradient); else ("unmeasured", None)."""
+        if self.steps_taken == since:
+            return "none", None
+        if self.last_update is None or self.steps_taken != since + 1 or self.last_update[0] != self.steps_taken:
+            return "unmeasured", None
+        _, rows, out = self.last_update
+        measured = np.full((len(params), 4), np.nan)
+        for i, p in enumerate(params):
+            row = rows.get(id(p))
+            if row is not None:
+                measured[i] = out[row]
+        return "measured", measured
+
+
+class ObservedAdamW(_Observing, torch.optim.AdamW):
+    decoupled = True
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self._setup_observing()
+
+
+class ObservedAdam(_Observing, torch.optim.Adam):
+    decoupled = False
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self._setup_observing()
+
+
+def observed_class(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer] | None:
+    """The observing twin of torch's Adam or AdamW (None for other optimizers)."""
+    return {torch.optim.AdamW: ObservedAdamW, torch.optim.Adam: ObservedAdam}.get(cls)
