@@ -25,7 +25,9 @@ class OptimConfig(Section):
     nesterov: bool = False
     alpha: float = Field(0.99, gt=0, lt=1, description="RMSprop smoothing constant")
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
-        "auto", description="auto: fused where torch supports it on the device, else foreach"
+        "auto",
+        description="auto: fused where torch supports it on the device, else foreach (on the CPU, fused Adam/AdamW "
+        "steps run in flowtrain's observing kernel: torch's arithmetic bit for bit, plus the update's statistics)",
     )
 
     @field_validator("no_decay")
