@@ -16,20 +16,28 @@ from flowtrain.flow import STAT_COLUMNS, TENSOR_STATS, FlowConfig, FlowMonitor, 
 from flowtrain.flow.records import LayerGroups
 
 
-def records(n_steps=3):
+def monitored_model():
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    monitor = FlowMonitor(model, opt, FlowConfig())
-    out = []
+    return model, opt, FlowMonitor(model, opt, FlowConfig())
+
+
+def train_steps(model, opt, monitor, n_steps, after_each=lambda step: None) -> None:
     for step in range(n_steps):
         idx = torch.randint(0, 17, (2, 8))
         F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
         monitor.after_backward()
         opt.step()
         monitor.after_step()
-        out.append(monitor.collect(step))
         opt.zero_grad()
+        after_each(step)
+
+
+def records(n_steps=3):
+    model, opt, monitor = monitored_model()
+    out = []
+    train_steps(model, opt, monitor, n_steps, lambda step: out.append(monitor.collect(step)))
     return out
 
 
@@ -37,20 +45,10 @@ def test_collect_all_returns_every_uncollected_step_and_collect_the_newest(reduc
     """collect_all(step): the records of every step since the last collect, oldest first, numbered back from
     `step`, equal to those collected one by one; collect() keeps only the newest."""
     one_by_one = records(4)
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    monitor = FlowMonitor(model, opt, FlowConfig())
-    batches = []
-    for _ in range(4):
-        idx = torch.randint(0, 17, (2, 8))
-        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
-        monitor.after_backward()
-        opt.step()
-        monitor.after_step()
-        opt.zero_grad()
-        batches.append(len(monitor._ready))
-    assert batches == [1, 2, 3, 4]
+    model, opt, monitor = monitored_model()
+    waiting = []
+    train_steps(model, opt, monitor, 4, lambda step: waiting.append(len(monitor._ready)))
+    assert waiting == [1, 2, 3, 4]
     together = monitor.collect_all(step=3)
     assert [r.step for r in together] == [0, 1, 2, 3]
     for a, b in zip(together, one_by_one, strict=True):
@@ -58,13 +56,7 @@ def test_collect_all_returns_every_uncollected_step_and_collect_the_newest(reduc
         np.testing.assert_array_equal(a.depth_stats, b.depth_stats)
         assert a.scalars.keys() == b.scalars.keys()
     assert monitor.collect_all() == [] and monitor.collect() is None
-    for _ in range(2):
-        idx = torch.randint(0, 17, (2, 8))
-        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
-        monitor.after_backward()
-        opt.step()
-        monitor.after_step()
-        opt.zero_grad()
+    train_steps(model, opt, monitor, 2)
     newest = monitor.collect(step=6)
     assert newest.step == 6 and monitor.collect_all() == []
 

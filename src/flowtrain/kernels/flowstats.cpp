@@ -132,6 +132,20 @@ void parallel(int64_t count, int64_t elements, F f) {
   for (int64_t c = 0; c < count; c++) f(c);
 }
 
+// K sums per tensor: f(chunk, its K partial sums) for every chunk on the threads, then the partials added in
+// chunk order into out ([n, K] row-major), so the result does not depend on the thread count
+template <int K, class F>
+void chunked_sums(int64_t n, const int64_t *numel, double *out, F f) {
+  std::vector<Chunk> cs = chunks_of(n, numel);
+  std::vector<double> part(K * cs.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) total += numel[i];
+  parallel(cs.size(), total, [&](int64_t c) { f(cs[c], &part[K * c]); });
+  for (int64_t i = 0; i < K * n; i++) out[i] = 0;
+  for (size_t c = 0; c < cs.size(); c++)
+    for (int j = 0; j < K; j++) out[K * cs[c].tensor + j] += part[K * c + j];
+}
+
 // -- one range of one tensor -----------------------------------------------------------------------------------
 
 void sumsq_maxabs_range(const float *p, int64_t n, double *sumsq, float *maxabs) {
@@ -367,27 +381,14 @@ void ft_nonfinite(int64_t n, const float *const *ptrs, const int64_t *numel, int
 
 // Per tensor i: out[i] = sum x (double); Adam's second moments (non-negative, so this is their L1 norm).
 void ft_sums(int64_t n, const float *const *ptrs, const int64_t *numel, double *out) {
-  std::vector<Chunk> cs = chunks_of(n, numel);
-  std::vector<double> s(cs.size());
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; i++) total += numel[i];
-  parallel(cs.size(), total, [&](int64_t c) { s[c] = sum_range(ptrs[cs[c].tensor] + cs[c].lo, cs[c].hi - cs[c].lo); });
-  for (int64_t i = 0; i < n; i++) out[i] = 0;
-  for (size_t c = 0; c < cs.size(); c++) out[cs[c].tensor] += s[c];
+  chunked_sums<1>(n, numel, out, [&](const Chunk &k, double *o) { *o = sum_range(ptrs[k.tensor] + k.lo, k.hi - k.lo); });
 }
 
 // Per tensor i: wsq[i] = ||w_i||^2, and (snap non-null) snap_i = w_i: the weights before a step, kept for dW.
 void ft_weights(int64_t n, const float *const *w, float *const *snap, const int64_t *numel, double *wsq) {
-  std::vector<Chunk> cs = chunks_of(n, numel);
-  std::vector<double> s(cs.size());
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; i++) total += numel[i];
-  parallel(cs.size(), total, [&](int64_t c) {
-    const Chunk &k = cs[c];
-    s[c] = weights_range(w[k.tensor] + k.lo, snap ? snap[k.tensor] + k.lo : nullptr, k.hi - k.lo);
+  chunked_sums<1>(n, numel, wsq, [&](const Chunk &k, double *o) {
+    *o = weights_range(w[k.tensor] + k.lo, snap ? snap[k.tensor] + k.lo : nullptr, k.hi - k.lo);
   });
-  for (int64_t i = 0; i < n; i++) wsq[i] = 0;
-  for (size_t c = 0; c < cs.size(); c++) wsq[cs[c].tensor] += s[c];
 }
 
 // After an optimizer step, per tensor i (out is [n, 3] row-major):
@@ -397,25 +398,16 @@ void ft_weights(int64_t n, const float *const *w, float *const *snap, const int6
 // and with copy != 0, snap_i = w_i (ready for the next step's update).
 void ft_update(int64_t n, const float *const *w, float *const *snap, const float *const *v, const int64_t *numel,
                double *out, int copy) {
-  std::vector<Chunk> cs = chunks_of(n, numel);
-  std::vector<double> part(3 * cs.size());
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; i++) total += numel[i];
-  parallel(cs.size(), total, [&](int64_t c) {
-    const Chunk &k = cs[c];
+  chunked_sums<3>(n, numel, out, [&](const Chunk &k, double *o) {
     const float *wi = w[k.tensor] + k.lo;
     float *si = snap[k.tensor] + k.lo;
     const float *vi_ = v && v[k.tensor] ? v[k.tensor] + k.lo : nullptr;
     int64_t len = k.hi - k.lo;
-    double *o = &part[3 * c];
     if (copy && vi_) update_range<true, true>(wi, si, vi_, len, o);
     else if (copy) update_range<true, false>(wi, si, nullptr, len, o);
     else if (vi_) update_range<false, true>(wi, si, vi_, len, o);
     else update_range<false, false>(wi, si, nullptr, len, o);
   });
-  for (int64_t i = 0; i < 3 * n; i++) out[i] = 0;
-  for (size_t c = 0; c < cs.size(); c++)
-    for (int j = 0; j < 3; j++) out[3 * cs[c].tensor + j] += part[3 * c + j];
 }
 
 // Output logits, rows of length v (contiguous): out[0] = max |z| (ignoring NaN), out[1] = sum over rows of
@@ -535,18 +527,10 @@ void ft_adam_step(int64_t n, float *const *p, const float *const *g, float *cons
     a.eps = (float)eps;
     a.neg_step = (float)(-(lr[i] / bc1));
   }
-  std::vector<Chunk> cs = chunks_of(n, numel);
-  std::vector<double> part(4 * cs.size());
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; i++) total += numel[i];
-  parallel(cs.size(), total, [&](int64_t c) {
-    const Chunk &k = cs[c];
+  chunked_sums<4>(n, numel, out, [&](const Chunk &k, double *o) {
     int64_t i = k.tensor, tail = numel[i] - (vec > 0 ? numel[i] % vec : 0);
-    adam_range(sc[i], p[i], g[i], m[i], v[i], k.lo, k.hi, tail, &part[4 * c]);
+    adam_range(sc[i], p[i], g[i], m[i], v[i], k.lo, k.hi, tail, o);
   });
-  for (int64_t i = 0; i < 4 * n; i++) out[i] = 0;
-  for (size_t c = 0; c < cs.size(); c++)
-    for (int j = 0; j < 4; j++) out[4 * cs[c].tensor + j] += part[4 * c + j];
 }
 
 }  // extern "C"
