@@ -56,21 +56,26 @@ class _Observing:
                     return f"{flag}=True"
             if not group.get("fused") or not isinstance(group["lr"], float):
                 return "not fused, or a tensor learning rate"
+            if bool(group.get("decoupled_weight_decay", self.decoupled)) != self.decoupled:
+                return "decoupled_weight_decay differs from the class's"
             for p in group["params"]:
                 if not (p.dtype is torch.float32 and p.is_cpu and p.is_contiguous() and type(p) is torch.nn.Parameter):
                     return "not every parameter is a plain contiguous CPU float32 tensor"
         return ""
 
     def _bitwise_like_torch(self) -> bool:
-        """Run torch's fused kernel and ours side by side on fresh tensors; True if every bit agrees."""
+        """Run torch's fused kernel and ours side by side on fresh tensors, for every (betas, eps, weight decay)
+        of the groups and with no decay (each takes other branches); True if every bit agrees."""
         generator = torch.Generator().manual_seed(0)
-        group = self.param_groups[0]
         torch_cls = torch.optim.AdamW if self.decoupled else torch.optim.Adam
-        for weight_decay in sorted({0.0, *(float(g["weight_decay"]) for g in self.param_groups)}):
+        settings = {
+            (tuple(g["betas"]), float(g["eps"]), wd) for g in self.param_groups for wd in (0.0, g["weight_decay"])
+        }
+        lr = float(self.param_groups[0]["lr"]) or 1e-3
+        for betas, eps, weight_decay in sorted(settings):
             ours = [torch.randn(n, generator=generator) for n in CHECK_SIZES]
             theirs = [torch.nn.Parameter(t.clone()) for t in ours]
-            hyper = {"lr": float(group["lr"]) or 1e-3, "betas": group["betas"], "eps": group["eps"]}
-            reference = torch_cls(theirs, weight_decay=weight_decay, fused=True, **hyper)
+            reference = torch_cls(theirs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
             exp_avgs = [torch.zeros_like(t) for t in ours]
             exp_avg_sqs = [torch.zeros_like(t) for t in ours]
             for step in range(1, CHECK_STEPS + 1):
@@ -78,16 +83,12 @@ class _Observing:
                 for p, g in zip(theirs, grads, strict=True):
                     p.grad = g.clone()
                 reference.step()
-                hyper_rows = np.array([[hyper["lr"], weight_decay, float(step)]] * len(ours)).T
-                kernels.adam_step(
-                    ours, grads, exp_avgs, exp_avg_sqs, hyper_rows, tuple(hyper["betas"]), hyper["eps"],
-                    self.decoupled, self._vec,
-                )  # fmt: skip
+                rows = np.array([[lr, weight_decay, float(step)]] * len(ours)).T
+                kernels.adam_step(ours, grads, exp_avgs, exp_avg_sqs, rows, betas, eps, self.decoupled, self._vec)
             for mine, p, m, v in zip(ours, theirs, exp_avgs, exp_avg_sqs, strict=True):
                 state = reference.state[p]
-                if not (
-                    torch.equal(mine, p) and torch.equal(m, state["exp_avg"]) and torch.equal(v, state["exp_avg_sq"])
-                ):
+                pairs = ((mine, p), (m, state["exp_avg"]), (v, state["exp_avg_sq"]))
+                if not all(torch.equal(a, b) for a, b in pairs):
                     return False
         return True
 
