@@ -155,3 +155,22 @@ def test_falls_back_to_torch_where_it_cannot_be_bit_identical(monkeypatch):
 
 def test_the_check_covers_every_remainder():
     assert {n % 16 for n in CHECK_SIZES} == set(range(16)) and max(CHECK_SIZES) > 16384
+
+
+def test_groups_with_their_own_betas_step_bit_identically():
+    """Groups may carry their own betas and eps (one kernel call per setting): still torch's bits."""
+    ours, theirs, opt, ref = _pair(
+        ObservedAdamW,
+        torch.optim.AdamW,
+        [{"betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05}, {"betas": (0.4, 0.999)}],
+        lr=1e-2,
+    )
+    assert opt.observing, opt.observing_note
+    for _ in range(3):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        since = opt.steps_taken
+        opt.step()
+        ref.step()
+        assert _same(ours, theirs) and opt.update_since(ours, since)[0] == "measured"
