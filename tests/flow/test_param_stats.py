@@ -217,3 +217,25 @@ def test_observing_optimizer_skipped_step_reports_no_update_and_the_weights(redu
         assert s["update_norm"] == 0.0
         close(s["weight_norm"], norm(p.detach()))
         close(s["adam_v_rms"], math.sqrt(float(opt.state[p]["exp_avg_sq"].double().mean())))
+
+
+def test_observing_optimizer_reports_a_poisoned_tensor_as_non_finite_not_as_still(reductions):
+    """A NaN gradient let through (no guard) makes the weights NaN; on the next step the tensor still stepped:
+    its ΔW is NaN, not "did not move"."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = ObservedAdamW(model.parameters(), lr=3e-3)
+    monitor = FlowMonitor(model, opt, FlowConfig())
+    idx = torch.randint(0, 17, (4, 8))
+    name = "blocks.1.mlp.0.weight"
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, idx).backward()
+        if step == 0:
+            dict(model.named_parameters())[name].grad[0, 0] = float("nan")
+        monitor.after_backward()
+        opt.step()
+        monitor.after_step()
+        rec = monitor.collect(step)
+    s = rec.tensor(name)
+    assert math.isnan(s["weight_norm"]) and math.isnan(s["update_norm"])

@@ -60,9 +60,9 @@ def test_steps_are_bit_identical_to_torch_fused_and_the_statistics_are_the_updat
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     assert torch.equal(opt.state[p][key], ref.state[q][key]), key
         stepped = [p for p in ours if p.grad is not None]
-        status, rows = opt.update_since(stepped, since)
-        assert status == "measured"
-        for p, row in zip(stepped, rows, strict=True):
+        update = opt.update_since(stepped, since)
+        assert update.status == "measured" and update.stepped.all()
+        for p, row in zip(stepped, update.figures, strict=True):
             old = before[next(i for i, q in enumerate(ours) if q is p)]
             new = p.detach().double()
             expected = [
@@ -73,8 +73,9 @@ def test_steps_are_bit_identical_to_torch_fused_and_the_statistics_are_the_updat
             ]
             np.testing.assert_allclose(row, [float(e) for e in expected], rtol=1e-6, atol=1e-30)
         if step % 2 == 1:  # a tensor that did not step has no figures from this step
-            status, rows = opt.update_since(ours, since)
-            assert status == "measured" and np.isnan(rows[2]).all() and not np.isnan(np.delete(rows, 2, 0)).any()
+            update = opt.update_since(ours, since)
+            assert update.status == "measured" and update.stepped.tolist() == [i != 2 for i in range(len(ours))]
+            assert np.isnan(update.figures[2]).all() and not np.isnan(np.delete(update.figures, 2, 0)).any()
 
 
 def test_state_dict_is_torchs_both_ways():
@@ -114,7 +115,7 @@ def test_a_skipped_step_changes_nothing_and_says_so():
     opt.step()
     del opt.found_inf
     assert _same(weights, ours) and all(torch.equal(state[k], opt.state[ours[0]][k]) for k in state)
-    assert opt.update_since(ours, since) == ("none", None)
+    assert opt.update_since(ours, since).status == "none"
 
 
 def test_torchs_own_step_is_counted_as_unmeasured():
@@ -129,7 +130,7 @@ def test_torchs_own_step_is_counted_as_unmeasured():
 
     since = opt.steps_taken
     opt.step(closure)
-    assert opt.update_since(ours, since) == ("unmeasured", None)
+    assert opt.update_since(ours, since).status == "unmeasured"
 
 
 def test_falls_back_to_torch_where_it_cannot_be_bit_identical(monkeypatch):
@@ -150,7 +151,7 @@ def test_falls_back_to_torch_where_it_cannot_be_bit_identical(monkeypatch):
     params[0].grad = torch.ones(4)
     since = opt.steps_taken
     opt.step()  # torch's step, counted
-    assert opt.update_since(params, since)[0] == "unmeasured"
+    assert opt.update_since(params, since).status == "unmeasured"
 
 
 def test_the_check_covers_every_remainder():
@@ -173,4 +174,4 @@ def test_groups_with_their_own_betas_step_bit_identically():
         since = opt.steps_taken
         opt.step()
         ref.step()
-        assert _same(ours, theirs) and opt.update_since(ours, since)[0] == "measured"
+        assert _same(ours, theirs) and opt.update_since(ours, since).status == "measured"

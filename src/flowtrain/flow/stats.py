@@ -176,19 +176,18 @@ class ParamStats:
         when it took no step (the guard skipped it), did not move: ΔW = 0 and one pass measures their ||W||
         and sum(v). A step it could not measure (torch's own, e.g. with a closure): ΔW is unknown (NaN) and ||W||
         is read after the step."""
-        status, rows = self.observer.update_since(self.params, self._since)
-        if status != "measured":
-            rows = np.full((len(self.params), 4), np.nan)
-            if status == "none":
-                rows[:, 1] = 0.0
+        update = self.observer.update_since(self.params, self._since)
+        n = len(self.params)
+        rows = update.figures if update.status == "measured" else np.full((n, 4), np.nan)
+        stepped = update.stepped if update.status == "measured" else np.zeros(n, dtype=bool)
         index, vs = self._adam_tensors()
-        still = np.flatnonzero(np.isnan(rows[:, 0]))  # not stepped, or unmeasured: read as they are now
+        still = np.flatnonzero(~stepped)  # not stepped, or unmeasured: read as they are now
         if len(still):
             rows[still, 0] = rows[still, 2] = kernels.weights(
                 [self.params[i] for i in still], None, self._np_numels[still]
             )
-            if status == "measured":
-                rows[still, 1] = 0.0
+            if update.status != "unmeasured":
+                rows[still, 1] = 0.0  # they did not move
             v_of = dict(zip(index, vs, strict=True))
             with_v = [i for i in still if i in v_of]
             if with_v:

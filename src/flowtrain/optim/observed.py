@@ -19,6 +19,8 @@ checkpoints are torch's Adam/AdamW's, unchanged.
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import numpy as np
 import torch
 
@@ -26,6 +28,14 @@ from flowtrain import kernels
 
 CHECK_SIZES = (*range(1, 41), 1000, 16385)  # every remainder modulo 16 and 8, a multi-chunk tensor
 CHECK_STEPS = 3
+
+
+class Update(NamedTuple):
+    """What an observing optimizer can say about its last step (see update_since)."""
+
+    status: Literal["none", "measured", "unmeasured"]
+    figures: np.ndarray | None = None  # [n, 4]: ||W before||^2, ||ΔW||^2, ||W after||^2, sum(v)
+    stepped: np.ndarray | None = None  # [n] bool: the tensors the step touched
 
 
 def _simd_width() -> int:
@@ -145,21 +155,22 @@ class _Observing:
             self.steps_taken += 1
         return loss
 
-    def update_since(self, params: list[torch.Tensor], since: int) -> tuple[str, np.ndarray | None]:
-        """What happened to `params` since steps_taken was `since`: ("none", None) no step; ("measured", [n, 4]:
-        ||W before||^2, ||ΔW||^2, ||W after||^2, sum(v)) exactly one step, by our kernel, with NaN rows for the
-        parameters it did not touch (no gradient); else ("unmeasured", None)."""
+    def update_since(self, params: list[torch.Tensor], since: int) -> Update:
+        """What happened to `params` since steps_taken was `since`: no step ("none"); exactly one step, by our
+        kernel ("measured": the figures of the tensors it stepped, NaN rows for those it did not touch, having
+        no gradient); anything else ("unmeasured")."""
         if self.steps_taken == since:
-            return "none", None
+            return Update("none")
         if self.last_update is None or self.steps_taken != since + 1 or self.last_update[0] != self.steps_taken:
-            return "unmeasured", None
+            return Update("unmeasured")
         _, rows, out = self.last_update
-        measured = np.full((len(params), 4), np.nan)
+        figures = np.full((len(params), 4), np.nan)
+        stepped = np.zeros(len(params), dtype=bool)
         for i, p in enumerate(params):
             row = rows.get(id(p))
             if row is not None:
-                measured[i] = out[row]
-        return "measured", measured
+                figures[i], stepped[i] = out[row], True
+        return Update("measured", figures, stepped)
 
 
 class ObservedAdamW(_Observing, torch.optim.AdamW):
