@@ -175,3 +175,18 @@ def test_groups_with_their_own_betas_step_bit_identically():
         opt.step()
         ref.step()
         assert _same(ours, theirs) and opt.update_since(ours, since).status == "measured"
+
+
+def test_groups_added_or_loaded_later_are_checked_again():
+    """add_param_group and load_state_dict can change what the kernel would have to do (amsgrad from a checkpoint
+    of another optimizer): the optimizer checks again and takes torch's step from then on."""
+    opt = ObservedAdamW([torch.nn.Parameter(torch.randn(8))], lr=1e-3)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5))], "betas": (0.5, 0.9)})
+    assert opt.observing, opt.observing_note
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]})
+    assert not opt.observing and "float32" in opt.observing_note
+    params = [torch.nn.Parameter(torch.randn(4))]
+    amsgrad = torch.optim.AdamW([torch.nn.Parameter(torch.randn(4))], lr=1e-3, amsgrad=True, fused=True)
+    loaded = ObservedAdamW(params, lr=1e-3)
+    loaded.load_state_dict(amsgrad.state_dict())
+    assert not loaded.observing and loaded.observing_note == "amsgrad=True"

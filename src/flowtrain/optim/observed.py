@@ -57,6 +57,22 @@ class _Observing:
             self.observing_note = "this torch's fused Adam kernel rounds differently from flowtrain's"
         self.observing = not self.observing_note
 
+    def _recheck(self) -> None:
+        """Groups changed (add_param_group, load_state_dict can bring amsgrad or other betas): check again; once
+        off, torch's step for good."""
+        if getattr(self, "observing", False):
+            note = self._why_not() or ("" if self._bitwise_like_torch() else "a new group's step rounds differently")
+            if note:
+                self.observing, self.observing_note = False, note
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._recheck()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._recheck()
+
     def _why_not(self) -> str:
         if kernels.library() is None:
             return f"no CPU kernels ({kernels.build_error})"
