@@ -13,6 +13,7 @@ from flowtrain.flow import FlowConfig, FlowMonitor, diagnose
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.config import ClipConfig
 from flowtrain.optim.observed import ObservedAdamW
+from tests.conftest import expect_observing
 
 pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
 
@@ -62,8 +63,7 @@ def test_per_tensor_statistics_match_manual_recomputation(optimizer, reductions)
     optimizer's own pass does and the monitor keeps no copy at all (without the CPU kernels it takes torch's
     step and the copy is back)."""
     model, opt, monitor, grads, weights, clip, records = one_step(optimizer=optimizer)
-    observing = optimizer is ObservedAdamW and reductions == "kernels"
-    assert getattr(opt, "observing", False) == observing
+    observing = expect_observing(opt, optimizer is ObservedAdamW and reductions == "kernels")
     assert (monitor.params._snapshot is None) == observing
     rec = records[-1]
     assert rec.step == 1

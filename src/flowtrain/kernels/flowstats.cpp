@@ -286,7 +286,7 @@ struct AdamScalars {
 #define WD_BODY 1
 #endif
 // where an element sits in torch's loop over a tensor: the explicitly vectorized body, the remainder loop's
-// auto-vectorized part (8 floats at a time) or its scalar end
+// auto-vectorized part (vec / 2 floats at a time: 8 in torch's AVX-512 build) or its scalar end
 enum Region { BODY, REST_VECTOR, REST_SCALAR };
 
 template <Region R>
@@ -305,7 +305,7 @@ inline void adam_elem(const AdamScalars &a, float &p, float g, float &m, float &
 
 // elements [lo, hi) of one tensor whose torch remainder starts at `tail`; out: the four sums of the range
 void adam_range(const AdamScalars &a, float *p, const float *g, float *m, float *v, int64_t lo, int64_t hi,
-                int64_t tail, double *out) {
+                int64_t tail, int64_t vec, double *out) {
   double s_old = 0, s_d = 0, s_new = 0, s_v = 0;
   int64_t k = lo;
   int64_t body_end = hi < tail ? hi : tail;
@@ -328,7 +328,7 @@ void adam_range(const AdamScalars &a, float *p, const float *g, float *m, float 
     }
     s_old += hsum(f_old), s_d += hsum(f_d), s_new += hsum(f_new), s_v += hsum(f_v);
   }
-  int64_t rest_scalar = tail + (hi - tail) / 8 * 8;
+  int64_t half = vec / 2 > 0 ? vec / 2 : 1, rest_scalar = tail + (hi - tail) / half * half;
   for (; k < hi; k++) {
     float pp = p[k], mm = m[k], vv = v[k], before = pp;
     if (k < tail) adam_elem<BODY>(a, pp, g[k], mm, vv);
@@ -529,7 +529,7 @@ void ft_adam_step(int64_t n, float *const *p, const float *const *g, float *cons
   }
   chunked_sums<4>(n, numel, out, [&](const Chunk &k, double *o) {
     int64_t i = k.tensor, tail = numel[i] - (vec > 0 ? numel[i] % vec : 0);
-    adam_range(sc[i], p[i], g[i], m[i], v[i], k.lo, k.hi, tail, o);
+    adam_range(sc[i], p[i], g[i], m[i], v[i], k.lo, k.hi, tail, vec, o);
   });
 }
 
