@@ -76,3 +76,17 @@ def test_text_fields_keep_yaml_lookalikes_as_text():
     cfg = load_config("default", ["train.run_name=off", "data.dataset=1e3", "train.out_dir=yes"])
     assert (cfg.train.run_name, cfg.data.dataset, cfg.train.out_dir) == ("off", "1e3", "yes")
     assert load_config("default", ["train.run_name=null"]).train.run_name is None
+
+
+def test_off_is_a_word_where_a_field_chooses_among_words(tmp_path):
+    """`clip.kind=off` on the command line and an unquoted `kind: off` in a YAML file (which YAML reads as
+    false) both mean the choice "off"; a real boolean for such a field is still an error."""
+    cfg = load_config("default", ["clip.kind=off", "guard.loss_spike=off"])
+    assert (cfg.clip.kind, cfg.guard.loss_spike) == ("off", "off")
+    path = tmp_path / "run.yaml"
+    path.write_text("clip:\n  kind: off\nguard:\n  grad_spike: off\n")
+    cfg = load_config(str(path))
+    assert (cfg.clip.kind, cfg.guard.grad_spike) == ("off", "off")
+    path.write_text("clip:\n  kind: yes\n")  # YAML's true: "on" is not one of clip.kind's choices
+    with pytest.raises(ConfigError, match="clip.kind"):
+        load_config(str(path))
