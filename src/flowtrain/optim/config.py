@@ -27,7 +27,8 @@ class OptimConfig(Section):
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
         "auto",
         description="auto: fused where torch supports it on the device, else foreach (on the CPU, fused Adam/AdamW "
-        "steps run in flowtrain's observing kernel: torch's arithmetic bit for bit, plus the update's statistics)",
+        "steps run in flowtrain's observing kernel: torch's arithmetic bit for bit, plus the update's statistics; "
+        "FLOWTRAIN_KERNELS=0 runs torch's own)",
     )
 
     @field_validator("no_decay")

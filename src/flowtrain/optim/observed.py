@@ -14,7 +14,7 @@ and a check when the optimizer is built that runs both kernels for a few steps o
 size with this optimizer's betas, eps and weight decays and compares every bit of the weights and moments.
 Anything else, or a torch whose kernel rounds differently, takes torch's own fused step (`observing` is False
 and `observing_note` says why); the microscope then measures the update its own way. State, state_dict and
-checkpoints are torch's Adam/AdamW's, unchanged.
+checkpoints are torch's Adam/AdamW's, unchanged. FLOWTRAIN_KERNELS=0 (no CPU kernels at all) runs torch's step.
 """
 
 from __future__ import annotations
