@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowtrain import kernels
 from flowtrain.flow.budget import Interval, Stopwatch
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
@@ -284,7 +285,15 @@ class FlowMonitor:
                 device = self.params.device
                 parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
         if ready["monitored"]:
-            parts["tensors"] = self.params.per_tensor_matrix(ready["grads"], wsq, usq, ready["adam"])
+            grads, adam = ready["grads"], ready["adam"]
+            sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
+            if all(isinstance(v, np.ndarray) for v in sums) and kernels.takes([]):  # both tables in one call
+                groups = self._layer_groups
+                parts["tensors"], parts["layers"] = kernels.flow_tables(
+                    grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
+                )
+            else:
+                parts["tensors"] = self.params.per_tensor_matrix(grads, wsq, usq, adam)
             for key in ("depth", "logits"):
                 if key in ready:
                     parts[key] = ready[key]
@@ -325,7 +334,8 @@ class FlowMonitor:
         if "tensors" in host:
             stats = host["tensors"]
             record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
-            record.layer_names, record.layer_stats = self._layer_groups.names, self._layer_groups(stats)
+            record.layer_names = self._layer_groups.names
+            record.layer_stats = host["layers"] if "layers" in host else self._layer_groups(stats)
             scalars["grad_nonfinite"] = float(np.nansum(stats[:, TENSOR_STATS.index("grad_nonfinite")]))
         if "depth" in host:
             record.depth_names = [f"h{i}" for i in range(len(host["depth"]))]

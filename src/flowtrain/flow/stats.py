@@ -67,6 +67,11 @@ class ParamStats:
         self._fresh: tuple[list[int], np.ndarray] | None = None
 
     @property
+    def np_numels(self) -> np.ndarray:
+        """Elements per tensor, int64 on the host."""
+        return self._np_numels
+
+    @property
     def device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 

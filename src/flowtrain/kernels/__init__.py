@@ -107,8 +107,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ft_attention.argtypes += [ctypes.c_double, _VOID_P]
     lib.ft_adam_step.argtypes = [_I64, *[_VOID_P] * 8, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     lib.ft_adam_step.argtypes += [ctypes.c_int, _I64, _VOID_P]
+    lib.ft_flow_tables.argtypes = [_I64, *[_VOID_P] * 7, _I64, *[_VOID_P] * 4]
     names = ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "sumsq_maxabs1", "logits", "attention")
-    for name in (*names, "adam_step"):
+    for name in (*names, "adam_step", "flow_tables"):
         getattr(lib, "ft_" + name).restype = None
     return lib
 
@@ -320,3 +321,25 @@ def adam_step(
         betas[0], betas[1], eps, int(decoupled), vec, out.ctypes.data,
     )  # fmt: skip
     return out
+
+
+def flow_tables(
+    grads: dict, wsq: np.ndarray, usq: np.ndarray | None, v_rms: np.ndarray, numels: np.ndarray,
+    order: np.ndarray, starts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The per-tensor [n, 8] and per-layer [L, 8] float32 tables of one step (TENSOR_STATS columns) from the
+    per-tensor sums; `grads` has grad_sumsq, grad_max_abs, grad_nonfinite; layers as in records.LayerGroups."""
+    n, n_layers = len(wsq), len(starts)
+    f64 = [np.ascontiguousarray(a, dtype=np.float64) for a in (*(grads[k] for k in GRAD_KEYS), wsq, v_rms)]
+    usq64 = np.ascontiguousarray(usq, dtype=np.float64) if usq is not None else None
+    tensors, layers = np.empty((n, 8), np.float32), np.empty((n_layers, 8), np.float32)
+    gsq, gmax, bad, w, v = f64
+    library().ft_flow_tables(
+        n, gsq.ctypes.data, gmax.ctypes.data, bad.ctypes.data, w.ctypes.data,
+        usq64.ctypes.data if usq64 is not None else None, v.ctypes.data, numels.ctypes.data,
+        n_layers, order.ctypes.data, starts.ctypes.data, tensors.ctypes.data, layers.ctypes.data,
+    )  # fmt: skip
+    return tensors, layers
+
+
+GRAD_KEYS = ("grad_sumsq", "grad_max_abs", "grad_nonfinite")

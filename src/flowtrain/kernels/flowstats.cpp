@@ -533,4 +533,61 @@ void ft_adam_step(int64_t n, float *const *p, const float *const *g, float *cons
   });
 }
 
+// The microscope's per-tensor and per-layer tables of one step from the per-tensor sums (the host path of
+// flow/stats.py per_tensor_matrix + flow/records.py LayerGroups, which stay the definition and the path for
+// numbers measured on a device; tests compare the two). Columns, in TENSOR_STATS order: grad_norm,
+// grad_max_abs, grad_rms, grad_nonfinite, weight_norm, update_norm, update_ratio, adam_v_rms. Inputs per
+// tensor (double): gsq, gmax, bad (NaN: no gradient), wsq, usq (null: updates off), v_rms (NaN: no second
+// moment); numel. Layers: tensors order[starts[l] .. starts[l + 1]) (order has n entries) form layer l; a
+// layer's figures are computed, as LayerGroups does, from the per-tensor row rounded to float32.
+void ft_flow_tables(int64_t n, const double *gsq, const double *gmax, const double *bad, const double *wsq,
+                    const double *usq, const double *v_rms, const int64_t *numel, int64_t n_layers,
+                    const int64_t *order, const int64_t *starts, float *tensors, float *layers) {
+  const double nan = __builtin_nan("");
+  for (int64_t i = 0; i < n; i++) {
+    float *row = tensors + 8 * i;
+    double at_least_one = numel[i] > 1 ? (double)numel[i] : 1.0;
+    double wn = __builtin_sqrt(wsq[i]), un = usq ? __builtin_sqrt(usq[i]) : nan;
+    row[0] = (float)__builtin_sqrt(gsq[i]);
+    row[1] = (float)gmax[i];
+    row[2] = (float)__builtin_sqrt(gsq[i] / at_least_one);
+    row[3] = (float)bad[i];
+    row[4] = (float)wn;
+    row[5] = (float)un;
+    row[6] = (float)(un / wn);
+    row[7] = (float)v_rms[i];
+  }
+  for (int64_t l = 0; l < n_layers; l++) {
+    double g2 = 0, g_numel = 0, g_bad = 0, w2 = 0, u2 = 0, v_sum = 0, v_numel = 0, g_max = -__builtin_inf();
+    int64_t end = l + 1 < n_layers ? starts[l + 1] : n;
+    for (int64_t j = starts[l]; j < end; j++) {
+      const float *row = tensors + 8 * order[j];
+      double count = (double)numel[order[j]];
+      if (row[3] == row[3]) {  // has a gradient (its non-finite count is not NaN)
+        g2 += (double)row[0] * row[0];
+        g_numel += count;
+        g_bad += row[3];
+        g_max = row[1] != row[1] || g_max != g_max ? nan : (row[1] > g_max ? row[1] : g_max);
+      }
+      w2 += (double)row[4] * row[4];
+      u2 += (double)row[5] * row[5];
+      if (row[7] == row[7]) {
+        v_sum += (double)row[7] * row[7] * count;
+        v_numel += count;
+      }
+    }
+    float *out = layers + 8 * l;
+    bool grads = g_numel > 0;
+    double wn = __builtin_sqrt(w2), un = __builtin_sqrt(u2);
+    out[0] = grads ? (float)__builtin_sqrt(g2) : (float)nan;
+    out[1] = grads ? (float)g_max : (float)nan;
+    out[2] = grads ? (float)__builtin_sqrt(g2 / g_numel) : (float)nan;
+    out[3] = grads ? (float)g_bad : (float)nan;
+    out[4] = (float)wn;
+    out[5] = (float)un;
+    out[6] = wn > 0 ? (float)(un / wn) : (float)nan;
+    out[7] = v_numel > 0 ? (float)__builtin_sqrt(v_sum / v_numel) : (float)nan;
+  }
+}
+
 }  // extern "C"
