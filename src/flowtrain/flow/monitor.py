@@ -33,6 +33,7 @@ from flowtrain.flow.records import FlowRecord, LayerGroups
 from flowtrain.flow.stats import TENSOR_STATS, ParamStats
 
 CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped")
+_NONFINITE = TENSOR_STATS.index("grad_nonfinite")
 # finished steps kept for collect_all(); a loop that never collects loses the oldest beyond this
 MAX_UNCOLLECTED = 1000
 
@@ -336,7 +337,8 @@ class FlowMonitor:
             record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
             record.layer_names = self._layer_groups.names
             record.layer_stats = host["layers"] if "layers" in host else self._layer_groups(stats)
-            scalars["grad_nonfinite"] = float(np.nansum(stats[:, TENSOR_STATS.index("grad_nonfinite")]))
+            # counts are >= 0; fmax drops the NaN of tensors without a gradient (what nansum does, in 2 calls)
+            scalars["grad_nonfinite"] = float(np.fmax(stats[:, _NONFINITE], 0.0).sum())
         if "depth" in host:
             record.depth_names = [f"h{i}" for i in range(len(host["depth"]))]
             record.depth_layers = self.depth_layers
