@@ -185,7 +185,7 @@ class ParamStats:
         n = len(self.params)
         rows = update.figures if update.status == "measured" else np.full((n, 4), np.nan)
         stepped = update.stepped if update.status == "measured" else np.zeros(n, dtype=bool)
-        index, vs = self._adam_tensors()
+        index = self._adam_indices()
         still = np.flatnonzero(~stepped)  # not stepped, or unmeasured: read as they are now
         if len(still):
             rows[still, 0] = rows[still, 2] = kernels.weights(
@@ -193,12 +193,11 @@ class ParamStats:
             )
             if update.status != "unmeasured":
                 rows[still, 1] = 0.0  # they did not move
-            v_of = dict(zip(index, vs, strict=True))
-            with_v = [i for i in still if i in v_of]
+            with_v = [i for i in still if i in set(index)]
             if with_v:
-                rows[with_v, 3] = kernels.sums([v_of[i] for i in with_v])
+                rows[with_v, 3] = kernels.sums([self.optimizer.state[self.params[i]]["exp_avg_sq"] for i in with_v])
         usq = rows[:, 1] if self.keep_updates else None
-        return usq, self._host_v_rms(index, rows[index, 3] if vs else None), rows[:, 0]
+        return usq, self._host_v_rms(index, rows[index, 3] if index else None), rows[:, 0]
 
     def _host_v_rms(self, index: list[int], v_sums: np.ndarray | None) -> np.ndarray:
         out = np.full(len(self.params), np.nan)
@@ -214,7 +213,8 @@ class ParamStats:
         torch._foreach_sub_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
         return tensorstats.sums_of_squares(self._snapshot, shards_of=self.params)
 
-    def _adam_tensors(self) -> tuple[list[int], list[torch.Tensor]]:
+    def _adam_indices(self) -> list[int]:
+        """The tensors the optimizer keeps a second moment for (recounted when its state grows)."""
         state = self.optimizer.state if self.optimizer is not None else {}
         key = (len(state), id(self.optimizer))
         if self._adam_index is None or self._adam_key != key:
@@ -222,7 +222,11 @@ class ParamStats:
                 i for i, p in enumerate(self.params) if isinstance(state.get(p), dict) and "exp_avg_sq" in state[p]
             ]
             self._adam_key = key
-        return self._adam_index, [state[self.params[i]]["exp_avg_sq"] for i in self._adam_index]
+        return self._adam_index
+
+    def _adam_tensors(self) -> tuple[list[int], list[torch.Tensor]]:
+        index = self._adam_indices()
+        return index, [self.optimizer.state[self.params[i]]["exp_avg_sq"] for i in index]
 
     @torch.no_grad()
     def adam_v_rms(self) -> torch.Tensor:

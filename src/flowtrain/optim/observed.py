@@ -51,6 +51,7 @@ class _Observing:
     def _setup_observing(self) -> None:
         self.steps_taken = 0  # every step that changed the weights, ours or torch's (see update_since)
         self.last_update: tuple[int, dict[int, int], np.ndarray] | None = None  # step, id(param) -> row, [n, 4]
+        self._lookup: tuple | None = None  # update_since's cached row of each queried tensor
         self._vec = _simd_width()
         self.observing_note = self._why_not()
         if not self.observing_note and not self._bitwise_like_torch():
@@ -159,7 +160,10 @@ class _Observing:
                 self.decoupled, self._vec,
             )  # fmt: skip
         self.steps_taken += 1
-        self.last_update = (self.steps_taken, {id(p): i for i, p in enumerate(params)}, out)
+        ids = {id(p): i for i, p in enumerate(params)}
+        if self.last_update is not None and self.last_update[1] == ids:
+            ids = self.last_update[1]  # the same tensors as last step: keep the mapping (update_since caches on it)
+        self.last_update = (self.steps_taken, ids, out)
         return None
 
     def _torch_step(self, closure):
@@ -180,13 +184,14 @@ class _Observing:
         if self.last_update is None or self.steps_taken != since + 1 or self.last_update[0] != self.steps_taken:
             return Update("unmeasured")
         _, rows, out = self.last_update
-        figures = np.full((len(params), 4), np.nan)
-        stepped = np.zeros(len(params), dtype=bool)
-        for i, p in enumerate(params):
-            row = rows.get(id(p))
-            if row is not None:
-                figures[i], stepped[i] = out[row], True
-        return Update("measured", figures, stepped)
+        key = (tuple(map(id, params)), rows)  # ids of live tensors: equal ids are the same tensors
+        if self._lookup is None or self._lookup[0] != key:  # which row of ours is each of `params` (cached)
+            where = np.array([rows.get(id(p), -1) for p in params], dtype=np.int64)
+            self._lookup = (key, where, where >= 0)
+        _, where, stepped = self._lookup
+        figures = out[where]  # rows of tensors we did not step are overwritten with NaN below
+        figures[~stepped] = np.nan
+        return Update("measured", figures, stepped.copy())
 
 
 class ObservedAdamW(_Observing, torch.optim.AdamW):
