@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from flowtrain._base import Section, text_choices
+from flowtrain._base import Section
 from flowtrain.data.config import DataConfig
 from flowtrain.errors import ConfigError
 from flowtrain.flow.config import FlowConfig
@@ -128,8 +128,8 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _string_field(dotted: str) -> bool:
-    """Whether the config field at `dotted` holds text or one of several words (so `run_name=off` and
-    `clip.kind=off` stay "off", not YAML's False)."""
+    """Whether the config field at `dotted` holds free text (so `run_name=off` stays "off", not YAML's False;
+    fields that choose among words get theirs back from Section's validator)."""
     section: Any = RunConfig
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -138,7 +138,7 @@ def _string_field(dotted: str) -> bool:
             return False
         section = field.annotation
     field = section.model_fields.get(leaf)
-    return field is not None and (field.annotation in (str, str | None) or text_choices(field.annotation) is not None)
+    return field is not None and field.annotation in (str, str | None)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
