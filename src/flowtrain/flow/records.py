@@ -44,8 +44,8 @@ class LayerGroups:
         self.names = list(dict.fromkeys(layers))
         row = {name: i for i, name in enumerate(self.names)}
         index = np.array([row[layer] for layer in layers], dtype=np.int64)
-        self.order = np.argsort(index, kind="stable")  # tensors grouped by layer
-        self.starts = np.searchsorted(index[self.order], np.arange(len(self.names)))
+        self.order = np.argsort(index, kind="stable").astype(np.int64)  # tensors grouped by layer (int64: the
+        self.starts = np.searchsorted(index[self.order], np.arange(len(self.names))).astype(np.int64)  # kernels)
         self.numels = np.asarray(numels, dtype=np.float64)[self.order]
 
     def __call__(self, stats: np.ndarray) -> np.ndarray:
