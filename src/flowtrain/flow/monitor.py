@@ -288,7 +288,7 @@ class FlowMonitor:
         if ready["monitored"]:
             grads, adam = ready["grads"], ready["adam"]
             sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
-            if all(isinstance(v, np.ndarray) for v in sums) and kernels.takes([]):  # both tables in one call
+            if all(isinstance(v, np.ndarray) for v in sums) and kernels.library() is not None:  # tables: one call
                 groups = self._layer_groups
                 parts["tensors"], parts["layers"] = kernels.flow_tables(
                     grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts

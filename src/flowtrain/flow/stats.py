@@ -193,7 +193,8 @@ class ParamStats:
             )
             if update.status != "unmeasured":
                 rows[still, 1] = 0.0  # they did not move
-            with_v = [i for i in still if i in set(index)]
+            has_v = set(index)
+            with_v = [i for i in still if i in has_v]
             if with_v:
                 rows[with_v, 3] = kernels.sums([self.optimizer.state[self.params[i]]["exp_avg_sq"] for i in with_v])
         usq = rows[:, 1] if self.keep_updates else None

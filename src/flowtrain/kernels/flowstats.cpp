@@ -266,12 +266,13 @@ double row_lse(const float *row, int64_t v, float *max_abs) {
 // -- Adam/AdamW step with the statistics of the update (the observing optimizer) ------------------------------
 //
 // The same arithmetic, operation for operation, as torch's fused CPU Adam kernel for float32 (ATen
-// FusedAdamKernel.cpp): its vectorized body computes exp_avg.lerp_(grad, 1 - beta1) with one fused
-// multiply-add and rounds after every other operation; its scalar remainder (a tensor's last numel % vec
-// elements, vec = torch's SIMD width) is compiled with contraction, so the multiply-adds of the L2 term, the
-// lerp and the second moment are fused there (found by comparing results bit for bit). This file is built
-// without contraction (-ffp-contract=off): the fused ones are written out. flowtrain/optim/observed.py checks at run time that the results are bit-identical to
-// torch's kernel before using this one. In the same pass: ||W before||^2, ||dW||^2, ||W after||^2, sum(v).
+// FusedAdamKernel.cpp), including where torch's compiler contracted a multiply and an add into one fused
+// multiply-add (found by comparing results bit for bit): everywhere the lerp of exp_avg and Adam's L2 term
+// g + wd * p; the second moment v * beta2 + (c2 * g) * g fused on (c2 * g) * g in the vectorized body and the
+// remainder's auto-vectorized part, on v * beta2 in its scalar end. Every other operation rounds on its own.
+// This file is built without contraction (-ffp-contract=off), so each fused one is written out.
+// flowtrain/optim/observed.py checks at run time that the results are bit-identical to torch's kernel before
+// using this one. In the same pass: ||W before||^2, ||dW||^2, ||W after||^2, sum(v).
 
 struct AdamScalars {
   float decay;     // AdamW: 1 - lr * wd (p *= decay); 1 when not decoupled or wd == 0
@@ -282,16 +283,13 @@ struct AdamScalars {
   float bc2_sqrt, eps, neg_step;
 };
 
-#ifndef WD_BODY
-#define WD_BODY 1
-#endif
 // where an element sits in torch's loop over a tensor: the explicitly vectorized body, the remainder loop's
 // auto-vectorized part (vec / 2 floats at a time: 8 in torch's AVX-512 build) or its scalar end
 enum Region { BODY, REST_VECTOR, REST_SCALAR };
 
 template <Region R>
 inline void adam_elem(const AdamScalars &a, float &p, float g, float &m, float &v) {
-  if (a.wd != 0.0f) g = (R != BODY || WD_BODY) ? __builtin_fmaf(p, a.wd, g) : g + p * a.wd;
+  if (a.wd != 0.0f) g = __builtin_fmaf(p, a.wd, g);
   if (a.decay != 1.0f) p = p * a.decay;
   if (R == BODY) {
     m = a.small ? __builtin_fmaf(a.w, g - m, m) : __builtin_fmaf(a.w_minus_1, g - m, g);
@@ -316,7 +314,7 @@ void adam_range(const AdamScalars &a, float *p, const float *g, float *m, float 
     vf f_old = {}, f_d = {}, f_new = {}, f_v = {};
     for (int j = 0; j < BLOCK && k + LANES <= body_end; j += LANES, k += LANES) {
       vf P = load(p + k), G = load(g + k), M = load(m + k), V = load(v + k), before = P;
-      if (a.wd != 0.0f) G = WD_BODY ? vfma(P, wd, G) : G + P * wd;
+      if (a.wd != 0.0f) G = vfma(P, wd, G);
       if (a.decay != 1.0f) P = P * decay;
       M = vfma(w, G - M, a.small ? M : G);
       V = vfma(c2 * G, G, V * beta2);
