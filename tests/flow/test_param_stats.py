@@ -32,15 +32,16 @@ def loss_of(model, idx):
     return F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
 
 
-def one_step(seed=0, max_norm=0.05, poison=None, optimizer=torch.optim.AdamW):
+def one_step(seed=0, max_norm=0.05, poison=None, optimizer=torch.optim.AdamW, device="cpu", **opt_kwargs):
     torch.manual_seed(seed)
     model = TinyTransformer()
     model.unused = nn.Linear(2, 2)  # a parameter that never gets a gradient
-    opt = optimizer(model.parameters(), lr=3e-3, weight_decay=0.1)
+    model.to(device)
+    opt = optimizer(model.parameters(), lr=3e-3, weight_decay=0.1, **opt_kwargs)
     clipper = GradClipper(ClipConfig(kind="norm", max_norm=max_norm))
     monitor = FlowMonitor(model, opt, FlowConfig())
     params = [p for p in model.parameters() if p.requires_grad]
-    idx = torch.randint(0, 17, (4, 8))
+    idx = torch.randint(0, 17, (4, 8)).to(device)
     records = []
     for step in range(2):  # step 1 has Adam state from step 0
         opt.zero_grad(set_to_none=True)

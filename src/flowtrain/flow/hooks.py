@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flowtrain import kernels, tensorstats
+from flowtrain.flow.deferred import Deferred, gather
 
 DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "attn_max_logit")
 # CPU kernels: a block's q and k are kept referenced until after the backward (then all blocks are read in one
@@ -51,6 +52,18 @@ def _max(prev, value):
 
 
 _on_kernels = kernels.takes_one
+
+
+def _eager(hook):
+    """The hook as torch.compile should see it: not traced, run as plain Python between compiled graphs.
+
+    Traced, its bookkeeping (lists filled per block, flags per step) became guards, and the compiler
+    recompiled for each block and step until it hit its limit and fell back to running the model eagerly
+    (seen on an H200 with gpt2-124m). Left out of the graph, each hooked module boundary is a graph break on
+    monitored steps only: between them the hooks are detached and the model runs as one graph.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(hook, recursive=True) if disable is not None else hook
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -127,6 +140,25 @@ def attention_stats(
     return torch.stack([entropy, max_logit])
 
 
+def _finish_depth(
+    resid_sumsq: np.ndarray,
+    act_sumsq: np.ndarray,
+    act_max: np.ndarray,
+    act_count: np.ndarray,
+    attention: np.ndarray,
+    backward_scale: float,
+) -> np.ndarray:
+    """The depth matrix from per-boundary sums (NaN where a boundary was not seen) and per-block attention pairs:
+    sqrt of the sums (NaN for a negative sum), residual gradients divided by the backward scale."""
+    out = np.full((len(resid_sumsq), len(DEPTH_STATS)), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:, 0] = np.sqrt(resid_sumsq) / backward_scale
+        out[:, 1] = np.sqrt(act_sumsq / np.maximum(act_count, 1))
+    out[:, 2] = np.where(np.isnan(act_sumsq), np.nan, act_max)
+    out[1:, 3:5] = attention
+    return out.astype(np.float32)
+
+
 class _NoClock:
     """Where a probe used on its own books its time (nobody reads it)."""
 
@@ -151,6 +183,7 @@ class _Probe:
         self.armed = True
         if not self._handles and not self.removed:
             for module, kind, hook in self._plan:
+                hook = _eager(hook)
                 if kind == "forward":
                     self._handles.append(module.register_forward_hook(hook))
                 else:
@@ -380,37 +413,34 @@ class DepthProbe(_Probe):
     def matrix(self, attention: list, device: torch.device, sync: bool = False, backward_scale=1.0):
         """[L+1, len(DEPTH_STATS)] float32; row l is boundary h_l, attention of block l-1.
 
-        A numpy array when everything was measured on the CPU kernels (no torch op at all), else a tensor on
-        `device`. sync: combine the ranks of a data-parallel job (sums of squares and counts add up, maxima
-        take the max, attention entropies average), so the numbers describe the global batch.
-        backward_scale: the factor by which the backward pass was scaled relative to the true loss
-        (data-parallel trainers multiply each rank's loss by the world size; fp16 loss scaling too); residual
-        gradients are divided by it.
+        A numpy array when everything was measured on the CPU kernels (no torch op at all); with `sync`, a
+        tensor on `device`; otherwise a Deferred: the raw device sums in one stacked tensor, finished on the
+        host when collected (no small kernels, no host->device copy in the step). sync: combine the ranks of a
+        data-parallel job (sums of squares and counts add up, maxima take the max, attention entropies
+        average), so the numbers describe the global batch. backward_scale: the factor by which the backward
+        pass was scaled relative to the true loss (data-parallel trainers multiply each rank's loss by the
+        world size; fp16 loss scaling too); residual gradients are divided by it.
         """
         self._flush_activations()
-        host = (
-            not sync
-            and isinstance(backward_scale, (int, float))
-            and all(v is None or isinstance(v, float) for v in (*self.resid_sumsq, *self.act_sumsq, *self.act_max))
-            and all(a is None or isinstance(a, np.ndarray) for a in attention)
-        )
-        if host:
-            return self._host_matrix(attention, float(backward_scale))
-        return self._device_matrix(attention, device, sync, backward_scale)
+        if sync:
+            return self._device_matrix(attention, device, sync, backward_scale)
+        n, b = self.n, len(self.blocks)
+        values = [*self.resid_sumsq, *self.act_sumsq, *self.act_max]
+        for a in attention:
+            values += [None, None] if a is None else ([float(x) for x in a] if isinstance(a, np.ndarray) else [*a])
+        values.append(backward_scale)
+        counts = np.array(self.act_count, dtype=np.float64)
+        host, stacked, positions = gather(values, device)
 
-    def _host_matrix(self, attention: list, backward_scale: float) -> np.ndarray:
-        nan = float("nan")
-        out = np.full((self.n, len(DEPTH_STATS)), nan, dtype=np.float64)
-        for i in range(self.n):
-            if self.resid_sumsq[i] is not None:
-                out[i, 0] = math.sqrt(self.resid_sumsq[i]) / backward_scale if self.resid_sumsq[i] >= 0 else nan
-            if self.act_sumsq[i] is not None:
-                out[i, 1] = math.sqrt(self.act_sumsq[i] / max(self.act_count[i], 1)) if self.act_sumsq[i] >= 0 else nan
-                out[i, 2] = self.act_max[i]
-        for i, a in enumerate(attention):
-            if a is not None:
-                out[i + 1, 3:5] = a
-        return out.astype(np.float32)
+        def finish(raw: np.ndarray) -> np.ndarray:
+            v = host.copy()
+            v[positions] = raw
+            att = v[3 * n : 3 * n + 2 * b].reshape(b, 2)
+            return _finish_depth(v[:n], v[n : 2 * n], v[2 * n : 3 * n], counts, att, v[-1])
+
+        if stacked is None:
+            return finish(np.zeros(0))
+        return Deferred(stacked, finish)
 
     def _device_matrix(self, attention: list, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
         nan = torch.tensor(float("nan"), device=device)
@@ -491,26 +521,31 @@ class LogitsProbe(_Probe):
         self.lse_sum = _add(self.lse_sum, lse)
         self.rows += rows
 
-    def values(self, device: torch.device, sync: bool = False) -> torch.Tensor | np.ndarray:
-        """[max |z|, mean lse] float32 (NaN when nothing was seen): numpy when measured by the CPU kernels,
-        else on the device; `sync`: over all ranks."""
+    def values(self, device: torch.device, sync: bool = False) -> torch.Tensor | np.ndarray | Deferred:
+        """[max |z|, mean lse] float32 (NaN when nothing was seen): numpy when measured by the CPU kernels, a
+        Deferred when measured on the device (finished on the host); `sync`: over all ranks, on the device."""
         if self.max_abs is None and not sync:
             return np.full(2, np.nan, dtype=np.float32)
-        if not sync and isinstance(self.max_abs, float) and isinstance(self.lse_sum, float):
-            return np.array([self.max_abs, self.lse_sum / max(self.rows, 1)], dtype=np.float32)
+        if not sync:
+            rows = max(self.rows, 1)
+            host, stacked, positions = gather([self.max_abs, self.lse_sum], device)
+
+            def finish(raw: np.ndarray) -> np.ndarray:
+                v = host.copy()
+                v[positions] = raw
+                return np.array([v[0], v[1] / rows], dtype=np.float32)
+
+            return finish(np.zeros(0)) if stacked is None else Deferred(stacked, finish)
 
         def as_tensor(v, fill: float) -> torch.Tensor:
             return torch.as_tensor(fill if v is None else v, device=device).float().reshape(())
 
-        mx, lse = as_tensor(self.max_abs, float("-inf")), as_tensor(self.lse_sum, 0.0)
-        rows = torch.tensor(float(self.rows), device=device)
-        if sync:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            totals = torch.stack([lse, rows])
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-            lse, rows = totals[0], totals[1]
-        if float(rows) == 0:
-            return torch.full((2,), float("nan"), device=device)
-        return torch.stack([mx, lse / rows])
+        mx, lse = as_tensor(self.max_abs, float("-inf")), as_tensor(self.lse_sum, 0.0)
+        totals = torch.stack([lse, torch.full((), float(self.rows), device=device)])  # a fill, not a copy
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        lse, rows = totals[0], totals[1]
+        seen = rows > 0  # on the device: no rank waits for a host check
+        return torch.stack([mx.where(seen, float("nan")), (lse / rows.clamp_min(1)).where(seen, float("nan"))])

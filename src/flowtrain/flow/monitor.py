@@ -28,6 +28,7 @@ from torch import nn
 from flowtrain import kernels
 from flowtrain.flow.budget import Interval, Stopwatch
 from flowtrain.flow.config import FlowConfig
+from flowtrain.flow.deferred import Deferred
 from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
 from flowtrain.flow.records import FlowRecord, LayerGroups
 from flowtrain.flow.stats import TENSOR_STATS, ParamStats
@@ -294,7 +295,7 @@ class FlowMonitor:
                     grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
                 )
             else:
-                parts["tensors"] = self.params.per_tensor_matrix(grads, wsq, usq, adam)
+                parts["tensors"] = self.params.deferred_table(grads, wsq, usq, adam)
             for key in ("depth", "logits"):
                 if key in ready:
                     parts[key] = ready[key]
@@ -308,10 +309,12 @@ class FlowMonitor:
         on_device = [(i, k, v) for i, p in enumerate(parts) for k, v in p.items() if not isinstance(v, np.ndarray)]
         if on_device:  # one device->host transfer for all of them
             device = self.params.device
-            flat = torch.cat([t.reshape(-1).float().to(device) for _, _, t in on_device]).cpu().numpy()
+            tensors = [v.tensor if isinstance(v, Deferred) else v for _, _, v in on_device]
+            flat = torch.cat([t.reshape(-1).float().to(device) for t in tensors]).cpu().numpy()
             offset = 0
-            for i, key, t in on_device:
-                host[i][key] = flat[offset : offset + t.numel()].reshape(t.shape)
+            for (i, key, v), t in zip(on_device, tensors, strict=True):
+                values = flat[offset : offset + t.numel()].reshape(t.shape)
+                host[i][key] = v.finish(values).astype(np.float32, copy=False) if isinstance(v, Deferred) else values
                 offset += t.numel()
         return [self._record(s, h, r) for s, h, r in zip(steps, host, ready, strict=True)]
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from flowtrain import kernels, tensorstats
+from flowtrain.flow.deferred import Deferred
 
 # Column order of the per-tensor matrix; also the per-tensor / per-layer stat columns of flow.parquet.
 TENSOR_STATS = (
@@ -240,13 +241,38 @@ class ParamStats:
         if self._adam_numels is None or len(self._adam_numels) != len(index):
             numels = [float(self.params[i].numel()) for i in index]  # of the whole tensors, also when sharded
             self._adam_numels = torch.tensor(numels, device=self.device).clamp_min(1)
-        means = tensorstats.sums(vs).to(self.device) / self._adam_numels
+        means = tensorstats.sums_of_nonnegative(vs).to(self.device) / self._adam_numels
         if len(index) == len(self.params):
             return means.sqrt()
         out[torch.tensor(index, dtype=torch.long, device=self.device)] = means.sqrt()
         return out
 
     # -- assembling ------------------------------------------------------------------------------------------
+
+    def deferred_table(
+        self, grads: dict | None, weight_sumsq: Vector, update_sumsq: Vector | None, adam: Vector | None
+    ) -> np.ndarray | Deferred:
+        """per_tensor_matrix, finished on the host: the device vectors travel stacked (one launch), the
+        arithmetic runs in numpy after the transfer. numpy right away when nothing is on the device."""
+        named = {"weight_sumsq": weight_sumsq, "update_sumsq": update_sumsq, "adam": adam}
+        if grads:
+            named.update({k: grads[k] for k in ("grad_sumsq", "grad_max_abs", "grad_nonfinite")})
+        host: dict[str, np.ndarray | None] = {}
+        on_device: list[tuple[str, torch.Tensor]] = []
+        for key, v in named.items():
+            if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                on_device.append((key, v))
+            else:
+                host[key] = v.numpy() if isinstance(v, torch.Tensor) else v
+
+        def finish(raw: np.ndarray) -> np.ndarray:
+            values = {**host, **{key: raw[i].astype(np.float64) for i, (key, _) in enumerate(on_device)}}
+            g = {k: values[k] for k in ("grad_sumsq", "grad_max_abs", "grad_nonfinite")} if grads else None
+            return self.per_tensor_matrix(g, values["weight_sumsq"], values["update_sumsq"], values["adam"])
+
+        if not on_device:
+            return finish(np.zeros((0, len(self.params))))
+        return Deferred(torch.stack([v.float() for _, v in on_device]), finish)
 
     def per_tensor_matrix(
         self, grads: dict | None, weight_sumsq: Vector, update_sumsq: Vector | None, adam: Vector | None
