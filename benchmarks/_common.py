@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,15 +22,23 @@ def corpus_path() -> Path:
     return SHAKESPEARE
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
-    """Best achieved FLOP/s of an n x n matmul in `dtype` on this machine right now (the MFU denominator)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so a wall clock read after it covers that work (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 20, device: str = "cpu") -> float:
+    """Best achieved FLOP/s of an n x n matmul in `dtype` on `device` right now (the MFU denominator)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -39,13 +48,20 @@ def summarize(samples: list[float]) -> str:
     return f"{statistics.median(samples):.4g} [{min(samples):.4g}, {max(samples):.4g}]"
 
 
-def shakespeare_trainer(workdir: Path, name: str, overrides: list[str] = ()) -> Trainer:
-    """A Trainer for the shakespeare-char recipe writing under `workdir` (quiet: no console, no TensorBoard)."""
+def shakespeare_trainer(
+    workdir: Path, name: str, overrides: list[str] = (), config: str = "shakespeare-char"
+) -> Trainer:
+    """A Trainer for the shakespeare-char recipe writing under `workdir` (quiet: no console, no TensorBoard).
+
+    Another `config` (e.g. gpt2-124m) keeps its own data sources (the built-in corpus).
+    """
+    data = [f"data.sources=[{corpus_path()}]"] if config == "shakespeare-char" else []
+    cache = os.environ.get("FLOWTRAIN_BENCH_CACHE") or workdir / "cache"  # one prepared dataset for several scripts
     cfg = load_config(
-        "shakespeare-char",
+        config,
         [
-            f"data.sources=[{corpus_path()}]",
-            f"data.cache_dir={workdir / 'cache'}",
+            *data,
+            f"data.cache_dir={cache}",
             f"train.out_dir={workdir / 'runs'}",
             f"train.run_name={name}",
             "log.console=false",
@@ -64,7 +80,7 @@ def time_steps(trainer: Trainer, steps: int) -> list[float]:
     for _ in range(steps):
         t0 = time.perf_counter()
         out = train_step(trainer)
-        out.loss.item()
+        out.loss.item()  # waits for the device
         trainer.step += 1
         times.append(time.perf_counter() - t0)
     return times

