@@ -38,6 +38,27 @@ def test_nonfinite_counts_and_propagation():
     assert not torch.isfinite(ts.global_l2_norm(xs))
 
 
+def test_batched_nonfinite_counts_of_the_accelerator_path(monkeypatch):
+    """The accelerators' batched count (one concatenation for small tensors, one by one above BATCH_NUMEL),
+    run here on CPU tensors: every size class, an empty tensor, bfloat16, NaN and both infinities."""
+    monkeypatch.setattr(ts, "BATCH_NUMEL", 50)
+    g = torch.Generator().manual_seed(1)
+    xs = [
+        torch.randn(7, 5, generator=g),
+        torch.zeros(0),
+        torch.randn(30, generator=g).bfloat16(),
+        torch.randn(20, 20, generator=g),  # above the (patched) batch size: counted on its own
+        torch.randn(3, generator=g),
+    ]
+    xs[0][1, 2] = float("nan")
+    xs[2][4] = float("inf")
+    xs[3][5, 5] = float("-inf")
+    xs[3][6, 6] = float("nan")
+    expected = [float((~torch.isfinite(x)).sum()) for x in xs]
+    assert expected == [1.0, 0.0, 1.0, 2.0, 0.0]
+    assert ts._nonfinite_batched(xs).tolist() == expected
+
+
 def test_empty_lists_give_empty_vectors():
     assert ts.sums_of_squares([]).shape == (0,)
     assert ts.max_abs([]).shape == (0,)

@@ -153,8 +153,32 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if tensors and kernels.takes(tensors):
         return torch.from_numpy(kernels.nonfinite(tensors).astype(np.float32))
     local = [_local(t) for t in tensors]
+    if local and local[0].device.type != "cpu":
+        return _full(_nonfinite_batched(local), tensors, "sum")
     parts = [(~torch.isfinite(t)).sum() for t in local]
     return _full(_stack(parts, local), tensors, "sum")
+
+
+BATCH_NUMEL = 1 << 20  # tensors up to this size are counted together (their copy is the memory it costs)
+
+
+def _nonfinite_batched(local: list[torch.Tensor]) -> torch.Tensor:
+    """Non-finite counts on an accelerator in a handful of launches instead of three per tensor (small models
+    there are bound by launches): the small tensors are concatenated and tested in one pass, their counts are
+    L1 norms of views of the 0/1 result (one fused launch; exact up to 2^24 per tensor, beyond any tensor
+    batched here); tensors above BATCH_NUMEL are counted one by one (no copy of them is made)."""
+    small = [i for i, t in enumerate(local) if t.numel() <= BATCH_NUMEL]
+    counts: list[torch.Tensor | None] = [None] * len(local)
+    if small:
+        flat = torch.cat([local[i].reshape(-1) for i in small])
+        bad = torch.isfinite(flat).logical_not_().float()
+        views = bad.split([local[i].numel() for i in small])
+        for i, c in zip(small, torch._foreach_norm(views, 1), strict=True):
+            counts[i] = c
+    for i, t in enumerate(local):
+        if counts[i] is None:
+            counts[i] = torch.isfinite(t).logical_not_().sum()
+    return _stack(counts, local)
 
 
 def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
