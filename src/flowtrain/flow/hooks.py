@@ -443,25 +443,30 @@ class DepthProbe(_Probe):
         return Deferred(stacked, finish)
 
     def _device_matrix(self, attention: list, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
-        nan = torch.tensor(float("nan"), device=device)
+        """The depth matrix on the device, combined over ranks (host values travel without waiting: fills,
+        and copies that do not block)."""
+        nan = torch.full((), float("nan"), device=device)
         zero = torch.zeros((), device=device)
 
         def as_tensor(v) -> torch.Tensor:
-            return torch.as_tensor(v, device=device).float().reshape(())
+            if isinstance(v, torch.Tensor):
+                return v.to(device).float().reshape(())
+            return torch.tensor(v, dtype=torch.float32).to(device, non_blocking=True).reshape(())
 
         def column(values: list, fill: torch.Tensor) -> torch.Tensor:
             return torch.stack([fill if v is None else as_tensor(v) for v in values])
 
         seen = torch.tensor(
-            [[v is not None for v in self.resid_sumsq], [v is not None for v in self.act_sumsq]],
-            dtype=torch.float32,
-            device=device,
-        )
+            [[v is not None for v in self.resid_sumsq], [v is not None for v in self.act_sumsq]], dtype=torch.float32
+        ).to(device, non_blocking=True)
         sums = torch.stack([column(self.resid_sumsq, zero), column(self.act_sumsq, zero)])
-        counts = torch.tensor(self.act_count, dtype=torch.float32, device=device)
-        act_max = column(self.act_max, torch.tensor(float("-inf"), device=device))
+        counts = torch.tensor(self.act_count, dtype=torch.float32).to(device, non_blocking=True)
+        act_max = column(self.act_max, torch.full((), float("-inf"), device=device))
         att = torch.stack(
-            [torch.as_tensor(a, device=device).float() if a is not None else torch.stack([nan, nan]) for a in attention]
+            [
+                torch.as_tensor(a).float().to(device, non_blocking=True) if a is not None else torch.stack([nan, nan])
+                for a in attention
+            ]
         )
         att_seen = torch.isfinite(att[:, 0]).float()
         if sync:

@@ -128,7 +128,7 @@ class ParamStats:
         bad = self._nonfinite(grads, sq)
         if complete:
             return {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad, "clip_sumsq": sq, "complete": True}
-        index = torch.tensor(present, dtype=torch.long, device=self.device)
+        index = torch.tensor(present, dtype=torch.long).to(self.device, non_blocking=True)  # no wait for the device
         out = {}
         for key, values in (("grad_sumsq", sq), ("grad_max_abs", mx), ("grad_nonfinite", bad)):
             full = self._nan()
@@ -244,7 +244,7 @@ class ParamStats:
         means = tensorstats.sums_of_nonnegative(vs).to(self.device) / self._adam_numels
         if len(index) == len(self.params):
             return means.sqrt()
-        out[torch.tensor(index, dtype=torch.long, device=self.device)] = means.sqrt()
+        out[torch.tensor(index, dtype=torch.long).to(self.device, non_blocking=True)] = means.sqrt()
         return out
 
     # -- assembling ------------------------------------------------------------------------------------------
