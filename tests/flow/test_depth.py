@@ -85,6 +85,26 @@ def test_tiny_transformer_depth_stats_with_grad_accum_equal_one_big_batch():
     close(rec.scalars["logits_lse_mean"], float(torch.logsumexp(logits.detach().double(), -1).mean()))
 
 
+@pytest.mark.parametrize("scale", [8.0, torch.tensor(8.0)], ids=["float", "tensor"])
+def test_scaled_backward_reports_the_true_residual_gradients(scale):
+    """A backward of scale x loss (data parallel: the world size; fp16: GradScaler's scale, a tensor) gives the
+    residual gradients of the loss itself once the monitor knows the scale."""
+    torch.manual_seed(0)
+    model = TinyTransformer(layers=2)
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(attention=False))
+    monitor.backward_scale = scale
+    idx = torch.randint(0, 17, (4, 8))
+    (lm_loss(model(idx), idx) * scale).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    pos = torch.arange(8)
+    hs = reference_forward(ref, idx, ref.blocks, lambda i: ref.tok_emb(i) + ref.pos_emb(pos))
+    lm_loss(ref.lm_head(ref.norm_f(hs[-1])), idx).backward()
+    check_depth(rec, hs)
+
+
 def test_gpt_depth_stats_and_layers():
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17)
