@@ -174,6 +174,7 @@ class _Probe:
     removed = False
     _handles: list
     _plan: list  # (module, "forward" | "forward_pre" | "forward_pre_kwargs", hook)
+    _eager_plan: list | None = None  # _plan with each hook wrapped by _eager
 
     def _reset(self) -> None:
         raise NotImplementedError
@@ -182,8 +183,9 @@ class _Probe:
         self._reset()
         self.armed = True
         if not self._handles and not self.removed:
-            for module, kind, hook in self._plan:
-                hook = _eager(hook)
+            if self._eager_plan is None:  # wrapped once, not at every re-attach
+                self._eager_plan = [(module, kind, _eager(hook)) for module, kind, hook in self._plan]
+            for module, kind, hook in self._eager_plan:
                 if kind == "forward":
                     self._handles.append(module.register_forward_hook(hook))
                 else:
