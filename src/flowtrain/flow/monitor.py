@@ -124,7 +124,7 @@ class FlowMonitor:
         if not self.cfg.enabled:
             return
         self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates)
-        self._layer_groups = LayerGroups(self.layers, self.params.numels.cpu().numpy())
+        self._layer_groups = LayerGroups(self.layers, self.params.np_numels)
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
             self.depth = DepthProbe(blocks, self.cfg, self.clock)

@@ -2,7 +2,8 @@
 
 Results are one [n_tensors] vector per statistic: float64 numpy arrays when the CPU kernels measured them
 (flowtrain.kernels: no torch op at all), else float32 tensors on the device (torch's fused multi-tensor
-kernels via flowtrain.tensorstats, shard-aware). Either way the monitor moves everything to the host in one go.
+kernels via flowtrain.tensorstats, shard-aware). Either way the monitor moves everything to the host in one go
+and builds the per-tensor table there (per_tensor_matrix, numpy).
 
 The update ΔW is measured, not reconstructed from the optimizer's formula: a copy of the weights from before
 the step is subtracted from the weights after it. That is exact for any optimizer and costs one extra copy of
@@ -48,7 +49,6 @@ class ParamStats:
         self.names = list(names)
         self.params = list(params)
         self.optimizer = optimizer
-        self.numels = tensorstats.numels(self.params)
         self.keep_updates = keep_updates
         # an optimizer that measures its own update in its pass (optim/observed.py): no copy, no pass of ours
         self.observer = optimizer if getattr(optimizer, "observing", False) else None
@@ -275,26 +275,18 @@ class ParamStats:
         return Deferred(torch.stack([v.float() for _, v in on_device]), finish)
 
     def per_tensor_matrix(
-        self, grads: dict | None, weight_sumsq: Vector, update_sumsq: Vector | None, adam: Vector | None
-    ) -> Vector:
-        """[n_tensors, len(TENSOR_STATS)] in TENSOR_STATS column order: numpy when every input is numpy (the
-        CPU kernels), else float32 on the device."""
-        parts = [weight_sumsq, update_sumsq, adam, *((grads["grad_sumsq"], grads["grad_max_abs"]) if grads else ())]
-        if all(p is None or isinstance(p, np.ndarray) for p in parts):
-            xp, nan = np, np.full(len(self.params), np.nan)
-            numels = self._np_numels
-        else:
-            xp, nan, numels = torch, self._nan(), self.numels
-
-            def dev(v):
-                return None if v is None else torch.as_tensor(v, device=self.device).float()
-
-            weight_sumsq, update_sumsq, adam = dev(weight_sumsq), dev(update_sumsq), dev(adam)
-            if grads:
-                grads = {k: dev(grads[k]) for k in ("grad_sumsq", "grad_max_abs", "grad_nonfinite")}
+        self,
+        grads: dict | None,
+        weight_sumsq: np.ndarray,
+        update_sumsq: np.ndarray | None,
+        adam: np.ndarray | None,
+    ) -> np.ndarray:
+        """[n_tensors, len(TENSOR_STATS)] in TENSOR_STATS column order, from host vectors (the definition the
+        tables kernel reproduces; device numbers come here after the transfer, see deferred_table)."""
+        nan = np.full(len(self.params), np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 is NaN, as in torch
-            weight_norm = xp.sqrt(weight_sumsq)
-            update_norm = xp.sqrt(update_sumsq) if update_sumsq is not None else nan
+            weight_norm = np.sqrt(weight_sumsq)
+            update_norm = np.sqrt(update_sumsq) if update_sumsq is not None else nan
             columns = {
                 "weight_norm": weight_norm,
                 "update_norm": update_norm,
@@ -302,9 +294,8 @@ class ParamStats:
                 "adam_v_rms": adam if adam is not None else nan,
             }
             if grads:
-                at_least_one = numels.clip(1) if xp is np else numels.clamp_min(1)
-                columns["grad_norm"] = xp.sqrt(grads["grad_sumsq"])
+                columns["grad_norm"] = np.sqrt(grads["grad_sumsq"])
                 columns["grad_max_abs"] = grads["grad_max_abs"]
-                columns["grad_rms"] = xp.sqrt(grads["grad_sumsq"] / at_least_one)
+                columns["grad_rms"] = np.sqrt(grads["grad_sumsq"] / self._np_numels.clip(1))
                 columns["grad_nonfinite"] = grads["grad_nonfinite"]
-        return xp.stack([columns.get(k, nan) for k in TENSOR_STATS], 1)
+        return np.stack([columns.get(k, nan) for k in TENSOR_STATS], 1)
