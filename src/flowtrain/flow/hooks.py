@@ -140,22 +140,23 @@ def attention_stats(
     return torch.stack([entropy, max_logit])
 
 
-def _finish_depth(
-    resid_sumsq: np.ndarray,
-    act_sumsq: np.ndarray,
-    act_max: np.ndarray,
-    act_count: np.ndarray,
-    attention: np.ndarray,
-    backward_scale: float,
+def _depth_matrix(
+    resid_sumsq: list, act_sumsq: list, act_max: list, act_count: list, attention: list, scale
 ) -> np.ndarray:
-    """The depth matrix from per-boundary sums (NaN where a boundary was not seen) and per-block attention pairs:
-    sqrt of the sums (NaN for a negative sum), residual gradients divided by the backward scale."""
+    """[L+1, len(DEPTH_STATS)] float32 from per-boundary sums (a float; None or NaN where not seen) and per-block
+    attention pairs (None where not sampled): square roots (NaN for a negative sum), residual gradients divided
+    by the backward scale. Plain Python over a few floats: cheaper than numpy's calls at this size."""
     out = np.full((len(resid_sumsq), len(DEPTH_STATS)), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out[:, 0] = np.sqrt(resid_sumsq) / backward_scale
-        out[:, 1] = np.sqrt(act_sumsq / np.maximum(act_count, 1))
-    out[:, 2] = np.where(np.isnan(act_sumsq), np.nan, act_max)
-    out[1:, 3:5] = attention
+    for i, (r, a, m, c) in enumerate(zip(resid_sumsq, act_sumsq, act_max, act_count, strict=True)):
+        if r is not None and r >= 0:
+            out[i, 0] = math.sqrt(r) / scale
+        if a is not None:
+            out[i, 2] = m
+            if a >= 0:
+                out[i, 1] = math.sqrt(a / max(c, 1))
+    for i, pair in enumerate(attention):
+        if pair is not None:
+            out[i + 1, 3:5] = pair
     return out.astype(np.float32)
 
 
@@ -426,23 +427,28 @@ class DepthProbe(_Probe):
         self._flush_activations()
         if sync:
             return self._device_matrix(attention, device, sync, backward_scale)
+        sums = (self.resid_sumsq, self.act_sumsq, self.act_max)
+        counts = list(self.act_count)
+        host = isinstance(backward_scale, (int, float)) and all(
+            v is None or isinstance(v, float) for column in sums for v in column
+        )
+        if host and all(a is None or isinstance(a, np.ndarray) for a in attention):  # the CPU kernels measured all
+            return _depth_matrix(*sums, counts, attention, backward_scale)
         n, b = self.n, len(self.blocks)
         values = [*self.resid_sumsq, *self.act_sumsq, *self.act_max]
         for a in attention:
             values += [None, None] if a is None else ([float(x) for x in a] if isinstance(a, np.ndarray) else [*a])
         values.append(backward_scale)
-        counts = np.array(self.act_count, dtype=np.float64)
-        host, stacked, positions = gather(values, device)
+        filled, stacked, positions = gather(values, device)
 
         def finish(raw: np.ndarray) -> np.ndarray:
-            v = host.copy()
+            v = filled.copy()
             v[positions] = raw
-            att = v[3 * n : 3 * n + 2 * b].reshape(b, 2)
-            return _finish_depth(v[:n], v[n : 2 * n], v[2 * n : 3 * n], counts, att, v[-1])
+            v = v.tolist()
+            pairs = [v[3 * n + 2 * i : 3 * n + 2 * i + 2] for i in range(b)]
+            return _depth_matrix(v[:n], v[n : 2 * n], v[2 * n : 3 * n], counts, pairs, v[-1])
 
-        if stacked is None:
-            return finish(np.zeros(0))
-        return Deferred(stacked, finish)
+        return finish(np.zeros(0)) if stacked is None else Deferred(stacked, finish)
 
     def _device_matrix(self, attention: list, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
         """The depth matrix on the device, combined over ranks (host values travel without waiting: fills,
@@ -533,6 +539,8 @@ class LogitsProbe(_Probe):
         Deferred when measured on the device (finished on the host); `sync`: over all ranks, on the device."""
         if self.max_abs is None and not sync:
             return np.full(2, np.nan, dtype=np.float32)
+        if not sync and isinstance(self.max_abs, float) and isinstance(self.lse_sum, float):  # the CPU kernels
+            return np.array([self.max_abs, self.lse_sum / max(self.rows, 1)], dtype=np.float32)
         if not sync:
             rows = max(self.rows, 1)
             host, stacked, positions = gather([self.max_abs, self.lse_sum], device)
