@@ -1,0 +1,107 @@
+"""Where a monitored step's extra time goes, timed inside the real training loop.
+
+    python benchmarks/flow_breakdown.py [--steps 400] [--noop-reductions]
+
+One shakespeare-char run with everything on at every step (flow.interval=1, TensorBoard, metrics.jsonl,
+flow.parquet, the guard), driven through `Trainer.steps()`. The microscope's entry points, its hooks and the
+sinks are wrapped in wall-clock timers; the script prints each one's milliseconds per step. Nested entries
+overlap (after_backward contains grad_stats and the attention sample; the trainer's scalars contain
+collecting the records). `--noop-reductions` replaces the hooks' one-tensor reduction by a no-op, which
+leaves the Python of the calls alone: inside the loop that Python costs several times what it costs on its
+own (torch's work between the calls evicts it from the caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import shakespeare_trainer  # noqa: E402
+
+from flowtrain import kernels  # noqa: E402
+
+SPENT: dict[str, float] = collections.defaultdict(float)
+
+
+def with_timer(inner, label: str):
+    """`inner` plus a wall-clock timer booked under `label`."""
+
+    @functools.wraps(inner)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT[label] += time.perf_counter() - started
+
+    return wrapper
+
+
+def timed(owner, attribute: str, label: str) -> None:
+    setattr(owner, attribute, with_timer(getattr(owner, attribute), label))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--noop-reductions", action="store_true", help="the hooks' reductions return zeros")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.noop_reductions:
+        kernels.one = lambda t: (0.0, 0.0)
+    never = args.steps + args.warmup + 1
+    overrides = [
+        f"train.max_steps={never}",
+        "schedule.warmup_steps=1",
+        f"train.eval_interval={never}",
+        f"train.checkpoint_interval={never}",
+        "train.sample_tokens=0",
+        "log.tensorboard=true",
+        "flow.enabled=true",
+        "flow.interval=1",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = shakespeare_trainer(Path(tmp), "breakdown", overrides)
+        loop = trainer.steps()
+        for _ in range(args.warmup):
+            next(loop)
+        monitor, depth = trainer.flow, trainer.flow.depth
+        timed(monitor, "after_backward", "monitor.after_backward")
+        timed(monitor, "after_step", "monitor.after_step")
+        timed(monitor, "collect_all", "  monitor.collect_all")
+        timed(monitor.params, "grad_stats", "  params.grad_stats (the clipper's pass, shared)")
+        timed(monitor.params, "after_step", "  params.after_step")
+        timed(depth, "attention", "  depth.attention (the sample)")
+        timed(depth, "matrix", "  depth.matrix")
+        timed(depth, "_observe", "hooks: block outputs (forward)")
+        timed(depth, "_capture_qk", "hooks: attention q, k (forward)")
+        timed(monitor.logits, "_measure", "hooks: logits (forward)")
+        depth._grad_hooks = [with_timer(h, "hooks: residual gradients (backward)") for h in depth._grad_hooks]
+        timed(trainer, "_scalars", "trainer._scalars (collects the records)")
+        timed(trainer.flow_writer, "write", "  flow.parquet")
+        timed(trainer.guard, "observe_record", "  guard.observe_record")
+        for sink in trainer.sinks:
+            timed(sink, "write", f"sink: {type(sink).__name__}")
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            next(loop)
+        total = time.perf_counter() - started
+        loop.close()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps")
+    print(f"step {1e3 * total / args.steps:.2f} ms (wall, everything on at every step)")
+    for label, seconds in sorted(SPENT.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<52} {1e3 * seconds / args.steps:7.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
