@@ -13,7 +13,7 @@ import torch
 from flowtrain.flow import FlowConfig, FlowMonitor
 from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
-from tests.flow.test_depth import check_depth, lm_loss, reference_forward
+from tests.flow.test_depth import check_depth, check_sampled_entropy, lm_loss, reference_forward
 from tests.flow.test_param_stats import close, norm, one_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -66,12 +66,7 @@ def test_depth_statistics_on_cuda():
     lm_loss(logits, idx).backward()
     check_depth(rec, hs)
     close(rec.scalars["logits_max_abs"], float(logits.detach().abs().max()))
-    rows = torch.linspace(0, 15, 4).round().long().cuda()
-    for i, block in enumerate(ref.blocks):
-        with torch.no_grad():
-            p = block.attention_probs(hs[i][:1])[:, :, rows, :].double()
-            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
-        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+    check_sampled_entropy(rec, ref.blocks, hs, torch.linspace(0, 15, 4).round().long().cuda())
 
 
 def test_a_monitored_step_never_waits_for_the_gpu():

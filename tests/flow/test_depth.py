@@ -49,6 +49,15 @@ def check_depth(rec, hs, act_ok=True):
             close(got_max, float(h.detach().abs().max()))
 
 
+def check_sampled_entropy(rec, blocks, hs, rows):
+    """Attention entropy of the first sequence's sampled query rows, from each block's own attention_probs."""
+    for i, block in enumerate(blocks):
+        with torch.no_grad():
+            p = block.attention_probs(hs[i][:1])[:, :, rows, :].double()
+            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
+        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+
+
 def test_tiny_transformer_depth_stats_with_grad_accum_equal_one_big_batch():
     torch.manual_seed(0)
     model = TinyTransformer(layers=3)
@@ -121,12 +130,7 @@ def test_gpt_depth_stats_and_layers():
     check_depth(rec, hs)
     assert rec.depth_layers == ["embedding", "block.0", "block.1"]
     assert rec.layer_names == ["embedding", "block.0", "block.1", "head"]
-    rows = torch.tensor([0, 2, 5, 7])  # 4 of 8 positions, evenly spaced
-    for i, block in enumerate(ref.blocks):
-        with torch.no_grad():
-            p = block.attention_probs(hs[i][:1])[:, :, rows, :].double()
-            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
-        close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
+    check_sampled_entropy(rec, ref.blocks, hs, torch.tensor([0, 2, 5, 7]))  # 4 of 8 positions, evenly spaced
 
 
 def test_mlp_stack_user_given_blocks():

@@ -23,10 +23,10 @@ class Deferred:
     finish: Callable[[np.ndarray], np.ndarray]  # the numpy array of `tensor` (its shape) -> the final values
 
 
-def gather(values: list, device: torch.device) -> tuple[np.ndarray, torch.Tensor | None, list[int]]:
-    """Split a list of None / Python floats / 0-dim tensors into a float64 host array (NaN for None, the
-    floats in place) and one stacked float32 device tensor of the tensors (None if there are none), with
-    their positions. Finishing: `host[positions] = transferred`."""
+def gather(values: list, device: torch.device) -> tuple[torch.Tensor | None, Callable[[np.ndarray], list[float]]]:
+    """One stacked float32 device tensor of the 0-dim tensors in `values` (None if there are none), and
+    `fill(raw)`: `values` as floats once the stack's numbers `raw` are on the host (NaN for None, Python
+    floats as they were)."""
     host = np.full(len(values), np.nan)
     positions, tensors = [], []
     for i, v in enumerate(values):
@@ -35,5 +35,10 @@ def gather(values: list, device: torch.device) -> tuple[np.ndarray, torch.Tensor
             tensors.append(v.reshape(()).float())
         elif v is not None:
             host[i] = float(v)
-    stacked = torch.stack(tensors).to(device) if tensors else None
-    return host, stacked, positions
+
+    def fill(raw: np.ndarray) -> list[float]:
+        out = host.copy()
+        out[positions] = raw
+        return out.tolist()
+
+    return (torch.stack(tensors).to(device) if tensors else None), fill

@@ -439,12 +439,10 @@ class DepthProbe(_Probe):
         for a in attention:
             values += [None, None] if a is None else ([float(x) for x in a] if isinstance(a, np.ndarray) else [*a])
         values.append(backward_scale)
-        filled, stacked, positions = gather(values, device)
+        stacked, fill = gather(values, device)
 
         def finish(raw: np.ndarray) -> np.ndarray:
-            v = filled.copy()
-            v[positions] = raw
-            v = v.tolist()
+            v = fill(raw)
             pairs = [v[3 * n + 2 * i : 3 * n + 2 * i + 2] for i in range(b)]
             return _depth_matrix(v[:n], v[n : 2 * n], v[2 * n : 3 * n], counts, pairs, v[-1])
 
@@ -543,12 +541,11 @@ class LogitsProbe(_Probe):
             return np.array([self.max_abs, self.lse_sum / max(self.rows, 1)], dtype=np.float32)
         if not sync:
             rows = max(self.rows, 1)
-            host, stacked, positions = gather([self.max_abs, self.lse_sum], device)
+            stacked, fill = gather([self.max_abs, self.lse_sum], device)
 
             def finish(raw: np.ndarray) -> np.ndarray:
-                v = host.copy()
-                v[positions] = raw
-                return np.array([v[0], v[1] / rows], dtype=np.float32)
+                mx, lse = fill(raw)
+                return np.array([mx, lse / rows], dtype=np.float32)
 
             return finish(np.zeros(0)) if stacked is None else Deferred(stacked, finish)
 
