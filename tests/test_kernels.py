@@ -19,10 +19,19 @@ CHUNK = 1 << 14  # flowstats.cpp's unit of work: sizes around it cross the chunk
 SIZES = [0, 1, 15, 16, 255, 256, 257, 1000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 77]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def built():
+@pytest.fixture(autouse=True, scope="module", params=["extension", "ctypes"])
+def built(request):
+    """Every test runs on both bindings: the CPython extension, and ctypes (what a Python without headers gets)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "ctypes":
+            mp.setattr(kernels, "_python_include", lambda: None)
+        elif kernels._python_include() is None:
+            pytest.skip("this Python has no C headers: the extension binding cannot be built")
+        kernels.reset()
+        assert kernels.library() is not None, f"the kernels did not build here: {kernels.build_error}"
+        assert kernels.binding == request.param
+        yield request.param
     kernels.reset()
-    assert kernels.library() is not None, f"the kernels did not build here: {kernels.build_error}"
 
 
 def tensors_of(sizes, seed=0, scale=3.0):
@@ -117,6 +126,19 @@ def test_single_tensor_and_logits_calls():
     assert math.isnan(lse) and math.isnan(mx)
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 17, 64, 65, 1000])
+def test_logits_of_every_row_length_match_float64(vocab):
+    """Rows of whole vectors, a ragged end read from the next row, and the last row's padded end."""
+    z = torch.randn(3, 5, vocab, generator=torch.Generator().manual_seed(vocab)) * 6
+    mx, lse, rows = kernels.logits(z)
+    assert rows == 15 and mx == float(z.abs().max())
+    close(lse, float(torch.logsumexp(z.double(), -1).sum()))
+    mx, lse, _ = kernels.logits(z[-1:, -1:])  # one row: the end of the tensor
+    close(lse, float(torch.logsumexp(z[-1, -1].double(), -1)))
+    many = torch.randn(4, 500, vocab, generator=torch.Generator().manual_seed(1))  # logs of products of many rows
+    close(kernels.logits(many)[1], float(torch.logsumexp(many.double(), -1).sum()))
+
+
 @pytest.mark.parametrize(
     ("t", "s", "d", "causal"), [(64, 64, 32, True), (9, 9, 12, True), (8, 20, 16, True), (7, 7, 8, False)]
 )
@@ -169,3 +191,16 @@ def test_concurrent_first_builds_into_one_cache_both_load(tmp_path):
     assert [p.returncode for p in procs] == [0, 0] and all(o.strip() == b"ok" for o in outs)
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith("flowstats-"), left  # no half-written temporaries left
+
+
+def test_a_compiler_that_refuses_everything_leaves_the_torch_path_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "false")  # exits 1 for any flags
+    monkeypatch.setenv("FLOWTRAIN_KERNEL_CACHE", str(tmp_path))
+    kernels.reset()
+    try:
+        assert kernels.library() is None and kernels.binding is None
+        assert "ctypes -O3" in kernels.build_error  # every binding and flag set was tried
+        assert tensorstats.sums_of_squares([torch.ones(3)]).tolist() == [3.0]  # torch's path
+    finally:
+        monkeypatch.delenv("CXX")
+        kernels.reset()

@@ -1,45 +1,58 @@
-"""Fused CPU reductions for the microscope (flowstats.cpp), compiled on first use and loaded with ctypes.
+"""Fused CPU reductions for the microscope (flowstats.cpp), compiled on first use.
 
 Why a kernel of our own: on the CPU, torch's multi-tensor reductions loop over tensors one kernel at a time and
 each statistic is one more pass over memory; the microscope needs several statistics of the same tensors every
 step. flowstats.cpp takes a whole list of tensors per call and gets every statistic of a pass at once
 (sum of squares and max |g| of the gradients; ||ΔW||, ||W|| and Adam's sum(v) in the one pass after the step).
 
-The source is plain C ABI (no Python or torch headers): the system C++ compiler builds it in about a second,
-with -march=native (and -fopenmp when torch runs on libgomp.so.1, whose thread pool the kernels then share),
-into a cache directory keyed by the source, the flags and this CPU's feature flags ($FLOWTRAIN_KERNEL_CACHE,
-default ~/.cache/flowtrain/kernels). Nothing here is required: without a compiler, or with
-FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to ~1e-7); a
-run's env.json says which (`cpu_kernels`). Only CPU float32 contiguous tensors take this path (`takes`); GPUs
-keep torch's fused kernels.
+How it is called: as a CPython extension module (flowbind.cpp wraps flowstats.cpp) wherever Python's headers
+are installed, else through ctypes with the same calling convention (`_CtypesKernels`). The extension exists
+for speed between torch's ops, where the caches are cold: there a ctypes call with its numpy pointer arrays
+cost ~50-70 us, the extension's ~5-10 us (flowbind.cpp says how that was measured), and the microscope makes
+a dozen such calls per monitored step.
+
+The source is plain C++ with no torch headers: the system compiler builds it in a few seconds, with
+-march=native (and -fopenmp when torch runs on libgomp.so.1, whose thread pool the kernels then share), into a
+cache directory keyed by the sources, the flags, the Python ABI and this CPU's feature flags
+($FLOWTRAIN_KERNEL_CACHE, default ~/.cache/flowtrain/kernels). Nothing here is required: without a compiler,
+or with FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to
+~1e-7); a run's env.json says which (`cpu_kernels`). Only CPU float32 contiguous tensors take this path
+(`takes`); GPUs keep torch's fused kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("flowstats.cpp")
+BINDING = Path(__file__).with_name("flowbind.cpp")  # the CPython module around SOURCE
 # the first that compiles wins; no contraction of a*b+c into fma unless written (the Adam step must round
 # exactly where torch's does), no errno from sqrt (so it vectorizes)
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 COMMON_FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
+FUNCTIONS = ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "attention", "adam_step", "flow_tables")
 _VOID_P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
-_lib: ctypes.CDLL | None = None
+_lib: Any = None  # the extension module or a _CtypesKernels: FUNCTIONS plus one() and logits()
 _tried = False
 build_error: str | None = None  # why the library is not there (env.json's cpu_kernels, tests)
+binding: str | None = None  # "extension" or "ctypes" once built
 
 
 def _cpu_fingerprint() -> str:
@@ -81,13 +94,19 @@ def _cache_dirs() -> list[Path]:
     return [Path.home() / ".cache" / "flowtrain" / "kernels", Path(tempfile.gettempdir()) / f"flowtrain-kernels-{user}"]
 
 
-def _compile(cxx: str, flags: list[str], target: Path) -> None:
+def _python_include() -> str | None:
+    """Python's C headers, when this interpreter has them installed (else the ctypes binding)."""
+    include = sysconfig.get_paths().get("include")
+    return include if include and Path(include, "Python.h").exists() else None
+
+
+def _compile(cxx: str, flags: list[str], source: Path, target: Path) -> None:
     """Build into a temporary file next to `target`, then rename: concurrent ranks never load half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, *COMMON_FLAGS, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(SOURCE)]
+        cmd = [cxx, *flags, *COMMON_FLAGS, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(source)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
@@ -108,15 +127,92 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ft_adam_step.argtypes = [_I64, *[_VOID_P] * 8, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     lib.ft_adam_step.argtypes += [ctypes.c_int, _I64, _VOID_P]
     lib.ft_flow_tables.argtypes = [_I64, *[_VOID_P] * 7, _I64, *[_VOID_P] * 4]
-    names = ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "sumsq_maxabs1", "logits", "attention")
-    for name in (*names, "adam_step", "flow_tables"):
+    for name in (*FUNCTIONS, "sumsq_maxabs1", "logits"):
         getattr(lib, "ft_" + name).restype = None
     return lib
 
 
-def library() -> ctypes.CDLL | None:
+class _CtypesKernels:
+    """flowstats.cpp loaded with ctypes, called the way the extension module is (see flowbind.cpp): pointer
+    arguments may be None, an int, a list of ints (an array of addresses) or a numpy array."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = _declare(lib)
+        self._two = np.empty(2, np.float64)  # one() and logits() write here (the hooks run on one thread)
+        self._two_addr = self._two.ctypes.data
+        for name in FUNCTIONS:
+            setattr(self, name, self._caller(getattr(self._lib, "ft_" + name)))
+
+    @staticmethod
+    def _caller(function):
+        def call(*args):
+            keep = []  # pointer arrays built here live until the call returns
+            converted = []
+            for a in args:
+                if isinstance(a, (list, tuple)):
+                    keep.append(np.array([0 if x is None else x for x in a], dtype=np.uint64))
+                    a = keep[-1]
+                converted.append(a.ctypes.data if isinstance(a, np.ndarray) else a)
+            function(*converted)
+
+        return call
+
+    def one(self, pointer: int, count: int) -> tuple[float, float]:
+        self._lib.ft_sumsq_maxabs1(pointer, count, self._two_addr)
+        sq, mx = self._two.tolist()
+        return sq, (mx if sq == sq else sq)
+
+    def logits(self, pointer: int, rows: int, vocab: int) -> tuple[float, float]:
+        self._lib.ft_logits(pointer, rows, vocab, self._two_addr)
+        mx, lse = self._two.tolist()
+        return mx, lse
+
+
+def _load_extension(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader("_flowstats", str(path))
+    spec = importlib.util.spec_from_file_location("_flowstats", str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _variants() -> list[tuple[str, Path, list[str], str]]:
+    """(binding, source, extra flags, file suffix) to try, best first."""
+    include = _python_include()
+    ctypes_build = ("ctypes", SOURCE, [], ".so")
+    if include is None:
+        return [ctypes_build]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return [("extension", BINDING, [f"-I{include}"], suffix), ctypes_build]
+
+
+def _build_and_load(cxx: str, kind: str, source: Path, flags: list[str], suffix: str, errors: list[str]) -> Any:
+    """One binding with one set of flags from the first cache directory that works; None (and why, in
+    `errors`) when it cannot be had. Raises _Refused when the compiler rejects the flags."""
+    sources = [SOURCE.read_bytes(), BINDING.read_bytes() if kind == "extension" else b""]
+    parts = [*sources, " ".join([*flags, *COMMON_FLAGS]).encode(), _cpu_fingerprint().encode(), suffix.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, cxx.encode()])).hexdigest()[:16]
+    for cache in _cache_dirs():
+        target = cache / f"flowstats-{kind}-{platform.machine()}-{key}{suffix}"
+        try:
+            if not target.exists():
+                _compile(cxx, flags, source, target)
+            return _load_extension(target) if kind == "extension" else _CtypesKernels(ctypes.CDLL(str(target)))
+        except (OSError, ImportError, subprocess.SubprocessError) as exc:
+            stderr = (getattr(exc, "stderr", b"") or b"").decode(errors="replace")[-300:]
+            errors.append(f"{kind} {' '.join(flags)} in {cache}: {exc} {stderr}".strip())
+            if isinstance(exc, subprocess.SubprocessError):
+                raise _Refused from exc  # another directory will not help
+    return None
+
+
+class _Refused(Exception):
+    """The compiler rejected a set of flags."""
+
+
+def library() -> Any:
     """The compiled kernels, building them the first time; None when they cannot be had (callers fall back)."""
-    global _lib, _tried, build_error
+    global _lib, _tried, build_error, binding
     if _tried:
         return _lib
     _tried = True
@@ -127,31 +223,25 @@ def library() -> ctypes.CDLL | None:
     if cxx is None:
         build_error = "no C++ compiler (g++/clang++) on PATH"
         return None
-    errors = []
-    for flags in _flag_sets():
-        parts = [SOURCE.read_bytes(), " ".join([*flags, *COMMON_FLAGS]).encode(), _cpu_fingerprint().encode()]
-        key = hashlib.sha256(b"\0".join([*parts, cxx.encode()])).hexdigest()[:16]
-        for cache in _cache_dirs():
-            target = cache / f"flowstats-{platform.machine()}-{key}.so"
+    errors: list[str] = []
+    for kind, source, extra, suffix in _variants():
+        for flags in _flag_sets():
             try:
-                if not target.exists():
-                    _compile(cxx, flags, target)
-                _lib = _declare(ctypes.CDLL(str(target)))
-                build_error = None
+                _lib = _build_and_load(cxx, kind, source, [*flags, *extra], suffix, errors)
+            except _Refused:
+                continue  # the next, plainer flags
+            if _lib is not None:
+                build_error, binding = None, kind
                 return _lib
-            except (OSError, subprocess.SubprocessError) as exc:
-                stderr = getattr(exc, "stderr", b"") or b""
-                errors.append(f"{' '.join(flags)} in {cache}: {exc} {stderr.decode(errors='replace')[-300:]}".strip())
-                if isinstance(exc, subprocess.SubprocessError):
-                    break  # the compiler refused these flags: another directory will not help
+            break  # built but neither stored nor loaded anywhere: other flags will not change that
     build_error = "; ".join(errors)
     return None
 
 
 def reset() -> None:
     """Forget the loaded library (tests switch FLOWTRAIN_KERNELS on and off)."""
-    global _lib, _tried, build_error
-    _lib, _tried, build_error = None, False, None
+    global _lib, _tried, build_error, binding
+    _lib, _tried, build_error, binding = None, False, None, None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -176,8 +266,9 @@ def takes_one(t: torch.Tensor) -> bool:
     return _cpu_f32(t) and t.is_contiguous() and _built()
 
 
-def _ptrs(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
-    return np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.uint64)
+def _ptrs(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    """Addresses of the tensors' data (0 for None): the kernels' arrays of pointers."""
+    return [0 if t is None else t.data_ptr() for t in tensors]
 
 
 def _numels(tensors: Sequence[torch.Tensor]) -> np.ndarray:
@@ -188,8 +279,7 @@ def sumsq_maxabs(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = No
     """Per tensor: sum of squares (float64) and max |x| (float32; NaN where the tensor holds a NaN), one pass."""
     n = len(tensors)
     sq, mx = np.empty(n, np.float64), np.empty(n, np.float32)
-    ptrs, numels = _ptrs(tensors), _numels(tensors) if numels is None else numels  # alive during the call
-    library().ft_sumsq_maxabs(n, ptrs.ctypes.data, numels.ctypes.data, sq.ctypes.data, mx.ctypes.data)
+    library().sumsq_maxabs(n, _ptrs(tensors), _numels(tensors) if numels is None else numels, sq, mx)
     nan = np.isnan(sq)  # only a NaN element makes a sum of non-negative squares NaN
     if nan.any():
         mx[nan] = np.nan
@@ -198,28 +288,22 @@ def sumsq_maxabs(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = No
 
 def nonfinite(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     """Per tensor: count of NaN/Inf elements (int64)."""
-    n = len(tensors)
-    out, ptrs, numels = np.empty(n, np.int64), _ptrs(tensors), _numels(tensors)
-    library().ft_nonfinite(n, ptrs.ctypes.data, numels.ctypes.data, out.ctypes.data)
+    out = np.empty(len(tensors), np.int64)
+    library().nonfinite(len(tensors), _ptrs(tensors), _numels(tensors), out)
     return out
 
 
 def sums(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = None) -> np.ndarray:
     """Per tensor: sum of elements (float64)."""
-    n = len(tensors)
-    out = np.empty(n, np.float64)
-    ptrs, numels = _ptrs(tensors), _numels(tensors) if numels is None else numels
-    library().ft_sums(n, ptrs.ctypes.data, numels.ctypes.data, out.ctypes.data)
+    out = np.empty(len(tensors), np.float64)
+    library().sums(len(tensors), _ptrs(tensors), _numels(tensors) if numels is None else numels, out)
     return out
 
 
 def weights(params: Sequence[torch.Tensor], snapshot: Sequence[torch.Tensor] | None, numels: np.ndarray) -> np.ndarray:
     """Per tensor ||w||^2 (float64); with `snapshot` (same shapes), copy the weights into it in the same pass."""
-    n = len(params)
-    out = np.empty(n, np.float64)
-    ptrs, snap = _ptrs(params), _ptrs(snapshot) if snapshot is not None else None
-    snap_arg = snap.ctypes.data if snap is not None else None
-    library().ft_weights(n, ptrs.ctypes.data, snap_arg, numels.ctypes.data, out.ctypes.data)
+    out = np.empty(len(params), np.float64)
+    library().weights(len(params), _ptrs(params), _ptrs(snapshot) if snapshot is not None else None, numels, out)
     return out
 
 
@@ -233,32 +317,21 @@ def update(
     """[n, 3] float64: ||w - snapshot||^2, ||w||^2, sum(v) (0 where no v) per tensor; `copy`: snapshot = w."""
     n = len(params)
     out = np.empty((n, 3), np.float64)
-    w, snap = _ptrs(params), _ptrs(snapshot)
     v = _ptrs(second_moments) if second_moments is not None else None
-    v_arg = v.ctypes.data if v is not None else None
-    library().ft_update(n, w.ctypes.data, snap.ctypes.data, v_arg, numels.ctypes.data, out.ctypes.data, int(copy))
+    library().update(n, _ptrs(params), _ptrs(snapshot), v, numels, out, int(copy))
     return out
-
-
-_ONE = np.empty(2, np.float64)  # result buffer of the single-tensor calls (the hooks run on one thread)
-
-
-_ONE_ADDR = _ONE.ctypes.data
 
 
 def one(t: torch.Tensor) -> tuple[float, float]:
     """(sum of squares, max |x|) of one tensor that `takes([t])` accepts; max is NaN when the sum is."""
-    _lib.ft_sumsq_maxabs1(t.data_ptr(), t.numel(), _ONE_ADDR)
-    sq, mx = _ONE.tolist()
-    return sq, (mx if sq == sq else float("nan"))
+    return _lib.one(t.data_ptr(), t.numel())
 
 
 def logits(z: torch.Tensor) -> tuple[float, float, int]:
     """(max |z|, sum over rows of logsumexp, rows) of contiguous float32 logits [..., vocab]."""
     v = z.shape[-1]
     rows = z.numel() // v if v else 0
-    _lib.ft_logits(z.data_ptr(), rows, v, _ONE_ADDR)
-    mx, lse = _ONE.tolist()
+    mx, lse = _lib.logits(z.data_ptr(), rows, v)
     return (mx if lse == lse else float("nan")), lse, rows
 
 
@@ -288,13 +361,12 @@ def attention(
     b, h, t, d = qs[0].shape
     s = ks[0].shape[2]
     nb, nh = min(nb, b), min(nh, h)
-    q_strides = np.array([q.stride()[:3] for q in qs], dtype=np.int64)
-    k_strides = np.array([k.stride()[:3] for k in ks], dtype=np.int64)
-    qp, kp, out = _ptrs(qs), _ptrs(ks), np.empty((len(qs), 2), np.float64)
-    library().ft_attention(
-        len(qs), qp.ctypes.data, kp.ctypes.data, q_strides.ctypes.data, k_strides.ctypes.data,
-        nb, nh, t, s, d, rows.ctypes.data, len(rows), int(causal), d**-0.5, out.ctypes.data,
-    )  # fmt: skip
+    q_strides = [x for q in qs for x in q.stride()[:3]]  # int64 each, as the pointer-sized entries of a list
+    k_strides = [x for k in ks for x in k.stride()[:3]]
+    out = np.empty((len(qs), 2), np.float64)
+    library().attention(
+        len(qs), _ptrs(qs), _ptrs(ks), q_strides, k_strides, nb, nh, t, s, d, rows, len(rows), int(causal), d**-0.5, out
+    )
     return out
 
 
@@ -314,12 +386,11 @@ def adam_step(
     torch's SIMD width in floats. Returns [n, 4] float64: ||W before||^2, ||dW||^2, ||W after||^2, sum(v)."""
     n = len(params)
     out = np.empty((n, 4), np.float64)
-    arrays = [_ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _numels(params)]  # alive in the call
+    pointers = [_ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs)]
     hyper = np.ascontiguousarray(hyper, dtype=np.float64)
-    library().ft_adam_step(
-        n, *(a.ctypes.data for a in arrays), hyper[0].ctypes.data, hyper[1].ctypes.data, hyper[2].ctypes.data,
-        betas[0], betas[1], eps, int(decoupled), vec, out.ctypes.data,
-    )  # fmt: skip
+    library().adam_step(
+        n, *pointers, _numels(params), hyper[0], hyper[1], hyper[2], betas[0], betas[1], eps, int(decoupled), vec, out
+    )
     return out
 
 
@@ -334,11 +405,7 @@ def flow_tables(
     usq64 = np.ascontiguousarray(usq, dtype=np.float64) if usq is not None else None
     tensors, layers = np.empty((n, 8), np.float32), np.empty((n_layers, 8), np.float32)
     gsq, gmax, bad, w, v = f64
-    library().ft_flow_tables(
-        n, gsq.ctypes.data, gmax.ctypes.data, bad.ctypes.data, w.ctypes.data,
-        usq64.ctypes.data if usq64 is not None else None, v.ctypes.data, numels.ctypes.data,
-        n_layers, order.ctypes.data, starts.ctypes.data, tensors.ctypes.data, layers.ctypes.data,
-    )  # fmt: skip
+    library().flow_tables(n, gsq, gmax, bad, w, usq64, v, numels, n_layers, order, starts, tensors, layers)
     return tensors, layers
 
 

@@ -48,12 +48,21 @@ inline float hsum(vf v) {  // a tree of halves: 4 vector adds instead of 15 scal
   auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
   return c[0] + c[1];
 }
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < LANES; l++) m = v[l] > m ? v[l] : m;
-  return m;
+inline float hmax(vf v) {  // the same tree of halves, with max
+  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  a = a > b ? a : b;
+  auto c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  c = c > d ? c : d;
+  auto e = __builtin_shufflevector(c, c, 0, 1), f = __builtin_shufflevector(c, c, 2, 3);
+  e = e > f ? e : f;
+  return e[0] > e[1] ? e[0] : e[1];
 }
 inline float fabs1(float x) { return x < 0 ? -x : x; }
+inline vi lane_index() {
+  vi v;
+  for (int l = 0; l < LANES; l++) v[l] = l;
+  return v;
+}
 
 // Ask for the block PREFETCH elements ahead: hardware prefetchers stop at every 4 KiB page, and the tensors
 // here are small enough (hundreds of KiB) that those restarts are most of the time of a cold read.
@@ -237,30 +246,46 @@ void update_range(const float *w, float *snap, const float *v, int64_t n, double
 }
 
 // log-sum-exp of one row and its max |z| (NaN in the row makes the lse NaN)
-double row_lse(const float *row, int64_t v, float *max_abs) {
-  float hi = -__builtin_inff(), lo = __builtin_inff();
+// The last, partial vector of a row: its n < LANES elements, the other lanes set to `pad`.
+inline vf load_tail(const float *p, int64_t n, float pad) {
+  float buf[LANES];
+  for (int l = 0; l < LANES; l++) buf[l] = pad;
+  memcpy(buf, p, n * sizeof(float));
+  return load(buf);
+}
+
+// One row of logits: returns its largest value, sets *max_abs = max |z| (ignoring NaN) and *sum = the sum of
+// exp(z - largest), which is in [1, v] (the caller takes the logarithm of a product of many rows at once).
+// Whole vectors throughout: the ragged end is read as a whole vector too (the next row's first elements, or,
+// for the last row of the tensor, a padded copy, `padded`) and its lanes past the row masked by `live`; a
+// char-level vocabulary of 65 is 4 vectors and a tail, and finishing tails one element at a time was half the
+// time.
+inline float row_exp_sum(const float *row, int64_t v, vi live, bool padded, float *max_abs, double *sum) {
+  const float inf = __builtin_inff();
+  vf vhi = splat(-inf), vlo = splat(inf);
   int64_t j = 0;
-  if (v >= LANES) {
-    vf vhi = splat(-__builtin_inff()), vlo = splat(__builtin_inff());
-    for (; j + LANES <= v; j += LANES) {
-      vf x = load(row + j);
-      vhi = x > vhi ? x : vhi;
-      vlo = x < vlo ? x : vlo;
-    }
-    hi = hmax(vhi);
-    lo = -hmax(-vlo);
+  for (; j + LANES <= v; j += LANES) {
+    vf x = load(row + j);
+    vhi = x > vhi ? x : vhi;
+    vlo = x < vlo ? x : vlo;
   }
-  for (; j < v; j++) {
-    hi = row[j] > hi ? row[j] : hi;
-    lo = row[j] < lo ? row[j] : lo;
+  int64_t tail = v - j;
+  vf last = {};
+  if (tail) {
+    last = padded ? load_tail(row + j, tail, 0.0f) : load(row + j);
+    vhi = live && last > vhi ? last : vhi;
+    vlo = live && last < vlo ? last : vlo;
   }
+  float hi = hmax(vhi), lo = -hmax(-vlo);
   *max_abs = hi > -lo ? hi : -lo;
   vf acc = {};
-  j = 0;
-  for (; j + LANES <= v; j += LANES) acc += exp_nonpos(load(row + j) - splat(hi));
-  double sum = hsum(acc);
-  for (; j < v; j++) sum += __builtin_exp((double)row[j] - hi);
-  return hi + __builtin_log(sum);
+  for (j = 0; j + LANES <= v; j += LANES) acc += exp_nonpos(load(row + j) - splat(hi));
+  if (tail) {
+    vf e = exp_nonpos(last - splat(hi));
+    acc += live ? e : splat(0.0f);
+  }
+  *sum = hsum(acc);
+  return hi;
 }
 
 // -- Adam/AdamW step with the statistics of the update (the observing optimizer) ------------------------------
@@ -415,15 +440,19 @@ void ft_logits(const float *z, int64_t rows, int64_t v, double *out) {
   int64_t units = per > 0 ? (rows + per - 1) / per : 0;
   std::vector<double> lse(units);
   std::vector<float> mx(units);
+  vi live = lane_index() < (vi){} + (int32_t)(v % LANES);  // the lanes of a row's last, partial vector
   parallel(units, rows * v, [&](int64_t u) {
-    double s = 0;
+    double s = 0, product = 1;  // log-sum-exp = hi + log(sum): the logs of many rows' sums taken at once
     float m = 0;
     for (int64_t r = u * per; r < rows && r < (u + 1) * per; r++) {
       float a;
-      s += row_lse(z + r * v, v, &a);
+      double sum;
+      s += row_exp_sum(z + r * v, v, live, r == rows - 1, &a, &sum);
+      product *= sum;
+      if (product > 1e280) s += __builtin_log(product), product = 1;  // each sum is at most v
       m = a > m ? a : m;
     }
-    lse[u] = s;
+    lse[u] = s + __builtin_log(product);
     mx[u] = m;
   });
   out[0] = 0;
@@ -438,50 +467,73 @@ void ft_logits(const float *z, int64_t rows, int64_t v, double *out) {
 // strides in elements given per block in q_strides/k_strides, 3 each for the B, H and T/S dims): for the
 // first nb sequences and nh heads, query rows rows[0..P), keys j allowed when !causal or j <= row + S - T.
 // out[i, 0] = mean over sampled rows of the entropy -sum_j p_j log p_j (nats), out[i, 1] = max scaled score.
+//
+// Why it is shaped this way: it runs after the backward pass, when q and k are long out of the caches, and
+// its key rows are strided (a model's split of a fused qkv): a row-by-row walk waits on memory for every key.
+// So each (block, sequence, head) first asks for all of its key and query rows at once (prefetch), then
+// copies its keys transposed into a small tile (kt[d][j]) and scores LANES keys per vector operation; the
+// ragged end of each row is masked in vectors instead of finished one key at a time.
 void ft_attention(int64_t n, const float *const *q, const float *const *k, const int64_t *q_strides,
                   const int64_t *k_strides, int64_t nb, int64_t nh, int64_t T, int64_t S, int64_t D,
                   const int64_t *rows, int64_t P, int causal, double scale, double *out) {
   int64_t items = n * nb * nh;  // one unit of work: the P sampled rows of one (block, sequence, head)
   std::vector<double> ent(items), mx(items);
   std::vector<int64_t> count(items);
+  int64_t span = 0;  // keys any sampled row may see
+  for (int64_t r = 0; r < P; r++) {
+    int64_t keys = causal ? rows[r] + (S - T) + 1 : S;
+    keys = keys > S ? S : keys;
+    span = keys > span ? keys : span;
+  }
+  int64_t width = (span + LANES - 1) / LANES * LANES;  // tile row length: whole vectors
+  vi lane = lane_index();
   parallel(items, items * P * S * D / 4, [&](int64_t it) {
     int64_t i = it / (nb * nh), b = it / nh % nb, h = it % nh;
     const int64_t *qs = q_strides + 3 * i, *ks = k_strides + 3 * i;
-    std::vector<float> scores(S > 0 ? S : 1);
+    const float *kb = k[i] + b * ks[0] + h * ks[1], *qb = q[i] + b * qs[0] + h * qs[1];
+    for (int64_t j = 0; j < span; j++)
+      for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(kb + j * ks[2] + d);
+    for (int64_t r = 0; r < P; r++)
+      for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(qb + rows[r] * qs[2] + d);
+    std::vector<float> kt(D * width > 0 ? D * width : 1, 0.0f);  // kt[d * width + j] = k[j][d] * scale
+    for (int64_t j = 0; j < span; j++) {
+      const float *kj = kb + j * ks[2];
+      for (int64_t d = 0; d < D; d++) kt[d * width + j] = kj[d] * (float)scale;
+    }
+    std::vector<vf> scores(width / LANES > 0 ? width / LANES : 1);
     double entropy_sum = 0, max_logit = -__builtin_inf();
     int64_t seen = 0;
     for (int64_t r = 0; r < P; r++) {
-      const float *qr = q[i] + b * qs[0] + h * qs[1] + rows[r] * qs[2];
+      const float *qr = qb + rows[r] * qs[2];
       int64_t keys = causal ? rows[r] + (S - T) + 1 : S;
       keys = keys > S ? S : keys;
       if (keys <= 0) continue;
-      float hi = -__builtin_inff();
-      for (int64_t j = 0; j < keys; j++) {
-        const float *kj = k[i] + b * ks[0] + h * ks[1] + j * ks[2];
-        float dot = 0;
+      int64_t groups = (keys + LANES - 1) / LANES;
+      vf vhi = splat(-__builtin_inff());
+      for (int64_t g = 0; g < groups; g++) {
+        vf a0 = {}, a1 = {};  // two chains: shorter dependency, and half the rounding steps each
         int64_t d = 0;
-        if (D % LANES == 0) {
-          vf acc = {};
-          for (; d < D; d += LANES) acc += load(qr + d) * load(kj + d);
-          dot = hsum(acc);
+        for (; d + 1 < D; d += 2) {
+          a0 += splat(qr[d]) * load(&kt[d * width + g * LANES]);
+          a1 += splat(qr[d + 1]) * load(&kt[(d + 1) * width + g * LANES]);
         }
-        for (; d < D; d++) dot += qr[d] * kj[d];
-        scores[j] = dot * (float)scale;
-        hi = scores[j] > hi ? scores[j] : hi;
+        if (d < D) a0 += splat(qr[d]) * load(&kt[d * width + g * LANES]);
+        vf sc = a0 + a1;
+        sc = lane < (vi){} + (int32_t)(keys - g * LANES) ? sc : splat(-__builtin_inff());
+        scores[g] = sc;
+        vhi = sc > vhi ? sc : vhi;
       }
+      float hi = hmax(vhi);
       vf az = {}, azs = {};
-      int64_t j = 0;
-      for (; j + LANES <= keys; j += LANES) {
-        vf sj = load(&scores[j]), e = exp_nonpos(sj - splat(hi));
+      for (int64_t g = 0; g < groups; g++) {
+        vi live = lane < (vi){} + (int32_t)(keys - g * LANES);
+        vf sc = live ? scores[g] : splat(hi);  // masked keys: a finite stand-in, then a weight of 0
+        vf e = exp_nonpos(sc - splat(hi));
+        e = live ? e : splat(0.0f);
         az += e;
-        azs += e * sj;
+        azs += e * sc;
       }
       double z = hsum(az), zs = hsum(azs);
-      for (; j < keys; j++) {
-        double e = __builtin_exp((double)scores[j] - hi);
-        z += e;
-        zs += e * scores[j];
-      }
       entropy_sum += hi + __builtin_log(z) - zs / z;  // H = lse - E_p[s]
       max_logit = hi > max_logit ? hi : max_logit;
       seen++;
