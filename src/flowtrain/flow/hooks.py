@@ -61,9 +61,22 @@ def _eager(hook):
     recompiled for each block and step until it hit its limit and fell back to running the model eagerly
     (seen on an H200 with gpt2-124m). Left out of the graph, each hooked module boundary is a graph break on
     monitored steps only: between them the hooks are detached and the model runs as one graph.
+
+    Outside compiled code the hook is called directly: going through torch.compiler.disable's wrapper at every
+    call cost ~10 us per hook inside the training loop on a 2-core CPU (ten hooks a step). Under tracing,
+    is_compiling() is True and the call goes to the disabled twin, which the compiler does not trace.
     """
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(hook, recursive=True) if disable is not None else hook
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None or not hasattr(compiler, "disable"):
+        return hook
+    disabled, compiling = compiler.disable(hook, recursive=True), compiler.is_compiling
+
+    def guarded(*args):
+        if compiling():
+            return disabled(*args)
+        return hook(*args)
+
+    return guarded
 
 
 def _first_tensor(value) -> torch.Tensor | None:
