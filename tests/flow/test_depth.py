@@ -9,7 +9,7 @@ import torch
 from tiny_models import LSTMLM, MLPStack, TinyTransformer
 from torch.nn import functional as F
 
-from flowtrain.flow import FlowConfig, FlowMonitor
+from flowtrain.flow import FlowConfig, FlowMonitor, hooks
 from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
 
@@ -205,3 +205,19 @@ def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask):
             ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean()
         close(rec.depth("attn_entropy")[i + 1], float(ent), rel=1e-5)
         close(rec.depth("attn_max_logit")[i + 1], float(scores.max()), rel=1e-5)
+
+
+def test_gradient_hooks_see_the_gradient_beside_other_hooks_and_on_leaves():
+    """hooks._hook_gradient: the direct registration on a plain non-leaf tensor, and register_hook where the
+    tensor already has hooks of its own (both run) or is a leaf."""
+    x = torch.randn(5, requires_grad=True)
+    for kind in ("plain", "with a user hook", "leaf"):
+        seen, user = [], []
+        h = x if kind == "leaf" else x * 3
+        if kind == "with a user hook":
+            h.register_hook(lambda g, user=user: user.append(g.clone()))
+        hooks._hook_gradient(h, lambda g, seen=seen: seen.append(g.clone()))
+        (h * torch.arange(5.0)).sum().backward()
+        assert len(seen) == 1 and torch.equal(seen[0], torch.arange(5.0)), kind
+        assert len(user) == (kind == "with a user hook"), kind
+        x.grad = None
