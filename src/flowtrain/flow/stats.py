@@ -65,6 +65,7 @@ class ParamStats:
         # the pass after a step (None: take a fresh copy before the next step)
         self.fast = bool(self.params) and kernels.takes(self.params + (self._snapshot or []))
         self._np_numels = np.array([p.numel() for p in self.params], dtype=np.int64)
+        self._np_numels_at_least_1 = np.maximum(self._np_numels, 1)
         self._fresh: tuple[list[int], np.ndarray] | None = None
 
     @property
@@ -187,8 +188,8 @@ class ParamStats:
         rows = update.figures if update.status == "measured" else np.full((n, 4), np.nan)
         stepped = update.stepped if update.status == "measured" else np.zeros(n, dtype=bool)
         index = self._adam_indices()
-        still = np.flatnonzero(~stepped)  # not stepped, or unmeasured: read as they are now
-        if len(still):
+        still = np.flatnonzero(~stepped) if update.status != "measured" or not stepped.all() else ()
+        if len(still):  # not stepped, or unmeasured: read as they are now
             rows[still, 0] = rows[still, 2] = kernels.weights(
                 [self.params[i] for i in still], None, self._np_numels[still]
             )
@@ -202,6 +203,8 @@ class ParamStats:
         return usq, self._host_v_rms(index, rows[index, 3] if index else None), rows[:, 0]
 
     def _host_v_rms(self, index: list[int], v_sums: np.ndarray | None) -> np.ndarray:
+        if v_sums is not None and len(index) == len(self.params):  # every tensor has a v (Adam): one division
+            return np.sqrt(v_sums / self._np_numels_at_least_1)
         out = np.full(len(self.params), np.nan)
         if v_sums is not None:
             out[index] = np.sqrt(v_sums / np.maximum(self._np_numels[index], 1))

@@ -178,19 +178,24 @@ class _Observing:
     def update_since(self, params: list[torch.Tensor], since: int) -> Update:
         """What happened to `params` since steps_taken was `since`: no step ("none"); exactly one step, by our
         kernel ("measured": the figures of the tensors it stepped, NaN rows for those it did not touch, having
-        no gradient); anything else ("unmeasured")."""
+        no gradient); anything else ("unmeasured"). A caller that asks with the same list object every step
+        (the monitor does) must not change it in place: it is recognized by identity, not reread."""
         if self.steps_taken == since:
             return Update("none")
         if self.last_update is None or self.steps_taken != since + 1 or self.last_update[0] != self.steps_taken:
             return Update("unmeasured")
         _, rows, out = self.last_update
-        key = (tuple(map(id, params)), rows)  # ids of live tensors: equal ids are the same tensors
-        if self._lookup is None or self._lookup[0] != key:  # which row of ours is each of `params` (cached)
-            where = np.array([rows.get(id(p), -1) for p in params], dtype=np.int64)
-            self._lookup = (key, where, where >= 0)
-        _, where, stepped = self._lookup
+        lookup = self._lookup
+        if lookup is None or lookup[0] is not params or lookup[1] is not rows:  # the same list and mapping: known
+            key = (tuple(map(id, params)), rows)  # ids of live tensors: equal ids are the same tensors
+            if lookup is None or lookup[2] != key:  # which row of ours is each of `params` (cached)
+                where = np.array([rows.get(id(p), -1) for p in params], dtype=np.int64)
+                lookup = (params, rows, key, where, where >= 0, bool((where >= 0).all()))
+            self._lookup = lookup = (params, rows, *lookup[2:])
+        *_, where, stepped, all_stepped = lookup
         figures = out[where]  # rows of tensors we did not step are overwritten with NaN below
-        figures[~stepped] = np.nan
+        if not all_stepped:
+            figures[~stepped] = np.nan
         return Update("measured", figures, stepped.copy())
 
 
