@@ -79,6 +79,9 @@ def _eager(hook):
     return guarded
 
 
+_HOOK_KEY = "flowtrain.residual_gradient"  # our entry in a tensor's hook dict (torch's handles use integers)
+
+
 def _hook_gradient(h: torch.Tensor, hook) -> None:
     """h.register_hook(hook), without the removable handle nobody here would use.
 
@@ -89,7 +92,7 @@ def _hook_gradient(h: torch.Tensor, hook) -> None:
     torch without them, takes register_hook."""
     if type(h) is torch.Tensor and h.grad_fn is not None and h._backward_hooks is None:
         try:
-            h._backward_hooks = {0: hook}
+            h._backward_hooks = {_HOOK_KEY: hook}  # a later register_hook adds its handle's integer id beside it
             h.grad_fn._register_hook_dict(h)
             return
         except (AttributeError, TypeError, RuntimeError):

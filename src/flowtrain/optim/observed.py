@@ -38,6 +38,17 @@ class Update(NamedTuple):
     stepped: np.ndarray | None = None  # [n] bool: the tensors the step touched
 
 
+class _Lookup(NamedTuple):
+    """update_since's cached answer to "which of our rows is each queried tensor"."""
+
+    params: list  # the queried list (recognized by identity)
+    rows: dict  # our id(param) -> row mapping it was made for (identity too)
+    key: tuple  # (ids of params, rows): compared when either object is new
+    where: np.ndarray  # our row of each queried tensor, -1 where we did not step it
+    stepped: np.ndarray  # where >= 0
+    all_stepped: bool
+
+
 def _simd_width() -> int:
     """Floats per vector in torch's CPU kernels (where its fused Adam's scalar remainder begins)."""
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
@@ -51,7 +62,7 @@ class _Observing:
     def _setup_observing(self) -> None:
         self.steps_taken = 0  # every step that changed the weights, ours or torch's (see update_since)
         self.last_update: tuple[int, dict[int, int], np.ndarray] | None = None  # step, id(param) -> row, [n, 4]
-        self._lookup: tuple | None = None  # update_since's cached row of each queried tensor
+        self._lookup: _Lookup | None = None  # update_since's cached row of each queried tensor
         self._vec = _simd_width()
         self.observing_note = self._why_not()
         if not self.observing_note and not self._bitwise_like_torch():
@@ -186,17 +197,16 @@ class _Observing:
             return Update("unmeasured")
         _, rows, out = self.last_update
         lookup = self._lookup
-        if lookup is None or lookup[0] is not params or lookup[1] is not rows:  # the same list and mapping: known
+        if lookup is None or lookup.params is not params or lookup.rows is not rows:  # else known by identity
             key = (tuple(map(id, params)), rows)  # ids of live tensors: equal ids are the same tensors
-            if lookup is None or lookup[2] != key:  # which row of ours is each of `params` (cached)
+            if lookup is None or lookup.key != key:  # which row of ours is each of `params`
                 where = np.array([rows.get(id(p), -1) for p in params], dtype=np.int64)
-                lookup = (params, rows, key, where, where >= 0, bool((where >= 0).all()))
-            self._lookup = lookup = (params, rows, *lookup[2:])
-        *_, where, stepped, all_stepped = lookup
-        figures = out[where]  # rows of tensors we did not step are overwritten with NaN below
-        if not all_stepped:
-            figures[~stepped] = np.nan
-        return Update("measured", figures, stepped.copy())
+                lookup = _Lookup(params, rows, key, where, where >= 0, bool((where >= 0).all()))
+            self._lookup = lookup = lookup._replace(params=params, rows=rows)
+        figures = out[lookup.where]  # rows of tensors we did not step are overwritten with NaN below
+        if not lookup.all_stepped:
+            figures[~lookup.stepped] = np.nan
+        return Update("measured", figures, lookup.stepped.copy())
 
 
 class ObservedAdamW(_Observing, torch.optim.AdamW):
