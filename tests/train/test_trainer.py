@@ -34,7 +34,7 @@ def test_run_directory_contract(small_text, tmp_path):
     assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
     env = json.loads((run / "env.json").read_text())
-    assert env["cpu_kernels"] == "built"  # the CPU kernels ran here
+    assert env["cpu_kernels"] in ("built (extension)", "built (ctypes)")  # the CPU kernels ran here
     if OBSERVING_VERIFIED:  # ΔW measured in the optimizer's own pass
         assert env["optimizer_step"].startswith("ObservedAdamW: flowtrain's observing kernel")
     assert json.loads((run / "summary.json").read_text())["steps"] == 20

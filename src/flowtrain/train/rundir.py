@@ -76,10 +76,11 @@ def _git_commit() -> str | None:
 
 
 def _cpu_kernels() -> str:
-    """Which reductions the microscope uses on the CPU: flowtrain's kernels, or torch's and why."""
+    """Which reductions the microscope uses on the CPU: flowtrain's kernels and how they are called
+    ("built (extension)" or "built (ctypes)"), or torch's and why."""
     from flowtrain import kernels
 
-    return "built" if kernels.library() is not None else f"torch ({kernels.build_error})"
+    return f"built ({kernels.binding})" if kernels.library() is not None else f"torch ({kernels.build_error})"
 
 
 def _optimizer_step(optimizer) -> str:
