@@ -254,6 +254,7 @@ class DepthProbe(_Probe):
         ]
         self._grad_hooks = [self._make_grad_hook(i) for i in range(self.n)]  # made once, registered per step
         self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._host_rows_cache: dict[int, np.ndarray] = {}
         self._mask_cache: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
         self.armed = False
         self._handles: list = []
@@ -278,6 +279,8 @@ class DepthProbe(_Probe):
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
         self.qk_host: list[np.ndarray | None] = [None] * len(self.blocks)  # (entropy, max logit), CPU kernels
         self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
+        self._qk_taken = [False] * len(self.blocks)  # a block's q, k already taken this step (any of the above)
+        self._held = {"refs": False, "samples": False, "inputs": False}  # what attention() has to look at
         self._pending_acts: list[tuple[int, torch.Tensor]] = []
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -344,6 +347,13 @@ class DepthProbe(_Probe):
             self._rows_cache[key] = torch.linspace(0, n - 1, count, device=device).round().long()
         return self._rows_cache[key]
 
+    def _host_rows(self, n: int) -> np.ndarray:
+        """_sample_rows for the CPU kernels: an int64 numpy array (cached: asked for at every monitored step)."""
+        rows = self._host_rows_cache.get(n)
+        if rows is None:
+            rows = self._host_rows_cache[n] = self._sample_rows(n, torch.device("cpu")).numpy()
+        return rows
+
     def _template_mask(self, n_query: int, n_key: int, is_causal: bool, device: torch.device) -> torch.Tensor:
         """[1, 1, P or 1, T] bool: which keys the sampled rows may see without an explicit mask (cached)."""
         key = (n_query, n_key, is_causal, device)
@@ -360,9 +370,10 @@ class DepthProbe(_Probe):
             """Keep the sampled query rows, their keys and which keys each row may see (first micro-batch)."""
             if not self.armed or len(args) < 2 or not torch.is_grad_enabled():
                 return
-            if any(x[block] is not None for x in (self.qk_samples, self.qk_host, self.qk_refs)):
+            if self._qk_taken[block]:
                 return
             started = time.perf_counter()
+            self._qk_taken[block] = True
             self._capture_qk(block, args)
             self.clock.spent += time.perf_counter() - started
 
@@ -378,8 +389,9 @@ class DepthProbe(_Probe):
                 held += k.untyped_storage().nbytes()
             if held <= HOLD_BYTES:  # keep references; all blocks are read by one kernel call after the backward
                 self.qk_refs[block] = (q, k, is_causal)
+                self._held["refs"] = True
             else:  # too much memory to hold on to until then: measure now, while q and k are in cache
-                rows = self._sample_rows(q.shape[-2], q.device).numpy()
+                rows = self._host_rows(q.shape[-2])
                 cfg = self.cfg
                 self.qk_host[block] = kernels.attention([q], [k], cfg.attn_batch, cfg.attn_heads, rows, is_causal)[0]
             return
@@ -390,6 +402,7 @@ class DepthProbe(_Probe):
         else:  # causal (query i sees keys up to i, aligned to the last key) or full
             allowed = self._template_mask(q.shape[-2], k.shape[-2], is_causal, q.device)
         self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
+        self._held["samples"] = True
 
     def _make_attn_input_hook(self, block: int):
         def on_attn_input(module, args, kwargs) -> None:
@@ -399,6 +412,7 @@ class DepthProbe(_Probe):
                     return
                 n = self.cfg.attn_batch
                 self.attn_inputs[block] = x.detach()[:n].clone()
+                self._held["inputs"] = True
                 doc_ids = kwargs.get("doc_ids", args[1] if len(args) > 1 else None)
                 self.attn_doc_ids[block] = doc_ids[:n] if isinstance(doc_ids, torch.Tensor) else None
 
@@ -413,7 +427,7 @@ class DepthProbe(_Probe):
             if ref is not None:
                 groups.setdefault((ref[0].shape, ref[1].shape, ref[2]), []).append(i)
         for (q_shape, _, causal), index in groups.items():
-            rows = self._sample_rows(q_shape[2], torch.device("cpu")).numpy()
+            rows = self._host_rows(q_shape[2])
             qs = [self.qk_refs[i][0] for i in index]
             ks = [self.qk_refs[i][1] for i in index]
             stats = kernels.attention(qs, ks, self.cfg.attn_batch, self.cfg.attn_heads, rows, causal)
@@ -424,19 +438,21 @@ class DepthProbe(_Probe):
     def attention(self) -> list:
         """Attention stats of the sampled rows (call before the weights change): per block None, a float64
         numpy pair (CPU kernels) or a device tensor pair."""
-        out: list = list(self.qk_host)
+        out, held = self.qk_host, self._held
         self.qk_host = [None] * len(self.blocks)
-        if any(r is not None for r in self.qk_refs):
+        if held["refs"]:
             self._kernel_refs_attention(out)
-        captured = [i for i, s in enumerate(self.qk_samples) if s is not None]
+        captured = [i for i, s in enumerate(self.qk_samples) if s is not None] if held["samples"] else ()
         if captured:
             with torch.no_grad():
                 stats = kernel_attention_stats([self.qk_samples[i] for i in captured])
             for row, i in enumerate(captured):
                 out[i] = stats[row]
             self.qk_samples = [None] * len(self.blocks)
-        if all(x is None for x in self.attn_inputs):
+        held["refs"] = held["samples"] = False
+        if not held["inputs"]:
             return out
+        held["inputs"] = False
         devices = [x.device for x in self.attn_inputs if x is not None and x.device.type == "cuda"]
         with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
             for i, (module, x) in enumerate(zip(self.attn_modules, self.attn_inputs, strict=True)):
