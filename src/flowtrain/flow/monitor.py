@@ -119,6 +119,7 @@ class FlowMonitor:
         self._clipped: deque[float] = deque(maxlen=self.cfg.clip_rate_window)
         self._clipped_sum = 0.0  # of the values in _clipped (0/1): the rolling clip rate without a pass
         self.params: ParamStats | None = None
+        self._boundary_names: list[str] = []
         self.depth: DepthProbe | None = None
         self.logits: LogitsProbe | None = None
         if not self.cfg.enabled:
@@ -318,6 +319,12 @@ class FlowMonitor:
                 offset += t.numel()
         return [self._record(s, h, r) for s, h, r in zip(steps, host, ready, strict=True)]
 
+    def _depth_names(self, n: int) -> list[str]:
+        """h0 .. h{n-1}: the same list for every record (read only)."""
+        if len(self._boundary_names) != n:
+            self._boundary_names = [f"h{i}" for i in range(n)]
+        return self._boundary_names
+
     def _record(self, step: int, host: dict[str, np.ndarray], ready: dict) -> FlowRecord:
         scalars: dict[str, float] = {}
         if "param_norm" in host:
@@ -343,11 +350,11 @@ class FlowMonitor:
             # counts are >= 0; fmax drops the NaN of tensors without a gradient (what nansum does, in 2 calls)
             scalars["grad_nonfinite"] = float(np.fmax(stats[:, _NONFINITE], 0.0).sum())
         if "depth" in host:
-            record.depth_names = [f"h{i}" for i in range(len(host["depth"]))]
+            record.depth_names = self._depth_names(len(host["depth"]))
             record.depth_layers = self.depth_layers
             record.depth_stats = host["depth"]
         if "logits" in host:
-            scalars["logits_max_abs"], scalars["logits_lse_mean"] = (float(v) for v in host["logits"])
+            scalars["logits_max_abs"], scalars["logits_lse_mean"] = host["logits"].tolist()
         record.histograms = {k[5:]: v for k, v in host.items() if k.startswith("hist:")}
         return record
 

@@ -20,6 +20,7 @@ class TensorBoardSink:
 
         self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
         self._pending: tuple[int, dict[str, float]] | None = None  # per-layer values waiting for write()
+        self._tags: dict[tuple, list[str]] = {}  # (stat, layer names) -> tags
 
     def _write_values(self, step: int, values: dict[str, float]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -52,6 +53,14 @@ class TensorBoardSink:
         }
         self._write_values(step, {**values, **self._take_pending(step)})
 
+    def _layer_tags(self, stat: str, layers: list[str]) -> list[str]:
+        """The TensorBoard tags of a per-layer series (made once, asked for at every monitored step)."""
+        key = (stat, tuple(layers))
+        tags = self._tags.get(key)
+        if tags is None:
+            tags = self._tags[key] = [f"{stat}_by_layer/{name}" for name in layers]
+        return tags
+
     def write_layers(self, step: int, record) -> None:
         """Per-layer gradient norm and update/weight ratio from a FlowRecord (one TensorBoard section each)."""
         if record.layer_stats is not None:
@@ -60,9 +69,9 @@ class TensorBoardSink:
             values = {}
             for stat in ("grad_norm", "update_ratio"):
                 column = record.layer_stats[:, TENSOR_STATS.index(stat)].tolist()
-                for name, value in zip(record.layer_names, column):
+                for tag, value in zip(self._layer_tags(stat, record.layer_names), column):
                     if not math.isnan(value):
-                        values[f"{stat}_by_layer/{name}"] = value
+                        values[tag] = value
             if self._pending is not None:
                 self._write_values(*self._pending)
             self._pending = (step, values)  # written with this step's scalars
