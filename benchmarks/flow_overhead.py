@@ -13,7 +13,10 @@ checkpoints fall outside the timed steps.
 
 A block's figure is the mean wall time of its steps (the mean, so a cost paid once every `interval` steps is
 amortized; the block length should be a multiple of the interval), a block pair gives one on/off ratio, and
-the script prints the median ratio over the pairs with its quartiles and range. "stopwatch" is the
+the script prints the median ratio over the pairs with its quartiles and range (the figure we quote), and, as
+a second view on the CPU, the on/off ratio of single-step times at their 10th and 50th percentiles (a burst
+of the machine moves a block's mean; it moves the low quantiles of single steps less; with an interval above
+1 these mix monitored and unmonitored steps, so quote them for interval 1 only). "stopwatch" is the
 microscope's own time booked per step (`flow_ms`; it includes the gradient pass the clipper would otherwise
 make, so it can exceed the extra time). --big adds a 12-layer, 768-wide model (context 64, batch 12).
 On a GPU (`--device cuda`) each block ends by waiting for the device, so a block's time covers its work;
@@ -43,8 +46,9 @@ FULL_STEPS = 100  # flow.full_steps of the auto variant: its every-step phase, r
 
 def side_by_side(
     workdir: Path, variants: dict[str, list[str]], blocks: int, block: int, warmup: int, config: str
-) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
-    """Per variant: the mean step ms of each timed block, and the metrics.jsonl rows of its timed steps."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[dict]]]:
+    """Per variant: the mean step ms of each timed block, every timed step's ms, and the metrics.jsonl rows of
+    its timed steps."""
     total = warmup + blocks * block
     common = [
         f"train.max_steps={total + 1}",  # the last step (eval, checkpoint) is never driven
@@ -59,6 +63,7 @@ def side_by_side(
     device = next(iter(trainers.values())).device
     loops = {name: t.steps() for name, t in trainers.items()}
     means: dict[str, list[float]] = {name: [] for name in variants}
+    each: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for loop in loops.values():  # one run after the other: auto sees its own step times while it chooses
             for _ in range(warmup):
@@ -67,16 +72,20 @@ def side_by_side(
             order = list(variants) if b % 2 == 0 else list(reversed(variants))
             for name in order:
                 synchronize(device)
-                started = time.perf_counter()
+                started = step_started = time.perf_counter()
                 for _ in range(block):
                     next(loops[name])
+                    if device.type == "cpu":  # on a GPU a step's wall time says little without a sync
+                        now = time.perf_counter()
+                        each[name].append((now - step_started) * 1e3)
+                        step_started = now
                 synchronize(device)
                 means[name].append((time.perf_counter() - started) * 1e3 / block)
     finally:
         for loop in loops.values():
             loop.close()  # closes the sinks: metrics.jsonl is complete
     rows = {name: [r for r in read_jsonl(t.run.metrics) if r["step"] > warmup] for name, t in trainers.items()}
-    return means, rows
+    return means, each, rows
 
 
 def quartiles(values: list[float]) -> str:
@@ -93,7 +102,7 @@ def compare(
         warmup = max(warmup, FULL_STEPS + WINDOW + 5)
     variants = {"off": [*model, "flow.enabled=false"], "on": [*model, *on]}
     with tempfile.TemporaryDirectory() as tmp:
-        means, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
+        means, each, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
     ratios = [a / b for a, b in zip(means["on"], means["off"], strict=True)]
     extra = [a - b for a, b in zip(means["on"], means["off"], strict=True)]
     stopwatch = statistics.fmean(r.get("flow_ms", 0.0) for r in rows["on"])
@@ -104,6 +113,10 @@ def compare(
     print(f"  on (interval {interval}) / off ratio: {quartiles(ratios)}; {blocks} block pairs of {block} steps")
     print(f"  ratio of the means over all timed steps: {total_ratio:.4f}")
     print(f"  extra ms per step {summarize(extra)}; microscope stopwatch {stopwatch:.3g} ms per step")
+    if each["on"] and len(each["off"]) >= 20:  # a second view: quantiles of single steps, less moved by bursts
+        on_q, off_q = (statistics.quantiles(each[name], n=10) for name in ("on", "off"))
+        views = [f"p{10 * (i + 1)} {on_q[i] / off_q[i]:.4f} (+{on_q[i] - off_q[i]:.2f} ms)" for i in (0, 4)]
+        print(f"  single steps, on / off at the same quantile: {'; '.join(views)}")
     if interval == "auto":
         print(f"  interval auto chose: {sorted({r.get('flow_interval') for r in rows['on']})}")
 
