@@ -8,7 +8,7 @@ step. flowstats.cpp takes a whole list of tensors per call and gets every statis
 How it is called: as a CPython extension module (flowbind.cpp wraps flowstats.cpp) wherever Python's headers
 are installed, else through ctypes with the same calling convention (`_CtypesKernels`). The extension exists
 for speed between torch's ops, where the caches are cold: there a ctypes call with its numpy pointer arrays
-cost ~50-70 us, the extension's ~5-10 us (flowbind.cpp says how that was measured), and the microscope makes
+cost ~45-70 us, the extension's ~5-10 us (flowbind.cpp says how that was measured), and the microscope makes
 a dozen such calls per monitored step.
 
 The source is plain C++ with no torch headers: the system compiler builds it in a few seconds, with
