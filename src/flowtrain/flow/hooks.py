@@ -279,7 +279,7 @@ class DepthProbe(_Probe):
         self.qk_host: list[np.ndarray | None] = [None] * len(self.blocks)  # (entropy, max logit), CPU kernels
         self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
         self._qk_taken = [False] * len(self.blocks)  # a block's q, k already taken this step (any of the above)
-        self._held = {"refs": False, "samples": False, "inputs": False}  # what attention() has to look at
+        self._to_read = {"refs": False, "samples": False, "inputs": False}  # what attention() has to look at
         self._pending_acts: list[tuple[int, torch.Tensor]] = []
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ class DepthProbe(_Probe):
                 held += k.untyped_storage().nbytes()
             if held <= HOLD_BYTES:  # keep references; all blocks are read by one kernel call after the backward
                 self.qk_refs[block] = (q, k, is_causal)
-                self._held["refs"] = True
+                self._to_read["refs"] = True
             else:  # too much memory to hold on to until then: measure now, while q and k are in cache
                 rows = self._host_rows(q.shape[-2])
                 cfg = self.cfg
@@ -401,7 +401,7 @@ class DepthProbe(_Probe):
         else:  # causal (query i sees keys up to i, aligned to the last key) or full
             allowed = self._template_mask(q.shape[-2], k.shape[-2], is_causal, q.device)
         self.qk_samples[block] = (q[:nb, :heads].index_select(-2, rows), k[:nb, :heads], allowed)
-        self._held["samples"] = True
+        self._to_read["samples"] = True
 
     def _make_attn_input_hook(self, block: int):
         def on_attn_input(module, args, kwargs) -> None:
@@ -411,7 +411,7 @@ class DepthProbe(_Probe):
                     return
                 n = self.cfg.attn_batch
                 self.attn_inputs[block] = x.detach()[:n].clone()
-                self._held["inputs"] = True
+                self._to_read["inputs"] = True
                 doc_ids = kwargs.get("doc_ids", args[1] if len(args) > 1 else None)
                 self.attn_doc_ids[block] = doc_ids[:n] if isinstance(doc_ids, torch.Tensor) else None
 
@@ -437,21 +437,21 @@ class DepthProbe(_Probe):
     def attention(self) -> list:
         """Attention stats of the sampled rows (call before the weights change): per block None, a float64
         numpy pair (CPU kernels) or a device tensor pair."""
-        out, held = self.qk_host, self._held
+        out, to_read = self.qk_host, self._to_read
         self.qk_host = [None] * len(self.blocks)
-        if held["refs"]:
+        if to_read["refs"]:
             self._kernel_refs_attention(out)
-        captured = [i for i, s in enumerate(self.qk_samples) if s is not None] if held["samples"] else ()
+        captured = [i for i, s in enumerate(self.qk_samples) if s is not None] if to_read["samples"] else ()
         if captured:
             with torch.no_grad():
                 stats = kernel_attention_stats([self.qk_samples[i] for i in captured])
             for row, i in enumerate(captured):
                 out[i] = stats[row]
             self.qk_samples = [None] * len(self.blocks)
-        held["refs"] = held["samples"] = False
-        if not held["inputs"]:
+        to_read["refs"] = to_read["samples"] = False
+        if not to_read["inputs"]:
             return out
-        held["inputs"] = False
+        to_read["inputs"] = False
         devices = [x.device for x in self.attn_inputs if x is not None and x.device.type == "cuda"]
         with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
             for i, (module, x) in enumerate(zip(self.attn_modules, self.attn_inputs, strict=True)):
