@@ -116,6 +116,11 @@ def test_single_tensor_and_logits_calls():
     sq, mx = kernels.one(x)
     close(sq, float((x.double() ** 2).sum()))
     assert mx == float(x.abs().max())
+    y = torch.randn(3, 1000)
+    y[1, 7] = float("nan")
+    both = kernels.two(x, y)  # one call, the same numbers as one() of each (NaN where the tensor has one)
+    assert both[:2] == (sq, mx) and all(math.isnan(v) for v in both[2:])
+    assert kernels.two(y[0], x) == (*kernels.one(y[0]), sq, mx)
     z = torch.randn(5, 7, 65) * 4
     z[0, 0, 3] = 30.0  # a dominant logit
     mx, lse, rows = kernels.logits(z)

@@ -154,6 +154,55 @@ def test_mlp_stack_user_given_blocks():
     assert all(math.isfinite(v) for v in rec.layer_stats[:, 7])  # Adam second moment for every layer
 
 
+class ScaledInPlace(torch.nn.Module):
+    """A stack whose forward scales each block's output in place before the next block takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 8)
+        layers = [torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)) for _ in range(3)]
+        self.blocks = torch.nn.ModuleList(layers)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x, keep=None):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+            if keep is not None:
+                h.retain_grad()
+                keep.append(h.detach().clone())
+            h.mul_(0.5)  # changes the block's output after its forward hook saw it
+        return self.out(h)
+
+
+def test_activations_changed_in_place_after_the_block():
+    """Activations are read after the block returned them (CPU kernels: when their gradient arrives; devices:
+    at the end of the micro-batch); where the model changed them in place in between, that step's activation
+    statistics are NaN (not a wrong number) and later steps read them in the forward hook, as the block
+    returned them. Residual gradients are right throughout."""
+    torch.manual_seed(0)
+    model = ScaledInPlace()
+    monitor = FlowMonitor(model, None, FlowConfig(), blocks=model.blocks, head=model.out)
+    x = torch.randn(5, 6)
+    for step in range(2):
+        returned: list[torch.Tensor] = []
+        model(x).square().sum().backward()
+        monitor.after_backward()
+        monitor.after_step()
+        rec = monitor.collect(step)
+        model.zero_grad()
+        ref = copy.deepcopy(model)
+        ref(x, keep=returned).square().sum().backward()
+        rms, mx = rec.depth("act_rms")[1:], rec.depth("act_max_abs")[1:]
+        if step == 0:
+            assert all(math.isnan(v) for v in [*rms, *mx])
+        else:
+            for got_rms, got_max, h in zip(rms, mx, returned, strict=True):
+                close(got_rms, math.sqrt(float((h.double() ** 2).mean())))
+                close(got_max, float(h.abs().max()))
+        assert all(math.isfinite(v) and v > 0 for v in rec.depth("resid_grad_norm"))
+
+
 def test_lstm_language_model_tuple_outputs():
     torch.manual_seed(0)
     model = LSTMLM()

@@ -12,10 +12,13 @@ the number one big batch of the same rows would give (tested with grad_accum=2).
 
 Hooks are attached only while armed (monitored steps); under no_grad (evaluation) they return at once.
 
-Cost: on the CPU (float32) each hook reduces its tensor at once, while it is still in cache, with one call into
-flowtrain.kernels, and the sums are kept as Python floats; the attention kernel's q and k are only referenced
-in the forward and read by one kernel call after the backward. Elsewhere (GPUs, bf16, masks) the sums stay
-device tensors (no host sync) and activations are reduced in one batch per micro-batch.
+Cost: on the CPU (float32) a block's output h is only referenced in the forward; its gradient hook reads the
+gradient and h in one call into flowtrain.kernels (h is in cache there: the backward of the layer that took h
+has just read it), and the sums are kept as Python floats. The attention kernel's q and k are referenced in the
+forward and read by one kernel call after the backward. Elsewhere (GPUs, bf16, masks) the sums stay device
+tensors (no host sync) and activations are reduced in one batch per micro-batch. Either way an activation is
+read after the block returned it; one that the model changed in place in between gives NaN for that step and is
+read in the forward hook from then on.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "att
 # CPU kernels: a block's q and k are kept referenced until after the backward (then all blocks are read in one
 # call, cheaper than one call per block in the forward) only while that holds on to at most this much memory
 HOLD_BYTES = 16 << 20
+# bytes per element of q that holding q and k keeps alive at most, in float32: their storage is the fused qkv
+# projection (3 x q) or two tensors of their own (2 x q, less with grouped keys); the hook's quick bound
+_QKV_BYTES = 12
 
 
 def _add(prev, value):
@@ -52,6 +58,8 @@ def _max(prev, value):
 
 
 _on_kernels = kernels.takes_one
+_cpu_f32 = kernels.cpu_f32
+_Tensor, _F32 = torch.Tensor, torch.float32
 
 
 def _eager(hook):
@@ -245,19 +253,28 @@ class DepthProbe(_Probe):
         self.cfg = cfg
         self.clock = clock if clock is not None else _NoClock()
         self.n = len(self.blocks) + 1  # boundaries h_0..h_L
+        self._changed_in_place = [False] * self.n  # a boundary whose h the model changes after the block (_read_held)
         # attention: read q, k at the kernel when the model has one (no recompute), else recompute a sample
         self.kernels = [find_kernel(b) if cfg.attention else None for b in self.blocks]
         self.attn_modules = [
             find_attention(b) if cfg.attention and kern is None else None
             for b, kern in zip(self.blocks, self.kernels, strict=True)
         ]
-        self._grad_hooks = [self._make_grad_hook(i) for i in range(self.n)]  # made once, registered per step
         self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._host_rows_cache: dict[int, np.ndarray] = {}
         self._mask_cache: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
         self.armed = False
         self._handles: list = []
+        self.resid_sumsq: list = []
+        self.act_sumsq: list = []
+        self.act_max: list = []
+        self.act_count: list[int] = []
+        # CPU kernels: h per boundary and its version, held until h's gradient hook reads both (see _observe)
+        self._held: list[torch.Tensor | None] = []
+        self._versions: list[int] = []
         self._reset()
+        self._grad_hooks = [self._make_grad_hook(i) for i in range(self.n)]  # made once, registered per step
+        self._on_input = self._make_output_hook(0)  # h_0 is the first block's input
         self._plan = [(self.blocks[0], "forward_pre", self._on_block_input)]
         self._plan += [(block, "forward", self._make_output_hook(i + 1)) for i, block in enumerate(self.blocks)]
         for i, kernel in enumerate(self.kernels):
@@ -268,35 +285,75 @@ class DepthProbe(_Probe):
                 self._plan.append((attn, "forward_pre_kwargs", self._make_attn_input_hook(i)))
 
     def _reset(self) -> None:
-        # per boundary: None (not seen), a float (CPU kernels) or a device tensor
-        self.resid_sumsq: list = [None] * self.n
-        self.act_sumsq: list = [None] * self.n
-        self.act_max: list = [None] * self.n
-        self.act_count = [0] * self.n
+        # per boundary: None (not seen), a float (CPU kernels) or a device tensor. Emptied in place: the hooks
+        # keep these lists in their closures
+        none = [None] * self.n
+        self.resid_sumsq[:] = self.act_sumsq[:] = self.act_max[:] = self._held[:] = none
+        self.act_count[:] = self._versions[:] = [0] * self.n
+        self._holding = 0  # entries of _held that are not None
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
         self.qk_host: list[np.ndarray | None] = [None] * len(self.blocks)  # (entropy, max logit), CPU kernels
         self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
         self._qk_taken = [False] * len(self.blocks)  # a block's q, k already taken this step (any of the above)
-        self._to_read = {"refs": False, "samples": False, "inputs": False}  # what attention() has to look at
-        self._pending_acts: list[tuple[int, torch.Tensor]] = []
+        self.qk_args: list[tuple | None] = [None] * len(self.blocks)  # the kernel's arguments, CPU (not looked at yet)
+        self._to_read = {"args": False, "refs": False, "samples": False, "inputs": False}  # what attention() reads
+        self._pending_acts: list[tuple[int, torch.Tensor, int]] = []  # (boundary, h, h's version)
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
     def _observe(self, index: int, h: torch.Tensor | None) -> None:
         if h is None or not torch.is_grad_enabled():
             return
-        if self.cfg.activations:
-            if _on_kernels(h):  # reduce now, while h is in cache
-                sq, mx = kernels.one(h)
-                self._add_activation(index, sq, mx, h.numel())
+        cfg = self.cfg
+        residual = cfg.residual and h.requires_grad
+        if cfg.activations:
+            on_kernels = _on_kernels(h)
+            if self._changed_in_place[index] or (on_kernels and not residual):
+                self._reduce_now(index, h, on_kernels)  # while h is in cache, as the block returned it
+            elif on_kernels:
+                # CPU kernels: h is read in its gradient's hook, with the gradient in the same call. The backward
+                # of the layer that consumed h has just read it there (a norm keeps its input), so it is in
+                # cache; autograd keeps h alive until then anyway
+                if self._held[index] is not None:  # one not read yet (h's gradient did not come): read it now
+                    self._read_held(index)
+                self._held[index], self._versions[index] = h, h._version
+                self._holding += 1
             else:
                 # device: all boundaries of a micro-batch in one batch (the tensors are alive for the backward
                 # pass anyway): a handful of fused ops instead of ~7 small ones per boundary
-                self._pending_acts.append((index, h.detach()))
-        if self.cfg.residual and h.requires_grad:
+                self._pending_acts.append((index, h.detach(), h._version))
+        if residual:
             _hook_gradient(h, self._grad_hooks[index])
+
+    def _reduce_now(self, index: int, h: torch.Tensor, on_kernels: bool) -> None:
+        if on_kernels:
+            sq, mx = kernels.one(h)
+        else:
+            with torch.no_grad():
+                sums, maxima = tensorstats.sumsq_and_max_abs([h.detach()])
+            sq, mx = sums[0], maxima[0]
+        self._add_activation(index, sq, mx, h.numel())
+
+    def _read_held(self, index: int, grad: torch.Tensor | None = None):
+        """Reduce the activation held at `index` (and `grad` in the same kernel call); returns grad's sum of
+        squares. An activation changed in place since the block returned it (its version moved) no longer holds
+        what the block produced: its statistics become NaN for this step, and from then on that boundary is read
+        in the forward hook, as the block returns it."""
+        h, version = self._held[index], self._versions[index]
+        self._held[index] = None
+        self._holding -= 1
+        if grad is None:
+            asq, amx = kernels.one(h)
+            gsq = None
+        else:
+            gsq, _, asq, amx = kernels.two(grad, h)
+        if h._version != version:
+            asq = amx = math.nan
+            self._changed_in_place[index] = True
+        self._add_activation(index, asq, amx, h.numel())
+        return gsq
 
     def _add_activation(self, index: int, sq, mx, count: int) -> None:
         self.act_sumsq[index] = _add(self.act_sumsq[index], sq)
@@ -304,38 +361,112 @@ class DepthProbe(_Probe):
         self.act_count[index] += count
 
     def _flush_activations(self) -> None:
-        """Reduce the pending (device) activations into the per-boundary accumulators."""
+        """Reduce the activations not reduced yet (held CPU ones whose gradient never came, pending device
+        ones) into the per-boundary accumulators."""
+        if self._holding:
+            for index, h in enumerate(self._held):
+                if h is not None:
+                    self._read_held(index)
         if not self._pending_acts:
             return
         pending, self._pending_acts = self._pending_acts, []
-        sums, maxima = tensorstats.sumsq_and_max_abs([h for _, h in pending])
-        for (index, h), sq, mx in zip(pending, sums.unbind(0), maxima.unbind(0), strict=True):
+        sums, maxima = tensorstats.sumsq_and_max_abs([h for _, h, _ in pending])
+        for (index, h, version), sq, mx in zip(pending, sums.unbind(0), maxima.unbind(0), strict=True):
+            if h._version != version:  # changed in place after the block: as in _read_held
+                sq = mx = math.nan
+                self._changed_in_place[index] = True
             self._add_activation(index, sq, mx, h.numel())
 
+    # The hooks below run at every block boundary of every monitored step, between torch's ops, where the caches
+    # are cold and every Python call or attribute costs microseconds (measured in the training loop on a 2-core
+    # CPU: ~30 us for a forward hook that went through three helpers). So the common case -- CPU kernels, a
+    # plain contiguous float32 tensor, residual gradients and activations both on -- runs inline in one
+    # closure; everything else takes the general path (_observe, _on_gradient).
+
     def _make_grad_hook(self, index: int):
+        resid, act_sumsq, act_max, act_count = self.resid_sumsq, self.act_sumsq, self.act_max, self.act_count
+        held, versions, clock, perf_counter = self._held, self._versions, self.clock, time.perf_counter
+
         def on_grad(grad: torch.Tensor) -> None:
-            started = time.perf_counter()
-            sq = kernels.one(grad)[0] if _on_kernels(grad) else tensorstats.sum_of_squares(grad)
-            self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
-            if index == 0:  # the last boundary the backward pass reaches: this micro-batch is done
-                self._flush_activations()
-            self.clock.spent += time.perf_counter() - started
+            started = perf_counter()
+            h = held[index]
+            if h is not None and type(grad) is _Tensor and grad.dtype is _F32 and grad.is_cpu and grad.is_contiguous():
+                held[index] = None
+                self._holding -= 1
+                count = h.numel()  # the kernels are loaded: h was held for them
+                gsq, _, asq, amx = kernels._lib.two(grad.data_ptr(), grad.numel(), h.data_ptr(), count)
+                if h._version != versions[index]:  # changed in place since the block returned it (_read_held)
+                    asq = amx = math.nan
+                    self._changed_in_place[index] = True
+                r, a, m = resid[index], act_sumsq[index], act_max[index]
+                resid[index] = gsq if r is None else r + gsq
+                act_sumsq[index] = asq if a is None else a + asq
+                act_max[index] = amx if m is None else _max(m, amx)
+                act_count[index] += count
+            else:
+                self._on_gradient(index, grad)
+            if index == 0 and (self._holding or self._pending_acts):  # the last boundary the backward pass
+                self._flush_activations()  # reaches: this micro-batch is done
+            clock.spent += perf_counter() - started
 
         return on_grad
 
+    def _on_gradient(self, index: int, grad: torch.Tensor) -> None:
+        if not _on_kernels(grad):
+            sq = tensorstats.sum_of_squares(grad)
+            if self._held[index] is not None:
+                self._read_held(index)
+        elif self._held[index] is not None:
+            sq = self._read_held(index, grad)
+        else:
+            sq = kernels.one(grad)[0]
+        self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
+
     def _on_block_input(self, module, args) -> None:
         if self.armed and args:
-            started = time.perf_counter()
-            self._flush_activations()  # a new micro-batch begins: reduce the previous one's activations
-            self._observe(0, _first_tensor(args[0]))
-            self.clock.spent += time.perf_counter() - started
+            if self._holding or self._pending_acts:  # a new micro-batch begins: reduce the previous one's
+                self._flush_activations()
+            self._on_input(module, args, args[0])
 
     def _make_output_hook(self, index: int):
+        grad_hook, held, versions, changed = self._grad_hooks[index], self._held, self._versions, self._changed_in_place
+        clock, perf_counter, grad_enabled = self.clock, time.perf_counter, torch.is_grad_enabled
+        inline = self.cfg.residual and self.cfg.activations
+
         def on_output(module, args, output) -> None:
-            if self.armed:
-                started = time.perf_counter()
-                self._observe(index, _first_tensor(output))
-                self.clock.spent += time.perf_counter() - started
+            if not self.armed:
+                return
+            started = perf_counter()
+            h = output if type(output) is _Tensor else _first_tensor(output)
+            if (
+                inline
+                and type(h) is _Tensor
+                and h.requires_grad
+                and h.dtype is _F32
+                and h.is_cpu
+                and held[index] is None
+                and not changed[index]
+                and h._backward_hooks is None
+                and h.is_contiguous()
+                and kernels._lib is not None  # loaded (the general path loads it on first use)
+                and grad_enabled()
+            ):
+                node = h.grad_fn
+                if node is not None:  # what _observe does for this case: hold h, hook its gradient directly
+                    held[index], versions[index] = h, h._version
+                    self._holding += 1
+                    h._backward_hooks = {_HOOK_KEY: grad_hook}
+                    try:
+                        node._register_hook_dict(h)
+                    except (AttributeError, TypeError, RuntimeError):  # not this torch's private call after all
+                        h._backward_hooks = None
+                        held[index] = None
+                        self._holding -= 1
+                        self._observe(index, h)
+                    clock.spent += perf_counter() - started
+                    return
+            self._observe(index, h)
+            clock.spent += perf_counter() - started
 
         return on_output
 
@@ -373,7 +504,14 @@ class DepthProbe(_Probe):
                 return
             started = time.perf_counter()
             self._qk_taken[block] = True
-            self._capture_qk(block, args)
+            q = args[0]
+            if len(args) > 3 and args[3] is None and _cpu_f32(q) and q.numel() * _QKV_BYTES <= HOLD_BYTES:
+                # CPU without a mask: keep the arguments as they are; attention() looks at them after the
+                # backward pass (the checks and the reading cost the same there, away from torch's ops)
+                self.qk_args[block] = args
+                self._to_read["args"] = True
+            else:
+                self._capture_qk(block, args)
             self.clock.spent += time.perf_counter() - started
 
         return on_kernel_input
@@ -437,7 +575,14 @@ class DepthProbe(_Probe):
     def attention(self) -> list:
         """Attention stats of the sampled rows (call before the weights change): per block None, a float64
         numpy pair (CPU kernels) or a device tensor pair."""
-        out, to_read = self.qk_host, self._to_read
+        to_read = self._to_read
+        if to_read["args"]:  # captured as they were in the forward: now the checks, into refs or samples
+            for i, args in enumerate(self.qk_args):
+                if args is not None:
+                    self._capture_qk(i, args)
+            self.qk_args = [None] * len(self.blocks)
+            to_read["args"] = False
+        out = self.qk_host
         self.qk_host = [None] * len(self.blocks)
         if to_read["refs"]:
             self._kernel_refs_attention(out)

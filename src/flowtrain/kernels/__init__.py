@@ -49,7 +49,7 @@ FUNCTIONS = ("sumsq_maxabs", "nonfinite", "sums", "weights", "update", "attentio
 _VOID_P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
-_lib: Any = None  # the extension module or a _CtypesKernels: FUNCTIONS plus one() and logits()
+_lib: Any = None  # the extension module or a _CtypesKernels: FUNCTIONS plus one(), two() and logits()
 _tried = False
 build_error: str | None = None  # why the library is not there (env.json's cpu_kernels, tests)
 binding: str | None = None  # "extension" or "ctypes" once built
@@ -121,13 +121,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ft_weights.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P]
     lib.ft_update.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P, _VOID_P, ctypes.c_int]
     lib.ft_sumsq_maxabs1.argtypes = [_VOID_P, _I64, _VOID_P]
+    lib.ft_sumsq_maxabs2.argtypes = [_VOID_P, _I64, _VOID_P, _I64, _VOID_P]
     lib.ft_logits.argtypes = [_VOID_P, _I64, _I64, _VOID_P]
     lib.ft_attention.argtypes = [_I64, _VOID_P, _VOID_P, _VOID_P, _VOID_P, *[_I64] * 5, _VOID_P, _I64, ctypes.c_int]
     lib.ft_attention.argtypes += [ctypes.c_double, _VOID_P]
     lib.ft_adam_step.argtypes = [_I64, *[_VOID_P] * 8, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     lib.ft_adam_step.argtypes += [ctypes.c_int, _I64, _VOID_P]
     lib.ft_flow_tables.argtypes = [_I64, *[_VOID_P] * 7, _I64, *[_VOID_P] * 4]
-    for name in (*FUNCTIONS, "sumsq_maxabs1", "logits"):
+    for name in (*FUNCTIONS, "sumsq_maxabs1", "sumsq_maxabs2", "logits"):
         getattr(lib, "ft_" + name).restype = None
     return lib
 
@@ -138,8 +139,8 @@ class _CtypesKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = _declare(lib)
-        self._two = np.empty(2, np.float64)  # one() and logits() write here (the hooks run on one thread)
-        self._two_addr = self._two.ctypes.data
+        self._out = np.empty(4, np.float64)  # one(), two() and logits() write here (the hooks run on one thread)
+        self._out_addr = self._out.ctypes.data
         for name in FUNCTIONS:
             setattr(self, name, self._caller(getattr(self._lib, "ft_" + name)))
 
@@ -158,13 +159,18 @@ class _CtypesKernels:
         return call
 
     def one(self, pointer: int, count: int) -> tuple[float, float]:
-        self._lib.ft_sumsq_maxabs1(pointer, count, self._two_addr)
-        sq, mx = self._two.tolist()
+        self._lib.ft_sumsq_maxabs1(pointer, count, self._out_addr)
+        sq, mx = self._out[:2].tolist()
         return sq, (mx if sq == sq else sq)
 
+    def two(self, pointer_a: int, count_a: int, pointer_b: int, count_b: int) -> tuple[float, float, float, float]:
+        self._lib.ft_sumsq_maxabs2(pointer_a, count_a, pointer_b, count_b, self._out_addr)
+        sq_a, mx_a, sq_b, mx_b = self._out.tolist()
+        return sq_a, (mx_a if sq_a == sq_a else sq_a), sq_b, (mx_b if sq_b == sq_b else sq_b)
+
     def logits(self, pointer: int, rows: int, vocab: int) -> tuple[float, float]:
-        self._lib.ft_logits(pointer, rows, vocab, self._two_addr)
-        mx, lse = self._two.tolist()
+        self._lib.ft_logits(pointer, rows, vocab, self._out_addr)
+        mx, lse = self._out[:2].tolist()
         return mx, lse
 
 
@@ -247,7 +253,7 @@ def reset() -> None:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _cpu_f32(t: torch.Tensor) -> bool:
+def cpu_f32(t: torch.Tensor) -> bool:
     """A plain (not DTensor or other subclass) CPU float32 tensor; cheapest checks first (hooks ask this)."""
     return t.dtype is torch.float32 and t.is_cpu and type(t) in _PLAIN
 
@@ -258,12 +264,12 @@ def _built() -> bool:
 
 def takes(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether these tensors can take the kernels: plain CPU float32 contiguous tensors, and the kernels built."""
-    return _built() and all(_cpu_f32(t) and t.is_contiguous() for t in tensors)
+    return _built() and all(cpu_f32(t) and t.is_contiguous() for t in tensors)
 
 
 def takes_one(t: torch.Tensor) -> bool:
     """takes([t]) for one tensor, without the list (the hooks ask it for every boundary of a monitored step)."""
-    return _cpu_f32(t) and t.is_contiguous() and _built()
+    return cpu_f32(t) and t.is_contiguous() and _built()
 
 
 def _ptrs(tensors: Sequence[torch.Tensor | None]) -> list[int]:
@@ -327,6 +333,11 @@ def one(t: torch.Tensor) -> tuple[float, float]:
     return _lib.one(t.data_ptr(), t.numel())
 
 
+def two(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float]:
+    """one(a) + one(b) in one call (the same numbers): a gradient and its activation, read in the gradient's hook."""
+    return _lib.two(a.data_ptr(), a.numel(), b.data_ptr(), b.numel())
+
+
 def logits(z: torch.Tensor) -> tuple[float, float, int]:
     """(max |z|, sum over rows of logsumexp, rows) of contiguous float32 logits [..., vocab]."""
     v = z.shape[-1]
@@ -344,8 +355,8 @@ def attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
         and q.shape[3] == k.shape[3]
         and q.stride(3) == 1
         and k.stride(3) == 1
-        and _cpu_f32(q)
-        and _cpu_f32(k)
+        and cpu_f32(q)
+        and cpu_f32(k)
         and _built()
     )
 

@@ -10,7 +10,7 @@
 // passed positionally; integers as int, floating point as float, and every pointer as
 //   None (NULL) | an int (an address) | a list/tuple of ints (an array of addresses, 0 for NULL, built here)
 //   | a contiguous object with the buffer protocol (a numpy array: its data).
-// one() and logits() return their two numbers as a tuple instead of writing them to memory.
+// one(), two() and logits() return their numbers as a tuple instead of writing them to memory.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -113,6 +113,16 @@ PyObject *py_one(FT_ARGS) {  // (sum of squares, max |x|) of one tensor; max is 
   return Py_BuildValue("(dd)", out[0], out[0] == out[0] ? out[1] : out[0]);
 }
 
+PyObject *py_two(FT_ARGS) {  // one() of two tensors in one call: (sum a^2, max |a|, sum b^2, max |b|)
+  Held h;
+  void *pa, *pb;
+  int64_t na, nb;
+  if (!parse(a, n, "pipi", h, &pa, &na, &pb, &nb)) return nullptr;
+  double out[4];
+  ft_sumsq_maxabs2((const float *)pa, na, (const float *)pb, nb, out);
+  return Py_BuildValue("(dddd)", out[0], out[0] == out[0] ? out[1] : out[0], out[2], out[2] == out[2] ? out[3] : out[2]);
+}
+
 PyObject *py_nonfinite(FT_ARGS) {
   Held h;
   int64_t count;
@@ -206,7 +216,7 @@ PyObject *py_flow_tables(FT_ARGS) {
 #define FT_METHOD(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, nullptr}
 
 PyMethodDef methods[] = {
-    FT_METHOD(sumsq_maxabs), FT_METHOD(one),       FT_METHOD(nonfinite), FT_METHOD(sums),
+    FT_METHOD(sumsq_maxabs), FT_METHOD(one),       FT_METHOD(two),       FT_METHOD(nonfinite), FT_METHOD(sums),
     FT_METHOD(weights),      FT_METHOD(update),    FT_METHOD(logits),    FT_METHOD(attention),
     FT_METHOD(adam_step),    FT_METHOD(flow_tables), {nullptr, nullptr, 0, nullptr},
 };

@@ -392,6 +392,17 @@ void ft_sumsq_maxabs1(const float *p, int64_t n, double *out) {
   out[1] = m;
 }
 
+// Two tensors in one call (a gradient and the activation it belongs to, read in the gradient's hook):
+// out = [sum a^2, max |a|, sum b^2, max |b|], each as ft_sumsq_maxabs1 gives it for that tensor alone.
+void ft_sumsq_maxabs2(const float *a, int64_t na, const float *b, int64_t nb, double *out) {
+  const float *ptrs[2] = {a, b};
+  int64_t numel[2] = {na, nb};
+  double sq[2];
+  float m[2];
+  ft_sumsq_maxabs(2, ptrs, numel, sq, m);
+  out[0] = sq[0], out[1] = m[0], out[2] = sq[1], out[3] = m[1];
+}
+
 // Per tensor i: out[i] = number of NaN/Inf elements.
 void ft_nonfinite(int64_t n, const float *const *ptrs, const int64_t *numel, int64_t *out) {
   for (int64_t i = 0; i < n; i++) {
