@@ -111,6 +111,29 @@ def test_weights_pass_copies_and_update_pass_measures_the_difference():
     assert out[:, 2].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_gradients_found_checked_and_reduced_in_one_call():
+    params = [torch.nn.Parameter(t) for t in tensors_of([5, CHUNK + 3, 64])]
+    assert kernels.grad_sumsq_maxabs(params) is None  # no gradients yet
+    for p in params:
+        p.grad = torch.randn_like(p) * 2
+    params[1].grad[7] = float("nan")
+    sq, mx, sq32, finite = kernels.grad_sumsq_maxabs(params)
+    assert sq32.dtype == torch.float32
+    expect_sq, expect_mx = kernels.sumsq_maxabs([p.grad for p in params])
+    assert not finite and math.isnan(sq[1]) and math.isnan(expect_sq[1]) and math.isnan(mx[1])
+    assert sq.tolist()[::2] == expect_sq.tolist()[::2] and mx.tolist()[::2] == expect_mx.tolist()[::2]
+    assert sq32.tolist()[::2] == torch.from_numpy(expect_sq).float().tolist()[::2]
+    params[1].grad[7] = 1.0
+    assert kernels.grad_sumsq_maxabs(params)[3]  # all finite
+    double = torch.nn.Parameter(torch.randn(64, dtype=torch.float64))
+    double.grad = torch.randn_like(double)
+    assert kernels.grad_sumsq_maxabs([*params[:2], double]) is None  # not float32
+    for odd in (torch.randn(128)[::2], None):  # not contiguous, missing
+        kept, params[2].grad = params[2].grad, odd
+        assert kernels.grad_sumsq_maxabs(params) is None
+        params[2].grad = kept
+
+
 def test_single_tensor_and_logits_calls():
     x = torch.randn(12, 64, 128)
     sq, mx = kernels.one(x)
@@ -161,6 +184,33 @@ def test_attention_sample_matches_the_torch_recomputation(t, s, d, causal):
         close(got[0], ref[0].tolist(), rel=1e-5)
         close(got[1], ref[0].tolist(), rel=1e-5)
     assert kernels.attention_takes(q, k) and not kernels.attention_takes(q.double(), k.double())
+
+
+def test_attention_of_kernel_calls_checks_and_reads_them_in_one_call():
+    """attention_of: the argument tuples an attention kernel got (one per block), the same numbers as
+    attention(); anything it cannot take whole (a mask, mixed shapes or causality, a double) gives None."""
+    g = torch.Generator().manual_seed(3)
+    qkv = [torch.randn(2, 4, 10, 3 * 8, generator=g) for _ in range(3)]
+    calls = [(x[..., :8], x[..., 8:16], x[..., 16:], None, 0.0, True) for x in qkv]  # strided views
+    rows = torch.linspace(0, 9, 5).round().long().numpy()
+    got = kernels.attention_of(calls, 1, 3, rows)
+    expect = kernels.attention([c[0] for c in calls], [c[1] for c in calls], 1, 3, rows, True)
+    assert got.tolist() == expect.tolist()
+    assert (
+        kernels.attention_of(calls[:2], 5, 9, rows).tolist()
+        == kernels.attention([c[0] for c in calls[:2]], [c[1] for c in calls[:2]], 5, 9, rows, True).tolist()
+    )  # more sequences and heads asked than there are: all of them
+    q, k, v = calls[0][:3]
+    refused = [
+        [*calls[:2], (q, k, v, torch.ones(10, 10, dtype=torch.bool), 0.0, False)],  # a mask
+        [*calls[:2], (q, k, v, None, 0.0, False)],  # causal and not
+        [*calls[:2], (q[:, :, :5], k[:, :, :5], v, None, 0.0, True)],  # another shape
+        [(q.double(), k.double(), v, None, 0.0, True)],
+        [(q[..., 0], k[..., 0], v, None, 0.0, True)],  # 3 dimensions
+        [(q.transpose(-1, -2), k.transpose(-1, -2), v, None, 0.0, True)],  # strided last dimension
+    ]
+    for calls_ in refused:
+        assert kernels.attention_of(calls_, 1, 3, rows) is None
 
 
 def test_only_plain_cpu_float32_contiguous_tensors_take_the_kernels():

@@ -294,7 +294,7 @@ class DepthProbe(_Probe):
         self.attn_inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.attn_doc_ids: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.qk_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
-        self.qk_host: list[np.ndarray | None] = [None] * len(self.blocks)  # (entropy, max logit), CPU kernels
+        self.qk_host: list[list[float] | None] = [None] * len(self.blocks)  # [entropy, max logit], CPU kernels
         self.qk_refs: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(self.blocks)
         self._qk_taken = [False] * len(self.blocks)  # a block's q, k already taken this step (any of the above)
         self.qk_args: list[tuple | None] = [None] * len(self.blocks)  # the kernel's arguments, CPU (not looked at yet)
@@ -530,7 +530,8 @@ class DepthProbe(_Probe):
             else:  # too much memory to hold on to until then: measure now, while q and k are in cache
                 rows = self._host_rows(q.shape[-2])
                 cfg = self.cfg
-                self.qk_host[block] = kernels.attention([q], [k], cfg.attn_batch, cfg.attn_heads, rows, is_causal)[0]
+                stats = kernels.attention([q], [k], cfg.attn_batch, cfg.attn_heads, rows, is_causal)
+                self.qk_host[block] = stats.tolist()[0]
             return
         nb, heads = self.cfg.attn_batch, self.cfg.attn_heads
         rows = self._sample_rows(q.shape[-2], q.device)
@@ -568,20 +569,34 @@ class DepthProbe(_Probe):
             qs = [self.qk_refs[i][0] for i in index]
             ks = [self.qk_refs[i][1] for i in index]
             stats = kernels.attention(qs, ks, self.cfg.attn_batch, self.cfg.attn_heads, rows, causal)
-            for row, i in enumerate(index):
-                out[i] = stats[row]
+            for i, pair in zip(index, stats.tolist(), strict=True):
+                out[i] = pair
         self.qk_refs = [None] * len(self.blocks)
 
+    def _read_args(self) -> None:
+        """The attention of the kernel calls kept as they were in the forward: all blocks checked and read by one
+        kernel call when they qualify, else each one looked at as the hook would have (refs, samples, at once)."""
+        index = [i for i, args in enumerate(self.qk_args) if args is not None]
+        calls = [self.qk_args[i] for i in index]
+        self.qk_args = [None] * len(self.blocks)
+        self._to_read["args"] = False
+        stats = None
+        if kernels.library() is not None:
+            rows = self._host_rows(calls[0][0].shape[-2])
+            stats = kernels.attention_of(calls, self.cfg.attn_batch, self.cfg.attn_heads, rows)
+        if stats is not None:
+            for i, pair in zip(index, stats.tolist(), strict=True):  # floats: numpy rows cost more downstream
+                self.qk_host[i] = pair
+            return
+        for i, args in zip(index, calls, strict=True):
+            self._capture_qk(i, args)
+
     def attention(self) -> list:
-        """Attention stats of the sampled rows (call before the weights change): per block None, a float64
-        numpy pair (CPU kernels) or a device tensor pair."""
+        """Attention stats of the sampled rows (call before the weights change): per block None, a list of two
+        floats (CPU kernels) or a device tensor pair."""
         to_read = self._to_read
-        if to_read["args"]:  # captured as they were in the forward: now the checks, into refs or samples
-            for i, args in enumerate(self.qk_args):
-                if args is not None:
-                    self._capture_qk(i, args)
-            self.qk_args = [None] * len(self.blocks)
-            to_read["args"] = False
+        if to_read["args"]:  # captured as they were in the forward
+            self._read_args()
         out = self.qk_host
         self.qk_host = [None] * len(self.blocks)
         if to_read["refs"]:
@@ -626,12 +641,12 @@ class DepthProbe(_Probe):
         host = isinstance(backward_scale, (int, float)) and all(
             v is None or isinstance(v, float) for column in sums for v in column
         )
-        if host and all(a is None or isinstance(a, np.ndarray) for a in attention):  # the CPU kernels measured all
+        if host and all(a is None or type(a) is list for a in attention):  # the CPU kernels measured all
             return _depth_matrix(*sums, counts, attention, backward_scale)
         n, b = self.n, len(self.blocks)
         values = [*self.resid_sumsq, *self.act_sumsq, *self.act_max]
         for a in attention:
-            values += [None, None] if a is None else ([float(x) for x in a] if isinstance(a, np.ndarray) else [*a])
+            values += [None, None] if a is None else [*a]
         values.append(backward_scale)
         stacked, fill = gather(values, device)
 

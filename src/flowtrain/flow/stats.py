@@ -67,6 +67,8 @@ class ParamStats:
         self._np_numels = np.array([p.numel() for p in self.params], dtype=np.int64)
         self._np_numels_at_least_1 = np.maximum(self._np_numels, 1)
         self._fresh: tuple[list[int], np.ndarray] | None = None
+        self._no_nonfinite = np.zeros(len(self.params))  # grad_nonfinite of a finite step (read only)
+        self._no_nonfinite.flags.writeable = False
 
     @property
     def np_numels(self) -> np.ndarray:
@@ -111,6 +113,13 @@ class ParamStats:
         """grad_sumsq, grad_max_abs, grad_nonfinite per tensor (NaN where a parameter has no grad); with
         "complete" (every parameter has a gradient) also "clip_sumsq": the float32 tensor of sums of squares
         that tensorstats.sums_of_squares would give the clipper, bit for bit."""
+        if self.fast:  # the usual case on the CPU: every gradient there and plain, found in the kernel's call
+            found = kernels.grad_sumsq_maxabs(self.params)
+            if found is not None:
+                sq, mx, clip, finite = found  # clip: float32, as sums_of_squares gives it
+                bad = self._no_nonfinite if finite else kernels.nonfinite([p.grad for p in self.params]) * 1.0
+                out = {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad}
+                return {**out, "clip_sumsq": clip, "complete": True}
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in present]
         complete = len(present) == len(self.params)

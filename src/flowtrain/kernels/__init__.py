@@ -158,6 +158,29 @@ class _CtypesKernels:
 
         return call
 
+    def grad_sumsq_maxabs(self, params: list, types: tuple, f32: torch.dtype, sq, mx, sq32) -> bool | None:
+        grads = [p.grad for p in params]
+        if not all(type(g) in types and g.dtype is f32 and g.is_cpu and g.is_contiguous() for g in grads):
+            return None
+        m = np.empty(len(grads), np.float32)
+        self.sumsq_maxabs(len(grads), _ptrs(grads), _numels(grads), sq, m)
+        mx[:] = np.where(np.isnan(sq), sq, m)
+        sq32[:] = sq
+        return bool(np.isfinite(sq).all())
+
+    def attention_of(self, calls: list, types: tuple, f32: torch.dtype, nb: int, nh: int, rows, out) -> bool:
+        causal = {bool(c[5]) if len(c) > 5 else True for c in calls}
+        if any(len(c) > 3 and c[3] is not None for c in calls) or len(causal) != 1:
+            return False
+        qs, ks = [c[0] for c in calls], [c[1] for c in calls]
+        if len({(q.shape, k.shape) for q, k in zip(qs, ks, strict=True)}) != 1:
+            return False
+        pairs = list(zip(qs, ks, strict=True))
+        if not all(type(t) in types and t.dtype is f32 and attention_takes(q, k) for q, k in pairs for t in (q, k)):
+            return False
+        out[:] = attention(qs, ks, nb, nh, rows, causal.pop())
+        return True
+
     def one(self, pointer: int, count: int) -> tuple[float, float]:
         self._lib.ft_sumsq_maxabs1(pointer, count, self._out_addr)
         sq, mx = self._out[:2].tolist()
@@ -292,6 +315,18 @@ def sumsq_maxabs(tensors: Sequence[torch.Tensor], numels: np.ndarray | None = No
     return sq, mx
 
 
+def grad_sumsq_maxabs(params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, torch.Tensor, bool] | None:
+    """Every parameter's gradient found, checked and reduced in one call: (sums of squares and max |g| as float64,
+    NaN where the sum is; the sums as a float32 tensor, for the clipper; whether all sums are finite), or None
+    when some parameter has no gradient or one that is not a plain contiguous CPU float32 tensor. In the training
+    loop the same checks and small numpy and torch steps cost ~0.2 ms a step as Python. The kernels must be
+    loaded (`takes`)."""
+    n = len(params)
+    sq, mx, sq32 = np.empty(n), np.empty(n), np.empty(n, np.float32)
+    finite = _lib.grad_sumsq_maxabs(params, _PLAIN, torch.float32, sq, mx, sq32)
+    return None if finite is None else (sq, mx, torch.from_numpy(sq32), finite)
+
+
 def nonfinite(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     """Per tensor: count of NaN/Inf elements (int64)."""
     out = np.empty(len(tensors), np.int64)
@@ -379,6 +414,14 @@ def attention(
         len(qs), _ptrs(qs), _ptrs(ks), q_strides, k_strides, nb, nh, t, s, d, rows, len(rows), int(causal), d**-0.5, out
     )
     return out
+
+
+def attention_of(calls: list[tuple], nb: int, nh: int, rows: np.ndarray) -> np.ndarray | None:
+    """attention() of the calls an attention kernel got, one argument tuple (q, k, v, mask, dropout_p, is_causal)
+    per block, all checked and read in one call: [n, 2] float64, or None when they do not all qualify (a mask, a
+    tensor attention_takes refuses, shapes or is_causal that differ) and the caller looks at each one."""
+    out = np.empty((len(calls), 2), np.float64)
+    return out if _lib.attention_of(calls, _PLAIN, torch.float32, nb, nh, rows, out) else None
 
 
 def adam_step(

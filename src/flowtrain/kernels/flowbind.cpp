@@ -16,6 +16,10 @@
 
 #include <stdarg.h>
 
+#include <string.h>
+
+#include <vector>
+
 #include "flowstats.cpp"
 
 namespace {
@@ -123,6 +127,191 @@ PyObject *py_two(FT_ARGS) {  // one() of two tensors in one call: (sum a^2, max 
   return Py_BuildValue("(dddd)", out[0], out[0] == out[0] ? out[1] : out[0], out[2], out[2] == out[2] ? out[3] : out[2]);
 }
 
+// -- reading torch tensors from here -------------------------------------------------------------------------
+// Between torch's ops the microscope's Python runs with cold caches, where each attribute read of a tensor costs
+// about a microsecond; asking them from C, in one call for a whole list, costs a fraction of that. Only the
+// tensors' public Python attributes are read (no torch headers): exact type, dtype, is_cpu, is_contiguous(),
+// data_ptr(), numel().
+
+PyObject *s_grad, *s_dtype, *s_is_cpu, *s_is_contiguous, *s_data_ptr, *s_numel;  // interned names
+
+bool intern_names() {
+  if (s_grad) return true;
+  s_grad = PyUnicode_InternFromString("grad");
+  s_dtype = PyUnicode_InternFromString("dtype");
+  s_is_cpu = PyUnicode_InternFromString("is_cpu");
+  s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  s_numel = PyUnicode_InternFromString("numel");
+  return s_grad && s_dtype && s_is_cpu && s_is_contiguous && s_data_ptr && s_numel;
+}
+
+// 1: t is a plain (its exact type one of `types`) contiguous CPU tensor of dtype `f32`, its data and numel set;
+// 0: it is not (or None); -1: an error is set.
+int plain_f32(PyObject *t, PyObject *types, PyObject *f32, const float **data, int64_t *numel) {
+  if (t == Py_None) return 0;
+  bool typed = false;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) typed |= (PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(types, i);
+  if (!typed) return 0;
+  PyObject *v = PyObject_GetAttr(t, s_dtype);
+  if (!v) return -1;
+  bool ok = v == f32;
+  Py_DECREF(v);
+  if (ok) {
+    v = PyObject_GetAttr(t, s_is_cpu);
+    if (!v) return -1;
+    ok = v == Py_True;
+    Py_DECREF(v);
+  }
+  if (ok) {
+    v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
+    if (!v) return -1;
+    ok = v == Py_True;
+    Py_DECREF(v);
+  }
+  if (!ok) return 0;
+  v = PyObject_CallMethodNoArgs(t, s_data_ptr);
+  if (!v) return -1;
+  *data = (const float *)PyLong_AsVoidPtr(v);
+  Py_DECREF(v);
+  v = PyObject_CallMethodNoArgs(t, s_numel);
+  if (!v) return -1;
+  *numel = PyLong_AsLongLong(v);
+  Py_DECREF(v);
+  return PyErr_Occurred() ? -1 : 1;
+}
+
+// grad_sumsq_maxabs(params: list, types: tuple, float32, sumsq, maxabs, sumsq32) -> None | bool: when every
+// parameter has a plain contiguous float32 CPU gradient, writes the gradients' sums of squares (float64), their
+// max |g| (float64, NaN where the sum is NaN) and the sums as float32 (what the clipper gets) into the three
+// buffers and returns whether all sums are finite; else None and nothing written (the caller takes its general
+// path). A gradient stays alive while its parameter holds it, so the addresses taken here are good for the call.
+PyObject *py_grad_sumsq_maxabs(FT_ARGS) {
+  if (n != 6 || !PyList_Check(a[0]) || !PyTuple_Check(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "grad_sumsq_maxabs(params: list, types: tuple, float32, sumsq, maxabs, sumsq32)");
+    return nullptr;
+  }
+  if (!intern_names()) return nullptr;
+  Py_ssize_t count = PyList_GET_SIZE(a[0]);
+  std::vector<const float *> ptrs(count > 0 ? count : 1);
+  std::vector<int64_t> numel(count > 0 ? count : 1);
+  for (Py_ssize_t i = 0; i < count; i++) {
+    PyObject *g = PyObject_GetAttr(PyList_GET_ITEM(a[0], i), s_grad);
+    if (!g) return nullptr;
+    int ok = plain_f32(g, a[1], a[2], &ptrs[i], &numel[i]);
+    Py_DECREF(g);
+    if (ok < 0) return nullptr;
+    if (ok == 0) Py_RETURN_NONE;
+  }
+  Held h;
+  void *sq_out, *mx_out, *sq32_out;
+  if (!as_pointer(a[3], &sq_out, h) || !as_pointer(a[4], &mx_out, h) || !as_pointer(a[5], &sq32_out, h)) return nullptr;
+  double *sq = (double *)sq_out, *mx = (double *)mx_out;
+  float *sq32 = (float *)sq32_out;
+  std::vector<float> m(count > 0 ? count : 1);
+  ft_sumsq_maxabs(count, ptrs.data(), numel.data(), sq, m.data());
+  bool finite = true;
+  for (Py_ssize_t i = 0; i < count; i++) {
+    mx[i] = sq[i] == sq[i] ? (double)m[i] : sq[i];
+    sq32[i] = (float)sq[i];
+    finite &= sq[i] - sq[i] == 0;  // false for NaN and infinity
+  }
+  return PyBool_FromLong(finite);
+}
+
+// A tuple of 4 non-negative ints from t.shape or t.stride() (the attribute or method `name`); false if not.
+bool four_ints(PyObject *t, PyObject *name, bool call, int64_t *out) {
+  PyObject *v = call ? PyObject_CallMethodNoArgs(t, name) : PyObject_GetAttr(t, name);
+  if (!v) return false;
+  bool ok = PyTuple_Check(v) && PyTuple_GET_SIZE(v) == 4;
+  for (int i = 0; ok && i < 4; i++) {
+    out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, i));
+    ok = !PyErr_Occurred() && out[i] >= 0;
+  }
+  Py_DECREF(v);
+  PyErr_Clear();
+  return ok;
+}
+
+// attention_of(calls: list, types: tuple, float32, nb, nh, rows, out) -> bool: ft_attention over the argument
+// tuples (q, k, v, mask, dropout_p, is_causal) that attention kernels were called with (one per block), when
+// every q and k is a plain float32 CPU tensor [B, H, T|S, D] with unit stride in D, no mask, and all calls share
+// one shape and one is_causal; out ([n, 2] float64) gets (entropy, max logit) per call. False otherwise (nothing
+// written; the caller looks at each call in Python).
+PyObject *py_attention_of(FT_ARGS) {
+  Held h;
+  if (n != 7 || !PyList_Check(a[0]) || !PyTuple_Check(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "attention_of(calls: list, types: tuple, float32, nb, nh, rows, out)");
+    return nullptr;
+  }
+  if (!intern_names()) return nullptr;
+  static PyObject *s_shape = PyUnicode_InternFromString("shape"), *s_stride = PyUnicode_InternFromString("stride");
+  Py_ssize_t count = PyList_GET_SIZE(a[0]);
+  if (count == 0 || !s_shape || !s_stride) Py_RETURN_FALSE;
+  std::vector<const float *> qp(count), kp(count);
+  std::vector<int64_t> qs(3 * count), ks(3 * count);
+  int64_t q_shape[4], k_shape[4], first_q[4], first_k[4], stride[4];
+  int causal = -1;
+  for (Py_ssize_t i = 0; i < count; i++) {
+    PyObject *args = PyList_GET_ITEM(a[0], i);
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 2) Py_RETURN_FALSE;
+    Py_ssize_t len = PyTuple_GET_SIZE(args);
+    if (len > 3 && PyTuple_GET_ITEM(args, 3) != Py_None) Py_RETURN_FALSE;  // a mask: the caller's path
+    int c = len > 5 ? PyObject_IsTrue(PyTuple_GET_ITEM(args, 5)) : 1;
+    if (c < 0) return nullptr;
+    if (causal >= 0 && c != causal) Py_RETURN_FALSE;
+    causal = c;
+    PyObject *q = PyTuple_GET_ITEM(args, 0), *k = PyTuple_GET_ITEM(args, 1);
+    // plain_f32 asks for contiguous tensors; q and k may be strided views (a split of a fused qkv), so the
+    // checks are the first ones of plain_f32 and the strides are read instead
+    for (PyObject *t : {q, k}) {
+      bool typed = false;
+      for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(a[1]); j++) typed |= (PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(a[1], j);
+      if (!typed) Py_RETURN_FALSE;
+      PyObject *v = PyObject_GetAttr(t, s_dtype);
+      if (!v) return nullptr;
+      bool ok = v == a[2];
+      Py_DECREF(v);
+      if (!ok) Py_RETURN_FALSE;
+      v = PyObject_GetAttr(t, s_is_cpu);
+      if (!v) return nullptr;
+      ok = v == Py_True;
+      Py_DECREF(v);
+      if (!ok) Py_RETURN_FALSE;
+    }
+    if (!four_ints(q, s_shape, false, q_shape) || !four_ints(k, s_shape, false, k_shape)) Py_RETURN_FALSE;
+    if (q_shape[0] != k_shape[0] || q_shape[1] != k_shape[1] || q_shape[3] != k_shape[3]) Py_RETURN_FALSE;
+    if (i == 0) {
+      memcpy(first_q, q_shape, sizeof q_shape);
+      memcpy(first_k, k_shape, sizeof k_shape);
+    } else if (memcmp(first_q, q_shape, sizeof q_shape) || memcmp(first_k, k_shape, sizeof k_shape)) {
+      Py_RETURN_FALSE;
+    }
+    if (!four_ints(q, s_stride, true, stride) || stride[3] != 1) Py_RETURN_FALSE;
+    memcpy(&qs[3 * i], stride, 3 * sizeof(int64_t));
+    if (!four_ints(k, s_stride, true, stride) || stride[3] != 1) Py_RETURN_FALSE;
+    memcpy(&ks[3 * i], stride, 3 * sizeof(int64_t));
+    for (int t = 0; t < 2; t++) {
+      PyObject *v = PyObject_CallMethodNoArgs(t ? k : q, s_data_ptr);
+      if (!v) return nullptr;
+      (t ? kp : qp)[i] = (const float *)PyLong_AsVoidPtr(v);
+      Py_DECREF(v);
+    }
+  }
+  int64_t nb, nh;
+  void *rows, *out;
+  if (!parse(a + 3, 4, "iipp", h, &nb, &nh, &rows, &out)) return nullptr;
+  Py_buffer view;  // the number of sampled rows: from the rows buffer itself
+  if (PyObject_GetBuffer(a[5], &view, PyBUF_ANY_CONTIGUOUS) != 0) return nullptr;
+  int64_t p = view.len / (Py_ssize_t)sizeof(int64_t);
+  PyBuffer_Release(&view);
+  nb = nb < first_q[0] ? nb : first_q[0];
+  nh = nh < first_q[1] ? nh : first_q[1];
+  ft_attention(count, qp.data(), kp.data(), qs.data(), ks.data(), nb, nh, first_q[2], first_k[2], first_q[3],
+               (const int64_t *)rows, p, causal, __builtin_pow((double)first_q[3], -0.5)  /* as Python's d**-0.5 */, (double *)out);
+  Py_RETURN_TRUE;
+}
+
 PyObject *py_nonfinite(FT_ARGS) {
   Held h;
   int64_t count;
@@ -218,7 +407,8 @@ PyObject *py_flow_tables(FT_ARGS) {
 PyMethodDef methods[] = {
     FT_METHOD(sumsq_maxabs), FT_METHOD(one),       FT_METHOD(two),       FT_METHOD(nonfinite), FT_METHOD(sums),
     FT_METHOD(weights),      FT_METHOD(update),    FT_METHOD(logits),    FT_METHOD(attention),
-    FT_METHOD(adam_step),    FT_METHOD(flow_tables), {nullptr, nullptr, 0, nullptr},
+    FT_METHOD(adam_step),    FT_METHOD(flow_tables), FT_METHOD(grad_sumsq_maxabs),
+    FT_METHOD(attention_of), {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flowstats", "flowtrain's CPU kernels (flowstats.cpp)", -1, methods};
