@@ -146,9 +146,9 @@ bool intern_names() {
   return s_grad && s_dtype && s_is_cpu && s_is_contiguous && s_data_ptr && s_numel;
 }
 
-// 1: t is a plain (its exact type one of `types`) contiguous CPU tensor of dtype `f32`, its data and numel set;
-// 0: it is not (or None); -1: an error is set.
-int plain_f32(PyObject *t, PyObject *types, PyObject *f32, const float **data, int64_t *numel) {
+// 1: t is a plain (its exact type one of `types`) CPU tensor of dtype `f32`; 0: it is not (or None); -1: an
+// error is set.
+int plain_cpu_f32(PyObject *t, PyObject *types, PyObject *f32) {
   if (t == Py_None) return 0;
   bool typed = false;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) typed |= (PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(types, i);
@@ -157,18 +157,22 @@ int plain_f32(PyObject *t, PyObject *types, PyObject *f32, const float **data, i
   if (!v) return -1;
   bool ok = v == f32;
   Py_DECREF(v);
-  if (ok) {
-    v = PyObject_GetAttr(t, s_is_cpu);
-    if (!v) return -1;
-    ok = v == Py_True;
-    Py_DECREF(v);
-  }
-  if (ok) {
-    v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
-    if (!v) return -1;
-    ok = v == Py_True;
-    Py_DECREF(v);
-  }
+  if (!ok) return 0;
+  v = PyObject_GetAttr(t, s_is_cpu);
+  if (!v) return -1;
+  ok = v == Py_True;
+  Py_DECREF(v);
+  return ok;
+}
+
+// plain_cpu_f32 and contiguous, its data and numel set (1); 0: not; -1: an error is set.
+int plain_f32(PyObject *t, PyObject *types, PyObject *f32, const float **data, int64_t *numel) {
+  int plain = plain_cpu_f32(t, types, f32);
+  if (plain <= 0) return plain;
+  PyObject *v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
+  if (!v) return -1;
+  bool ok = v == Py_True;
+  Py_DECREF(v);
   if (!ok) return 0;
   v = PyObject_CallMethodNoArgs(t, s_data_ptr);
   if (!v) return -1;
@@ -262,22 +266,11 @@ PyObject *py_attention_of(FT_ARGS) {
     if (causal >= 0 && c != causal) Py_RETURN_FALSE;
     causal = c;
     PyObject *q = PyTuple_GET_ITEM(args, 0), *k = PyTuple_GET_ITEM(args, 1);
-    // plain_f32 asks for contiguous tensors; q and k may be strided views (a split of a fused qkv), so the
-    // checks are the first ones of plain_f32 and the strides are read instead
+    // q and k may be strided views (a split of a fused qkv): no contiguity asked, their strides are read below
     for (PyObject *t : {q, k}) {
-      bool typed = false;
-      for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(a[1]); j++) typed |= (PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(a[1], j);
-      if (!typed) Py_RETURN_FALSE;
-      PyObject *v = PyObject_GetAttr(t, s_dtype);
-      if (!v) return nullptr;
-      bool ok = v == a[2];
-      Py_DECREF(v);
-      if (!ok) Py_RETURN_FALSE;
-      v = PyObject_GetAttr(t, s_is_cpu);
-      if (!v) return nullptr;
-      ok = v == Py_True;
-      Py_DECREF(v);
-      if (!ok) Py_RETURN_FALSE;
+      int plain = plain_cpu_f32(t, a[1], a[2]);
+      if (plain < 0) return nullptr;
+      if (plain == 0) Py_RETURN_FALSE;
     }
     if (!four_ints(q, s_shape, false, q_shape) || !four_ints(k, s_shape, false, k_shape)) Py_RETURN_FALSE;
     if (q_shape[0] != k_shape[0] || q_shape[1] != k_shape[1] || q_shape[3] != k_shape[3]) Py_RETURN_FALSE;
@@ -307,8 +300,9 @@ PyObject *py_attention_of(FT_ARGS) {
   PyBuffer_Release(&view);
   nb = nb < first_q[0] ? nb : first_q[0];
   nh = nh < first_q[1] ? nh : first_q[1];
+  double scale = __builtin_pow((double)first_q[3], -0.5);  // as Python's d**-0.5 in attention()
   ft_attention(count, qp.data(), kp.data(), qs.data(), ks.data(), nb, nh, first_q[2], first_k[2], first_q[3],
-               (const int64_t *)rows, p, causal, __builtin_pow((double)first_q[3], -0.5)  /* as Python's d**-0.5 */, (double *)out);
+               (const int64_t *)rows, p, causal, scale, (double *)out);
   Py_RETURN_TRUE;
 }
 
