@@ -91,7 +91,6 @@ class ParamStats:
 
     # -- before the optimizer step --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def weights_and_snapshot(self) -> Vector:
         """Sum of squares of the weights as they are before the step (per tensor); keep a copy for ΔW. With an
         observing optimizer: None (its step measures them)."""
@@ -103,16 +102,19 @@ class ParamStats:
                 return self._fresh[1]  # measured and copied by the last step's pass
             self._fresh = None
             return kernels.weights(self.params, self._snapshot, self._np_numels)
-        sq = tensorstats.sums_of_squares(self.params)
-        if self._snapshot is not None:
-            torch._foreach_copy_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
+        with torch.no_grad():
+            sq = tensorstats.sums_of_squares(self.params)
+            if self._snapshot is not None:
+                torch._foreach_copy_(self._snapshot, [tensorstats.local(p.detach()) for p in self.params])
         return sq
 
-    @torch.no_grad()
     def grad_stats(self) -> dict:
         """grad_sumsq, grad_max_abs, grad_nonfinite per tensor (NaN where a parameter has no grad); with
         "complete" (every parameter has a gradient) also "clip_sumsq": the float32 tensor of sums of squares
-        that tensorstats.sums_of_squares would give the clipper, bit for bit."""
+        that tensorstats.sums_of_squares would give the clipper, bit for bit.
+
+        The kernels' paths read memory only and need no autograd guard; only torch's path runs under no_grad
+        (entering and leaving it costs ~50 us in the training loop on a 2-core CPU, where its Python is cold)."""
         if self.fast:  # the usual case on the CPU: every gradient there and plain, found in the kernel's call
             found = kernels.grad_sumsq_maxabs(self.params)
             if found is not None:
@@ -120,6 +122,10 @@ class ParamStats:
                 bad = self._no_nonfinite if finite else kernels.nonfinite([p.grad for p in self.params]) * 1.0
                 out = {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad}
                 return {**out, "clip_sumsq": clip, "complete": True}
+        with torch.no_grad():
+            return self._grad_stats()
+
+    def _grad_stats(self) -> dict:
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in present]
         complete = len(present) == len(self.params)
@@ -159,7 +165,6 @@ class ParamStats:
 
     # -- after the optimizer step ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def after_step(self, keep_for_next: bool) -> tuple[Vector | None, Vector, Vector | None]:
         """(per-tensor ||ΔW||^2 or None when updates are off, Adam's RMS(v) per tensor, and with an observing
         optimizer the weights' sums of squares before the step) after an optimizer step.
@@ -169,7 +174,7 @@ class ParamStats:
         """
         if self.observer is not None:
             return self._observed()
-        if not self.fast:
+        if not self.fast:  # torch's path (update_sumsq and adam_v_rms run under no_grad)
             return self.update_sumsq(), self.adam_v_rms(), None
         index, vs = self._adam_tensors()
         vs_fast = bool(vs) and kernels.takes(vs)

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -132,6 +133,20 @@ std::vector<Chunk> chunks_of(int64_t n, const int64_t *numel) {
   for (int64_t i = 0; i < n; i++)
     for (int64_t lo = 0; lo < numel[i]; lo += CHUNK) out.push_back({i, lo, lo + CHUNK < numel[i] ? lo + CHUNK : numel[i]});
   return out;
+}
+
+// The chunks in the order the threads should take them: by where they lie within their tensor (the first parts of
+// every tensor, then the next, ...), so that with a static schedule each thread reads the same share of every
+// tensor, the share torch's own elementwise ops gave that thread (at::parallel_for splits a range into one
+// contiguous piece per thread): what a thread reads was written from its own core's cache.
+std::vector<int64_t> by_position(const std::vector<Chunk> &cs, const int64_t *numel) {
+  std::vector<int64_t> order(cs.size());
+  for (size_t c = 0; c < cs.size(); c++) order[c] = c;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    // midpoint fractions compared without division: (lo_a + hi_a) / n_a < (lo_b + hi_b) / n_b
+    return (double)(cs[a].lo + cs[a].hi) * numel[cs[b].tensor] < (double)(cs[b].lo + cs[b].hi) * numel[cs[a].tensor];
+  });
+  return order;
 }
 
 // f(c) for every c in [0, count), on the OpenMP threads when there is enough work for more than one
@@ -375,7 +390,9 @@ void ft_sumsq_maxabs(int64_t n, const float *const *ptrs, const int64_t *numel, 
   std::vector<float> m(cs.size());
   int64_t total = 0;
   for (int64_t i = 0; i < n; i++) total += numel[i];
-  parallel(cs.size(), total, [&](int64_t c) {
+  std::vector<int64_t> order = by_position(cs, numel);
+  parallel(cs.size(), total, [&](int64_t j) {
+    int64_t c = order[j];
     sumsq_maxabs_range(ptrs[cs[c].tensor] + cs[c].lo, cs[c].hi - cs[c].lo, &s[c], &m[c]);
   });
   for (int64_t i = 0; i < n; i++) sumsq[i] = 0, maxabs[i] = 0;
