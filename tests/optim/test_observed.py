@@ -63,7 +63,7 @@ def test_steps_are_bit_identical_to_torch_fused_and_the_statistics_are_the_updat
                     assert torch.equal(opt.state[p][key], ref.state[q][key]), key
         stepped = [p for p in ours if p.grad is not None]
         update = opt.update_since(stepped, since)
-        assert update.status == "measured" and update.stepped.all()
+        assert update.status == "measured" and update.stepped.all() and update.all_stepped
         for p, row in zip(stepped, update.figures, strict=True):
             old = before[next(i for i, q in enumerate(ours) if q is p)]
             new = p.detach().double()
@@ -77,6 +77,7 @@ def test_steps_are_bit_identical_to_torch_fused_and_the_statistics_are_the_updat
         if step % 2 == 1:  # a tensor that did not step has no figures from this step
             update = opt.update_since(ours, since)
             assert update.status == "measured" and update.stepped.tolist() == [i != 2 for i in range(len(ours))]
+            assert not update.all_stepped
             assert np.isnan(update.figures[2]).all() and not np.isnan(np.delete(update.figures, 2, 0)).any()
 
 

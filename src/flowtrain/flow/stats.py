@@ -198,6 +198,10 @@ class ParamStats:
         and sum(v). A step it could not measure (torch's own, e.g. with a closure): ΔW is unknown (NaN) and ||W||
         is read after the step."""
         update = self.observer.update_since(self.params, self._since)
+        if update.all_stepped and len(self._adam_indices()) == len(self.params):  # the usual step: one row each
+            rows = update.figures
+            v_rms = np.sqrt(rows[:, 3] / self._np_numels_at_least_1)
+            return (rows[:, 1] if self.keep_updates else None), v_rms, rows[:, 0]
         n = len(self.params)
         rows = update.figures if update.status == "measured" else np.full((n, 4), np.nan)
         stepped = update.stepped if update.status == "measured" else np.zeros(n, dtype=bool)

@@ -36,6 +36,7 @@ class Update(NamedTuple):
     status: Literal["none", "measured", "unmeasured"]
     figures: np.ndarray | None = None  # [n, 4]: ||W before||^2, ||ΔW||^2, ||W after||^2, sum(v)
     stepped: np.ndarray | None = None  # [n] bool: the tensors the step touched
+    all_stepped: bool = False  # stepped.all(), as a Python bool (the common case, tested without numpy)
 
 
 class _Lookup(NamedTuple):
@@ -47,6 +48,7 @@ class _Lookup(NamedTuple):
     where: np.ndarray  # our row of each queried tensor, -1 where we did not step it
     stepped: np.ndarray  # where >= 0
     all_stepped: bool
+    in_order: bool  # where is 0, 1, ..., n-1: our rows are the queried tensors' rows as they are
 
 
 def _simd_width() -> int:
@@ -190,7 +192,8 @@ class _Observing:
         """What happened to `params` since steps_taken was `since`: no step ("none"); exactly one step, by our
         kernel ("measured": the figures of the tensors it stepped, NaN rows for those it did not touch, having
         no gradient); anything else ("unmeasured"). A caller that asks with the same list object every step
-        (the monitor does) must not change it in place: it is recognized by identity, not reread."""
+        (the monitor does) must not change it in place: it is recognized by identity, not reread. The figures
+        may be the step's own array (when our rows are the queried tensors in their order): read them only."""
         if self.steps_taken == since:
             return Update("none")
         if self.last_update is None or self.steps_taken != since + 1 or self.last_update[0] != self.steps_taken:
@@ -201,12 +204,15 @@ class _Observing:
             key = (tuple(map(id, params)), rows)  # ids of live tensors: equal ids are the same tensors
             if lookup is None or lookup.key != key:  # which row of ours is each of `params`
                 where = np.array([rows.get(id(p), -1) for p in params], dtype=np.int64)
-                lookup = _Lookup(params, rows, key, where, where >= 0, bool((where >= 0).all()))
+                in_order = len(where) == len(out) and bool((where == np.arange(len(out))).all())
+                lookup = _Lookup(params, rows, key, where, where >= 0, bool((where >= 0).all()), in_order)
             self._lookup = lookup = lookup._replace(params=params, rows=rows)
+        if lookup.in_order:  # the step's own array: made for this step, never written again (no copy)
+            return Update("measured", out, lookup.stepped.copy(), True)
         figures = out[lookup.where]  # rows of tensors we did not step are overwritten with NaN below
         if not lookup.all_stepped:
             figures[~lookup.stepped] = np.nan
-        return Update("measured", figures, lookup.stepped.copy())
+        return Update("measured", figures, lookup.stepped.copy(), lookup.all_stepped)
 
 
 class ObservedAdamW(_Observing, torch.optim.AdamW):
