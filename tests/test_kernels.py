@@ -259,3 +259,19 @@ def test_a_compiler_that_refuses_everything_leaves_the_torch_path_and_says_why(m
     finally:
         monkeypatch.delenv("CXX")
         kernels.reset()
+
+
+def test_flow_tables_totals():
+    """The totals the records take from the tables kernel: ||W||, ||dW|| (NaN with updates off) and the
+    non-finite gradient values, where a tensor without a gradient (NaN count) counts nothing."""
+    grads = {
+        "grad_sumsq": np.array([4.0, np.nan, 9.0]),
+        "grad_max_abs": np.array([2.0, np.nan, 3.0]),
+        "grad_nonfinite": np.array([2.0, np.nan, 1.0]),
+    }
+    wsq, usq, v_rms = np.array([1.0, 4.0, 20.0]), np.array([0.25, 0.0, 0.0]), np.full(3, np.nan)
+    numels, order, starts = np.array([4, 2, 9], np.int64), np.arange(3, dtype=np.int64), np.zeros(1, np.int64)
+    tensors, layers, totals = kernels.flow_tables(grads, wsq, usq, v_rms, numels, order, starts)
+    assert totals == [5.0, 0.5, 3.0] and layers[0, 4] == 5.0 and tensors[0, 6] == 0.5
+    _, _, totals = kernels.flow_tables(grads, wsq, None, v_rms, numels, order, starts)
+    assert totals[0] == 5.0 and math.isnan(totals[1]) and totals[2] == 3.0

@@ -187,7 +187,8 @@ def test_layer_groups_match_the_per_layer_definition(n, seed):
 def test_kernel_tables_equal_the_numpy_definition(n, seed, updates):
     """kernels.flow_tables (the CPU host path: per-tensor and per-layer tables in one call) gives what
     ParamStats.per_tensor_matrix + LayerGroups give, including tensors without gradients or second moments,
-    non-finite gradients, zero weights and updates off."""
+    non-finite gradients, zero weights and updates off; and the totals the record's scalars take from it
+    (||W||, ||dW||, non-finite gradient values) what numpy gives from the same sums."""
     from flowtrain import kernels
     from flowtrain.flow.stats import ParamStats
 
@@ -211,6 +212,13 @@ def test_kernel_tables_equal_the_numpy_definition(n, seed, updates):
     stats.params, stats._np_numels = [None] * n, numels
     want_tensors = stats.per_tensor_matrix(grads, wsq, usq, v_rms).astype(np.float32)
     groups = LayerGroups(layers, numels)
-    tensors, layers_table = kernels.flow_tables(grads, wsq, usq, v_rms, numels, groups.order, groups.starts)
+    tensors, layers_table, totals = kernels.flow_tables(grads, wsq, usq, v_rms, numels, groups.order, groups.starts)
     np.testing.assert_allclose(tensors, want_tensors, rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(layers_table, groups(want_tensors), rtol=1e-6, equal_nan=True)
+    want_totals = [
+        np.sqrt(wsq.sum()),
+        np.sqrt(usq.sum()) if updates else np.nan,
+        np.fmax(want_tensors[:, TENSOR_STATS.index("grad_nonfinite")], 0.0).sum(),
+    ]
+    assert all(type(v) is float for v in totals)
+    np.testing.assert_allclose(totals, np.float32(want_totals), rtol=1e-6, equal_nan=True)

@@ -276,10 +276,16 @@ class FlowMonitor:
         """One finished step's numbers, by name: numpy where measured on the host (CPU kernels), else tensors."""
         parts: dict[str, torch.Tensor | np.ndarray] = {}
         wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
-        if wsq is not None:
-            parts["param_norm"] = _sqrt_of_sum(wsq)
-        if usq is not None:
-            parts["update_norm"] = _sqrt_of_sum(usq)
+        tables = ready["monitored"] and kernels.library() is not None
+        if tables:  # the CPU kernels measured every sum: the tables kernel also gives the norms (one call)
+            grads, adam = ready["grads"], ready["adam"]
+            sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
+            tables = all(isinstance(v, np.ndarray) for v in sums)
+        if not tables:
+            if wsq is not None:
+                parts["param_norm"] = _sqrt_of_sum(wsq)
+            if usq is not None:
+                parts["update_norm"] = _sqrt_of_sum(usq)
         if "clip" in ready:
             clip = ready["clip"]
             if all(isinstance(v, torch.Tensor) and v.is_cpu for v in clip):
@@ -289,10 +295,9 @@ class FlowMonitor:
                 parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
         if ready["monitored"]:
             grads, adam = ready["grads"], ready["adam"]
-            sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
-            if all(isinstance(v, np.ndarray) for v in sums) and kernels.library() is not None:  # tables: one call
+            if tables:
                 groups = self._layer_groups
-                parts["tensors"], parts["layers"] = kernels.flow_tables(
+                parts["tensors"], parts["layers"], ready["totals"] = kernels.flow_tables(
                     grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
                 )
             else:
@@ -327,10 +332,16 @@ class FlowMonitor:
 
     def _record(self, step: int, host: dict[str, np.ndarray], ready: dict) -> FlowRecord:
         scalars: dict[str, float] = {}
-        if "param_norm" in host:
-            scalars["param_norm"] = float(host["param_norm"][0])
-        if "update_norm" in host:
-            scalars["update_norm"] = float(host["update_norm"][0])
+        totals = ready.get("totals")  # [||W||, ||dW|| or NaN, non-finite gradient values] from the tables kernel
+        if totals is not None:
+            scalars["param_norm"] = totals[0]
+            if ready.get("update_sumsq") is not None:
+                scalars["update_norm"] = totals[1]
+        else:
+            if "param_norm" in host:
+                scalars["param_norm"] = float(host["param_norm"][0])
+            if "update_norm" in host:
+                scalars["update_norm"] = float(host["update_norm"][0])
         clip = ready.get("clip_values") or (host["clip"].tolist() if "clip" in host else None)
         if clip is not None:
             scalars.update(zip(CLIP_FIELDS, clip, strict=True))
@@ -347,8 +358,10 @@ class FlowMonitor:
             record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
             record.layer_names = self._layer_groups.names
             record.layer_stats = host["layers"] if "layers" in host else self._layer_groups(stats)
-            # counts are >= 0; fmax drops the NaN of tensors without a gradient (what nansum does, in 2 calls)
-            scalars["grad_nonfinite"] = float(np.fmax(stats[:, _NONFINITE], 0.0).sum())
+            if totals is not None:
+                scalars["grad_nonfinite"] = totals[2]
+            else:  # counts are >= 0; fmax drops the NaN of tensors without a gradient (what nansum does)
+                scalars["grad_nonfinite"] = float(np.fmax(stats[:, _NONFINITE], 0.0).sum())
         if "depth" in host:
             record.depth_names = self._depth_names(len(host["depth"]))
             record.depth_layers = self.depth_layers

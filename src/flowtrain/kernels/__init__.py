@@ -127,7 +127,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ft_attention.argtypes += [ctypes.c_double, _VOID_P]
     lib.ft_adam_step.argtypes = [_I64, *[_VOID_P] * 8, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     lib.ft_adam_step.argtypes += [ctypes.c_int, _I64, _VOID_P]
-    lib.ft_flow_tables.argtypes = [_I64, *[_VOID_P] * 7, _I64, *[_VOID_P] * 4]
+    lib.ft_flow_tables.argtypes = [_I64, *[_VOID_P] * 7, _I64, *[_VOID_P] * 5]
     for name in (*FUNCTIONS, "sumsq_maxabs1", "sumsq_maxabs2", "logits"):
         getattr(lib, "ft_" + name).restype = None
     return lib
@@ -451,16 +451,18 @@ def adam_step(
 def flow_tables(
     grads: dict, wsq: np.ndarray, usq: np.ndarray | None, v_rms: np.ndarray, numels: np.ndarray,
     order: np.ndarray, starts: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, list[float]]:  # fmt: skip
     """The per-tensor [n, 8] and per-layer [L, 8] float32 tables of one step (TENSOR_STATS columns) from the
-    per-tensor sums; `grads` has grad_sumsq, grad_max_abs, grad_nonfinite; layers as in records.LayerGroups."""
+    per-tensor sums, and the totals [||W||, ||dW|| (NaN without usq), non-finite gradient values] as floats
+    (float32 values); `grads` has grad_sumsq, grad_max_abs, grad_nonfinite; layers as in records.LayerGroups."""
     n, n_layers = len(wsq), len(starts)
     f64 = [np.ascontiguousarray(a, dtype=np.float64) for a in (*(grads[k] for k in GRAD_KEYS), wsq, v_rms)]
     usq64 = np.ascontiguousarray(usq, dtype=np.float64) if usq is not None else None
     tensors, layers = np.empty((n, 8), np.float32), np.empty((n_layers, 8), np.float32)
+    totals = np.empty(3, np.float32)
     gsq, gmax, bad, w, v = f64
-    library().flow_tables(n, gsq, gmax, bad, w, usq64, v, numels, n_layers, order, starts, tensors, layers)
-    return tensors, layers
+    library().flow_tables(n, gsq, gmax, bad, w, usq64, v, numels, n_layers, order, starts, tensors, layers, totals)
+    return tensors, layers, totals.tolist()
 
 
 GRAD_KEYS = ("grad_sumsq", "grad_max_abs", "grad_nonfinite")

@@ -386,13 +386,13 @@ PyObject *py_adam_step(FT_ARGS) {
 PyObject *py_flow_tables(FT_ARGS) {
   Held h;
   int64_t count, layers;
-  void *gsq, *gmax, *bad, *wsq, *usq, *v_rms, *numel, *order, *starts, *tensors_out, *layers_out;
-  if (!parse(a, n, "ipppppppipppp", h, &count, &gsq, &gmax, &bad, &wsq, &usq, &v_rms, &numel, &layers, &order,
-             &starts, &tensors_out, &layers_out))
+  void *gsq, *gmax, *bad, *wsq, *usq, *v_rms, *numel, *order, *starts, *tensors_out, *layers_out, *totals;
+  if (!parse(a, n, "ipppppppippppp", h, &count, &gsq, &gmax, &bad, &wsq, &usq, &v_rms, &numel, &layers, &order,
+             &starts, &tensors_out, &layers_out, &totals))
     return nullptr;
   ft_flow_tables(count, (const double *)gsq, (const double *)gmax, (const double *)bad, (const double *)wsq,
                  (const double *)usq, (const double *)v_rms, (const int64_t *)numel, layers, (const int64_t *)order,
-                 (const int64_t *)starts, (float *)tensors_out, (float *)layers_out);
+                 (const int64_t *)starts, (float *)tensors_out, (float *)layers_out, (float *)totals);
   Py_RETURN_NONE;
 }
 

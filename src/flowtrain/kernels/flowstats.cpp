@@ -617,12 +617,18 @@ void ft_adam_step(int64_t n, float *const *p, const float *const *g, float *cons
 // grad_max_abs, grad_rms, grad_nonfinite, weight_norm, update_norm, update_ratio, adam_v_rms. Inputs per
 // tensor (double): gsq, gmax, bad (NaN: no gradient), wsq, usq (null: updates off), v_rms (NaN: no second
 // moment); numel. Layers: tensors order[starts[l] .. starts[l + 1]) (order has n entries) form layer l; a
-// layer's figures are computed, as LayerGroups does, from the per-tensor row rounded to float32.
+// layer's figures are computed, as LayerGroups does, from the per-tensor row rounded to float32. totals (float32,
+// 3): the model's ||W|| and ||dW|| (NaN when updates are off) and the count of non-finite gradient values: the
+// record's param_norm, update_norm and grad_nonfinite scalars (three numpy calls each in Python, in the loop).
 void ft_flow_tables(int64_t n, const double *gsq, const double *gmax, const double *bad, const double *wsq,
                     const double *usq, const double *v_rms, const int64_t *numel, int64_t n_layers,
-                    const int64_t *order, const int64_t *starts, float *tensors, float *layers) {
+                    const int64_t *order, const int64_t *starts, float *tensors, float *layers, float *totals) {
   const double nan = __builtin_nan("");
+  double all_w = 0, all_u = 0, all_bad = 0;  // totals: ||W||, ||dW|| of the whole model, non-finite gradients
   for (int64_t i = 0; i < n; i++) {
+    all_w += wsq[i];
+    all_u += usq ? usq[i] : 0;
+    all_bad += bad[i] > 0 ? bad[i] : 0;  // NaN (no gradient) counts nothing
     float *row = tensors + 8 * i;
     double at_least_one = numel[i] > 1 ? (double)numel[i] : 1.0;
     double wn = __builtin_sqrt(wsq[i]), un = usq ? __builtin_sqrt(usq[i]) : nan;
@@ -666,6 +672,9 @@ void ft_flow_tables(int64_t n, const double *gsq, const double *gmax, const doub
     out[6] = wn > 0 ? (float)(un / wn) : (float)nan;
     out[7] = v_numel > 0 ? (float)__builtin_sqrt(v_sum / v_numel) : (float)nan;
   }
+  totals[0] = (float)__builtin_sqrt(all_w);
+  totals[1] = usq ? (float)__builtin_sqrt(all_u) : (float)nan;
+  totals[2] = (float)all_bad;
 }
 
 }  // extern "C"
