@@ -584,8 +584,8 @@ class DepthProbe(_Probe):
         if kernels.library() is not None:
             rows = self._host_rows(calls[0][0].shape[-2])
             stats = kernels.attention_of(calls, self.cfg.attn_batch, self.cfg.attn_heads, rows)
-        if stats is not None:
-            for i, pair in zip(index, stats.tolist(), strict=True):  # floats: numpy rows cost more downstream
+        if stats is not None:  # pairs of floats
+            for i, pair in zip(index, stats, strict=True):
                 self.qk_host[i] = pair
             return
         for i, args in zip(index, calls, strict=True):

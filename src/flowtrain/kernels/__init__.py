@@ -168,7 +168,7 @@ class _CtypesKernels:
         sq32[:] = sq
         return bool(np.isfinite(sq).all())
 
-    def attention_of(self, calls: list, types: tuple, f32: torch.dtype, nb: int, nh: int, rows, out) -> bool:
+    def attention_of(self, calls: list, types: tuple, f32: torch.dtype, nb: int, nh: int, rows) -> list | bool:
         causal = {bool(c[5]) if len(c) > 5 else True for c in calls}
         if any(len(c) > 3 and c[3] is not None for c in calls) or len(causal) != 1:
             return False
@@ -178,8 +178,7 @@ class _CtypesKernels:
         pairs = list(zip(qs, ks, strict=True))
         if not all(type(t) in types and t.dtype is f32 and attention_takes(q, k) for q, k in pairs for t in (q, k)):
             return False
-        out[:] = attention(qs, ks, nb, nh, rows, causal.pop())
-        return True
+        return attention(qs, ks, nb, nh, rows, causal.pop()).tolist()
 
     def one(self, pointer: int, count: int) -> tuple[float, float]:
         self._lib.ft_sumsq_maxabs1(pointer, count, self._out_addr)
@@ -416,12 +415,13 @@ def attention(
     return out
 
 
-def attention_of(calls: list[tuple], nb: int, nh: int, rows: np.ndarray) -> np.ndarray | None:
+def attention_of(calls: list[tuple], nb: int, nh: int, rows: np.ndarray) -> list[list[float]] | None:
     """attention() of the calls an attention kernel got, one argument tuple (q, k, v, mask, dropout_p, is_causal)
-    per block, all checked and read in one call: [n, 2] float64, or None when they do not all qualify (a mask, a
-    tensor attention_takes refuses, shapes or is_causal that differ) and the caller looks at each one."""
-    out = np.empty((len(calls), 2), np.float64)
-    return out if _lib.attention_of(calls, _PLAIN, torch.float32, nb, nh, rows, out) else None
+    per block, all checked and read in one call: [entropy, max logit] per call as floats, or None when they do not
+    all qualify (a mask, a tensor attention_takes refuses, shapes or is_causal that differ) and the caller looks
+    at each one."""
+    pairs = _lib.attention_of(calls, _PLAIN, torch.float32, nb, nh, rows)
+    return None if pairs is False else pairs
 
 
 def adam_step(
