@@ -276,12 +276,21 @@ class FlowMonitor:
         """One finished step's numbers, by name: numpy where measured on the host (CPU kernels), else tensors."""
         parts: dict[str, torch.Tensor | np.ndarray] = {}
         wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
-        tables = ready["monitored"] and kernels.library() is not None
-        if tables:  # the CPU kernels measured every sum: the tables kernel also gives the norms (one call)
+        if ready["monitored"]:
             grads, adam = ready["grads"], ready["adam"]
             sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
-            tables = all(isinstance(v, np.ndarray) for v in sums)
-        if not tables:
+            if all(isinstance(v, np.ndarray) for v in sums) and kernels.library() is not None:
+                # one call: both tables and the record's totals (||W||, ||dW||, non-finite gradient values)
+                groups = self._layer_groups
+                parts["tensors"], parts["layers"], ready["totals"] = kernels.flow_tables(
+                    grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
+                )
+            else:
+                parts["tensors"] = self.params.deferred_table(grads, wsq, usq, adam)
+            for key in ("depth", "logits"):
+                if key in ready:
+                    parts[key] = ready[key]
+        if "totals" not in ready:
             if wsq is not None:
                 parts["param_norm"] = _sqrt_of_sum(wsq)
             if usq is not None:
@@ -293,18 +302,6 @@ class FlowMonitor:
             else:
                 device = self.params.device
                 parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
-        if ready["monitored"]:
-            grads, adam = ready["grads"], ready["adam"]
-            if tables:
-                groups = self._layer_groups
-                parts["tensors"], parts["layers"], ready["totals"] = kernels.flow_tables(
-                    grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
-                )
-            else:
-                parts["tensors"] = self.params.deferred_table(grads, wsq, usq, adam)
-            for key in ("depth", "logits"):
-                if key in ready:
-                    parts[key] = ready[key]
         for layer, values in ready.get("histograms", {}).items():
             parts["hist:" + layer] = values
         return parts

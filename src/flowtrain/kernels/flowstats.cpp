@@ -139,13 +139,15 @@ std::vector<Chunk> chunks_of(int64_t n, const int64_t *numel) {
 // every tensor, then the next, ...), so that with a static schedule each thread reads the same share of every
 // tensor, the share torch's own elementwise ops gave that thread (at::parallel_for splits a range into one
 // contiguous piece per thread): what a thread reads was written from its own core's cache.
+// (Only the order of the work changes: each chunk's partial is still kept and added in chunk order.)
 std::vector<int64_t> by_position(const std::vector<Chunk> &cs, const int64_t *numel) {
   std::vector<int64_t> order(cs.size());
-  for (size_t c = 0; c < cs.size(); c++) order[c] = c;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    // midpoint fractions compared without division: (lo_a + hi_a) / n_a < (lo_b + hi_b) / n_b
-    return (double)(cs[a].lo + cs[a].hi) * numel[cs[b].tensor] < (double)(cs[b].lo + cs[b].hi) * numel[cs[a].tensor];
-  });
+  std::vector<double> where(cs.size());  // a chunk's midpoint as a fraction of its tensor: one fixed key each
+  for (size_t c = 0; c < cs.size(); c++) {
+    order[c] = c;
+    where[c] = (double)(cs[c].lo + cs[c].hi) / (2.0 * (double)numel[cs[c].tensor]);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return where[a] < where[b]; });
   return order;
 }
 
