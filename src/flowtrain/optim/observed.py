@@ -132,8 +132,11 @@ class _Observing:
                     return False
         return True
 
-    @torch.no_grad()
     def step(self, closure=None):
+        """Our kernel's step (torch's fused arithmetic plus the update's figures), else torch's own. Not under
+        torch.no_grad: nothing here records autograd history (the kernel writes the tensors' memory; step counts
+        and new state need no graph), and entering and leaving it cost ~0.1 ms a step in the training loop on
+        a 2-core CPU (opt.step 1.27-1.31 -> 1.13-1.19 ms); torch's step sets its own grad mode."""
         if not self.observing or closure is not None or getattr(self, "grad_scale", None) is not None:
             return self._torch_step(closure)
         params, grads, exp_avgs, exp_avg_sqs, steps, hyper = [], [], [], [], [], []
