@@ -146,6 +146,24 @@ bool intern_names() {
   return s_grad && s_dtype && s_is_cpu && s_is_contiguous && s_data_ptr && s_numel;
 }
 
+// 1: t.name (t.name() when `call`) is the object `want`; 0: it is not; -1: an error is set.
+int attr_is(PyObject *t, PyObject *name, bool call, PyObject *want) {
+  PyObject *v = call ? PyObject_CallMethodNoArgs(t, name) : PyObject_GetAttr(t, name);
+  if (!v) return -1;
+  int ok = v == want;
+  Py_DECREF(v);
+  return ok;
+}
+
+// t.data_ptr() as a float pointer (false: an error is set).
+bool data_of(PyObject *t, const float **data) {
+  PyObject *v = PyObject_CallMethodNoArgs(t, s_data_ptr);
+  if (!v) return false;
+  *data = (const float *)PyLong_AsVoidPtr(v);
+  Py_DECREF(v);
+  return !PyErr_Occurred();
+}
+
 // 1: t is a plain (its exact type one of `types`) CPU tensor of dtype `f32`; 0: it is not (or None); -1: an
 // error is set.
 int plain_cpu_f32(PyObject *t, PyObject *types, PyObject *f32) {
@@ -153,32 +171,17 @@ int plain_cpu_f32(PyObject *t, PyObject *types, PyObject *f32) {
   bool typed = false;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) typed |= (PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(types, i);
   if (!typed) return 0;
-  PyObject *v = PyObject_GetAttr(t, s_dtype);
-  if (!v) return -1;
-  bool ok = v == f32;
-  Py_DECREF(v);
-  if (!ok) return 0;
-  v = PyObject_GetAttr(t, s_is_cpu);
-  if (!v) return -1;
-  ok = v == Py_True;
-  Py_DECREF(v);
-  return ok;
+  int ok = attr_is(t, s_dtype, false, f32);
+  return ok <= 0 ? ok : attr_is(t, s_is_cpu, false, Py_True);
 }
 
 // plain_cpu_f32 and contiguous, its data and numel set (1); 0: not; -1: an error is set.
 int plain_f32(PyObject *t, PyObject *types, PyObject *f32, const float **data, int64_t *numel) {
-  int plain = plain_cpu_f32(t, types, f32);
-  if (plain <= 0) return plain;
-  PyObject *v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
-  if (!v) return -1;
-  bool ok = v == Py_True;
-  Py_DECREF(v);
-  if (!ok) return 0;
-  v = PyObject_CallMethodNoArgs(t, s_data_ptr);
-  if (!v) return -1;
-  *data = (const float *)PyLong_AsVoidPtr(v);
-  Py_DECREF(v);
-  v = PyObject_CallMethodNoArgs(t, s_numel);
+  int ok = plain_cpu_f32(t, types, f32);
+  if (ok > 0) ok = attr_is(t, s_is_contiguous, true, Py_True);
+  if (ok <= 0) return ok;
+  if (!data_of(t, data)) return -1;
+  PyObject *v = PyObject_CallMethodNoArgs(t, s_numel);
   if (!v) return -1;
   *numel = PyLong_AsLongLong(v);
   Py_DECREF(v);
@@ -284,12 +287,7 @@ PyObject *py_attention_of(FT_ARGS) {
     memcpy(&qs[3 * i], stride, 3 * sizeof(int64_t));
     if (!four_ints(k, s_stride, true, stride) || stride[3] != 1) Py_RETURN_FALSE;
     memcpy(&ks[3 * i], stride, 3 * sizeof(int64_t));
-    for (int t = 0; t < 2; t++) {
-      PyObject *v = PyObject_CallMethodNoArgs(t ? k : q, s_data_ptr);
-      if (!v) return nullptr;
-      (t ? kp : qp)[i] = (const float *)PyLong_AsVoidPtr(v);
-      Py_DECREF(v);
-    }
+    if (!data_of(q, &qp[i]) || !data_of(k, &kp[i])) return nullptr;
   }
   int64_t nb, nh;
   void *rows;
