@@ -111,7 +111,14 @@ def test_weights_pass_copies_and_update_pass_measures_the_difference():
     assert out[:, 2].tolist() == [0.0, 0.0, 0.0]
 
 
-def test_gradients_found_checked_and_reduced_in_one_call():
+@pytest.mark.parametrize("reader", ["extension", "c++ hooks"])
+def test_gradients_found_checked_and_reduced_in_one_call(reader, monkeypatch):
+    """Both readers of the gradients (flowbind.cpp through Python attributes, flowhooks.cpp through at::Tensor)
+    give the kernel's numbers and refuse the same tensors."""
+    if reader == "c++ hooks" and kernels.hooks() is None:
+        pytest.skip(f"no C++ hooks here: {kernels.hooks_error}")
+    if reader == "extension":
+        monkeypatch.setattr(kernels, "_hooks", None)
     params = [torch.nn.Parameter(t) for t in tensors_of([5, CHUNK + 3, 64])]
     assert kernels.grad_sumsq_maxabs(params) is None  # no gradients yet
     for p in params:

@@ -270,3 +270,73 @@ def test_gradient_hooks_see_the_gradient_beside_other_hooks_and_on_leaves():
         assert len(seen) == 1 and torch.equal(seen[0], torch.arange(5.0)), kind
         assert len(user) == (kind == "with a user hook"), kind
         x.grad = None
+
+
+class Transposed(torch.nn.Module):
+    """A layer that works on its input transposed: the gradient of its input arrives as a transposed view, and
+    its output is one (not contiguous: the C++ hooks hand that boundary to the Python ones)."""
+
+    def __init__(self, d=12) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.lin.weight @ x.T + self.lin.bias[:, None]).T
+
+
+def test_plain_and_unusual_boundaries_in_one_stack_with_two_micro_batches():
+    """Boundaries the C++ hooks take (plain tensors) beside one they hand to the Python hooks (a transposed
+    view), with gradient accumulation: every statistic equals the reference of one big batch."""
+    torch.manual_seed(0)
+    model = MLPStack()
+    model.layers[1] = Transposed()
+    ref = copy.deepcopy(model)
+    monitor = FlowMonitor(model, None, FlowConfig(), blocks=model.layers, head=model.out)
+    x, y = torch.randn(6, 6), torch.randn(6, 3)
+    for part in (slice(0, 3), slice(3, 6)):
+        (F.mse_loss(model(x[part]), y[part], reduction="sum") / 6).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    hs = reference_forward(ref, x, ref.layers, ref.inp)
+    (F.mse_loss(ref.out(hs[-1]), y, reduction="sum") / 6).backward()
+    check_depth(rec, hs)
+
+
+def test_cpp_hooks_take_a_cpu_model_and_a_copy_of_it(reductions):
+    """On the CPU kernels' default path the C++ hooks are built and used (a broken build fails here rather than
+    falling back unnoticed), and a monitored model can still be deep-copied (its hooks are shared, as Python
+    hooks are)."""
+    from flowtrain import kernels
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    monitor = FlowMonitor(model, None, FlowConfig())
+    if reductions == "kernels" and kernels.binding == "extension":
+        assert kernels.hooks() is not None, kernels.hooks_error
+    native = kernels.hooks() is not None
+    assert (monitor.depth._state is not None) == native and (monitor.logits._state is not None) == native
+    twin = copy.deepcopy(model)
+    monitor.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    idx = torch.randint(0, 17, (2, 8))
+    assert torch.equal(twin(idx), model(idx))
+
+
+def test_a_gradient_that_is_an_expanded_view():
+    """The gradient of a sum reaches the last boundary as an expanded (stride 0) view: read all the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(2)))
+    monitor = FlowMonitor(model, None, FlowConfig(), blocks=list(model))
+    x = torch.randn(4, 6, requires_grad=True)
+    (model(x).sum() * 0.5).backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(0)
+    seen = []
+    h = model[1](model[0](x))  # the monitor hooks h too (the next step is monitored): a user's hook joins it
+    h.register_hook(lambda g: seen.append(g.stride()))
+    (h.sum() * 0.5).backward()
+    assert seen == [(0, 0)]  # what the monitor's hook got too
+    close(rec.depth("resid_grad_norm")[-1], 0.5 * math.sqrt(h.numel()))
+    close(rec.depth("act_rms")[-1], math.sqrt(float((h.detach().double() ** 2).mean())))

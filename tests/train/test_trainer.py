@@ -35,6 +35,7 @@ def test_run_directory_contract(small_text, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
     env = json.loads((run / "env.json").read_text())
     assert env["cpu_kernels"] in ("built (extension)", "built (ctypes)")  # the CPU kernels ran here
+    assert env["cpu_hooks"] == "C++ (flowhooks.cpp)" or env["cpu_kernels"] == "built (ctypes)", env["cpu_hooks"]
     if OBSERVING_VERIFIED:  # ΔW measured in the optimizer's own pass
         assert env["optimizer_step"].startswith("ObservedAdamW: flowtrain's observing kernel")
     assert json.loads((run / "summary.json").read_text())["steps"] == 20

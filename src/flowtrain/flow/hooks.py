@@ -23,8 +23,11 @@ read in the forward hook from then on.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,6 +90,34 @@ def _eager(hook):
     return guarded
 
 
+class _NativeHook(functools.partial):
+    """A C++ hook with its probe's state bound (a functools.partial: called from C without a Python frame).
+    Copying a model copies its hooks: like a Python function, this one is shared, not copied (the state it
+    holds cannot be copied)."""
+
+    __slots__ = ()
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def native_hooks_for(modules: Sequence[nn.Module]) -> object | None:
+    """The C++ hooks (kernels.hooks(), flowhooks.cpp) when the modules' weights are CPU float32 tensors; else None.
+
+    Only a model that runs on the CPU in float32 can use them (they take plain CPU float32 tensors and pass
+    everything else to the Python hooks here), so nothing is built for a GPU or bf16 model."""
+    first = next((p for m in modules for p in m.parameters()), None)
+    if first is None or first.dtype is not _F32 or not first.is_cpu or type(first) is not nn.Parameter:
+        return None
+    native = kernels.hooks()
+    if native is not None:  # torch.compile runs them between its graphs (see _Probe.arm); it need not say so
+        warnings.filterwarnings("ignore", message="Dynamo does not know how to trace the builtin `_flowhooks")
+    return native
+
+
 _HOOK_KEY = "flowtrain.residual_gradient"  # our entry in a tensor's hook dict (torch's handles use integers)
 
 
@@ -100,7 +131,9 @@ def _hook_gradient(h: torch.Tensor, hook) -> None:
     torch without them, takes register_hook."""
     if type(h) is torch.Tensor and h.grad_fn is not None and h._backward_hooks is None:
         try:
-            h._backward_hooks = {_HOOK_KEY: hook}  # a later register_hook adds its handle's integer id beside it
+            # an OrderedDict, as torch's own: a later register_hook keeps a weak reference to it and adds its
+            # handle's integer id beside ours (a plain dict cannot be weakly referenced: that call would fail)
+            h._backward_hooks = OrderedDict({_HOOK_KEY: hook})
             h.grad_fn._register_hook_dict(h)
             return
         except (AttributeError, TypeError, RuntimeError):
@@ -216,17 +249,27 @@ class _Probe:
     removed = False
     _handles: list
     _plan: list  # (module, "forward" | "forward_pre" | "forward_pre_kwargs", hook)
-    _eager_plan: list | None = None  # _plan with each hook wrapped by _eager
+    _eager_plan: list | None = None  # _plan with each Python hook wrapped by _eager
+    # the C++ hooks (flowhooks.cpp) and this probe's state there, when they take this probe's fast path
+    _native: object | None = None
+    _state: object | None = None
 
     def _reset(self) -> None:
         raise NotImplementedError
 
     def arm(self) -> None:
         self._reset()
+        if self._state is not None:
+            self._native.arm(self._state, True)
         self.armed = True
         if not self._handles and not self.removed:
             if self._eager_plan is None:  # wrapped once, not at every re-attach
-                self._eager_plan = [(module, kind, _eager(hook)) for module, kind, hook in self._plan]
+                # a C++ hook (_NativeHook) is left as it is: torch.compile does not
+                # trace into C, it runs the call between its graphs, as it runs a hook wrapped by _eager
+                self._eager_plan = [
+                    (module, kind, hook if isinstance(hook, _NativeHook) else _eager(hook))
+                    for module, kind, hook in self._plan
+                ]
             for module, kind, hook in self._eager_plan:
                 if kind == "forward":
                     self._handles.append(module.register_forward_hook(hook))
@@ -236,6 +279,8 @@ class _Probe:
 
     def disarm(self) -> None:
         self.armed = False
+        if self._state is not None:
+            self._native.arm(self._state, False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -275,11 +320,35 @@ class DepthProbe(_Probe):
         self._reset()
         self._grad_hooks = [self._make_grad_hook(i) for i in range(self.n)]  # made once, registered per step
         self._on_input = self._make_output_hook(0)  # h_0 is the first block's input
-        self._plan = [(self.blocks[0], "forward_pre", self._on_block_input)]
-        self._plan += [(block, "forward", self._make_output_hook(i + 1)) for i, block in enumerate(self.blocks)]
+        # CPU float32 with residual gradients and activations on: the boundaries' and the attention kernels'
+        # hooks are C++ (flowhooks.cpp), which hands anything but a plain CPU float32 tensor back to the Python
+        # hooks' general path here (_native_observe, _capture_qk)
+        native = native_hooks_for(self.blocks) if cfg.residual and cfg.activations else None
+        if native is not None:
+            self._native = native
+            self._state = native.probe(
+                self.n,
+                len(self.blocks),
+                self._native_observe,
+                self._capture_qk,
+                None,
+                self._flush_activations,
+                self._host_rows,
+                kernels._PLAIN,
+                HOLD_BYTES,
+            )
+            self._plan = [(self.blocks[0], "forward_pre", _NativeHook(native.on_input, self._state))]
+            self._plan += [
+                (block, "forward", _NativeHook(native.on_output, self._state, i + 1))
+                for i, block in enumerate(self.blocks)
+            ]
+        else:
+            self._plan = [(self.blocks[0], "forward_pre", self._on_block_input)]
+            self._plan += [(block, "forward", self._make_output_hook(i + 1)) for i, block in enumerate(self.blocks)]
         for i, kernel in enumerate(self.kernels):
             if kernel is not None:
-                self._plan.append((kernel, "forward_pre", self._make_kernel_hook(i)))
+                hook = self._make_kernel_hook(i) if native is None else _NativeHook(native.on_kernel, self._state, i)
+                self._plan.append((kernel, "forward_pre", hook))
         for i, attn in enumerate(self.attn_modules):
             if attn is not None:
                 self._plan.append((attn, "forward_pre_kwargs", self._make_attn_input_hook(i)))
@@ -326,6 +395,24 @@ class DepthProbe(_Probe):
                 self._pending_acts.append((index, h.detach(), h._version))
         if residual:
             _hook_gradient(h, self._grad_hooks[index])
+
+    def _native_observe(self, index: int, h: torch.Tensor | None) -> bool:
+        """The C++ hooks' fallback for a boundary they do not take: _observe; True when activations are now held
+        or pending here (the C++ input hook then flushes them when the next micro-batch begins)."""
+        self._observe(index, h)
+        return bool(self._holding or self._pending_acts)
+
+    def _take_native(self) -> None:
+        """Add what the C++ hooks measured this step to the per-boundary sums, and their time to the clock."""
+        resid, act_sumsq, act_max, act_count, spent = self._native.take(self._state)
+        for i in range(self.n):
+            if resid[i] is not None:
+                self.resid_sumsq[i] = _add(self.resid_sumsq[i], resid[i])
+            if act_sumsq[i] is not None:
+                self.act_sumsq[i] = _add(self.act_sumsq[i], act_sumsq[i])
+                self.act_max[i] = _max(self.act_max[i], act_max[i])
+            self.act_count[i] += act_count[i]
+        self.clock.spent += spent
 
     def _reduce_now(self, index: int, h: torch.Tensor, on_kernels: bool) -> None:
         if on_kernels:
@@ -455,7 +542,7 @@ class DepthProbe(_Probe):
                 if node is not None:  # what _observe does for this case: hold h, hook its gradient directly
                     held[index], versions[index] = h, h._version
                     self._holding += 1
-                    h._backward_hooks = {_HOOK_KEY: grad_hook}
+                    h._backward_hooks = OrderedDict({_HOOK_KEY: grad_hook})  # see _hook_gradient
                     try:
                         node._register_hook_dict(h)
                     except (AttributeError, TypeError, RuntimeError):  # not this torch's private call after all
@@ -595,6 +682,13 @@ class DepthProbe(_Probe):
         """Attention stats of the sampled rows (call before the weights change): per block None, a list of two
         floats (CPU kernels) or a device tensor pair."""
         to_read = self._to_read
+        if self._state is not None:  # the C++ hooks' kept kernel calls: read in one call, or handed back here
+            pairs, left = self._native.attention(self._state, self.cfg.attn_batch, self.cfg.attn_heads)
+            for i, pair in enumerate(pairs):
+                if pair is not None:
+                    self.qk_host[i] = pair
+            for block, args in left:
+                self._capture_qk(block, args)
         if to_read["args"]:  # captured as they were in the forward
             self._read_args()
         out = self.qk_host
@@ -634,6 +728,8 @@ class DepthProbe(_Probe):
         world size; fp16 loss scaling too); residual gradients are divided by it.
         """
         self._flush_activations()
+        if self._state is not None:
+            self._take_native()
         if sync:
             return self._device_matrix(attention, device, sync, backward_scale)
         sums = (self.resid_sumsq, self.act_sumsq, self.act_max)
@@ -713,7 +809,13 @@ class LogitsProbe(_Probe):
         self.armed = False
         self._reset()
         self._handles: list = []
-        self._plan = [(head, "forward", self._on_output)]
+        native = native_hooks_for([head])
+        if native is not None:  # C++ (flowhooks.cpp); anything but plain CPU float32 logits comes to _measure
+            self._native = native
+            self._state = native.probe(0, 0, None, None, self._measure, None, None, kernels._PLAIN, 0)
+            self._plan = [(head, "forward", _NativeHook(native.on_logits, self._state))]
+        else:
+            self._plan = [(head, "forward", self._on_output)]
 
     def _reset(self) -> None:
         self.max_abs: torch.Tensor | None = None
@@ -744,6 +846,12 @@ class LogitsProbe(_Probe):
     def values(self, device: torch.device, sync: bool = False) -> torch.Tensor | np.ndarray | Deferred:
         """[max |z|, mean lse] float32 (NaN when nothing was seen): numpy when measured by the CPU kernels, a
         Deferred when measured on the device (finished on the host); `sync`: over all ranks, on the device."""
+        if self._state is not None:
+            mx, lse, rows, spent = self._native.take_logits(self._state)
+            if mx is not None:
+                self.max_abs, self.lse_sum = _max(self.max_abs, mx), _add(self.lse_sum, lse)
+                self.rows += rows
+            self.clock.spent += spent
         if self.max_abs is None and not sync:
             return np.full(2, np.nan, dtype=np.float32)
         if not sync and isinstance(self.max_abs, float) and isinstance(self.lse_sum, float):  # the CPU kernels

@@ -100,13 +100,14 @@ def _python_include() -> str | None:
     return include if include and Path(include, "Python.h").exists() else None
 
 
-def _compile(cxx: str, flags: list[str], source: Path, target: Path) -> None:
+def _compile(cxx: str, flags: list[str], source: Path, target: Path, link: Sequence[str] = ()) -> None:
     """Build into a temporary file next to `target`, then rename: concurrent ranks never load half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, *COMMON_FLAGS, "-shared", "-fPIC", "-std=c++17", "-o", tmp, str(source)]
+        std = [] if any(f.startswith("-std=") for f in flags) else ["-std=c++17"]
+        cmd = [cxx, *flags, *COMMON_FLAGS, "-shared", "-fPIC", *std, "-o", tmp, str(source), *link]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
@@ -267,9 +268,82 @@ def library() -> Any:
 
 
 def reset() -> None:
-    """Forget the loaded library (tests switch FLOWTRAIN_KERNELS on and off)."""
-    global _lib, _tried, build_error, binding
+    """Forget the loaded libraries (tests switch FLOWTRAIN_KERNELS and FLOWTRAIN_NATIVE_HOOKS on and off)."""
+    global _lib, _tried, build_error, binding, _hooks, _hooks_tried, hooks_error
     _lib, _tried, build_error, binding = None, False, None, None
+    _hooks, _hooks_tried, hooks_error = None, False, None
+
+
+# -- the hooks along depth in C++ (flowhooks.cpp) ------------------------------------------------------------
+
+HOOKS_SOURCE = Path(__file__).with_name("flowhooks.cpp")
+_hooks: Any = None
+_hooks_tried = False
+hooks_error: str | None = None  # why the C++ hooks are not there (env.json's cpu_hooks, tests)
+
+
+def _torch_build_flags() -> tuple[list[str], list[str]]:
+    """Compiler flags and link arguments for code that includes torch's headers and links to its libraries:
+    the ones torch was built with, taken from torch itself (no build tool needed)."""
+    from torch.utils import cpp_extension
+
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    flags = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    link: list[str] = []
+    for lib_dir in cpp_extension.library_paths():
+        link += [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"]
+    return flags, [*link, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+
+
+def hooks() -> Any:
+    """The C++ hooks (module _flowhooks), building them the first time (~15 s on 2 cores, once per machine and
+    torch version); None when they cannot be had: then hooks.py's Python hooks do the same work.
+
+    They need what the kernels need plus Python's headers and torch's C++ headers (in every torch wheel);
+    FLOWTRAIN_NATIVE_HOOKS=0 (or FLOWTRAIN_KERNELS=0) turns them off."""
+    global _hooks, _hooks_tried, hooks_error
+    if _hooks_tried:
+        return _hooks
+    _hooks_tried = True
+    if os.environ.get("FLOWTRAIN_NATIVE_HOOKS", "1") == "0":
+        hooks_error = "disabled by FLOWTRAIN_NATIVE_HOOKS=0"
+        return None
+    if library() is None or binding != "extension":
+        hooks_error = f"no CPU kernels extension ({build_error or binding})"
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    try:
+        torch_flags, link = _torch_build_flags()
+    except Exception as exc:  # a torch without its C++ headers
+        hooks_error = f"torch's C++ build flags: {exc}"
+        return None
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    sources = [SOURCE.read_bytes(), HOOKS_SOURCE.read_bytes()]
+    errors: list[str] = []
+    for flags in _flag_sets():
+        for std in ("-std=c++20", "-std=c++17"):
+            all_flags = [*flags, std, f"-I{_python_include()}", *torch_flags]
+            parts = [*sources, " ".join([*all_flags, *COMMON_FLAGS, *link]).encode(), _cpu_fingerprint().encode()]
+            parts += [suffix.encode(), cxx.encode(), torch.__version__.encode()]
+            key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+            for cache in _cache_dirs():
+                target = cache / f"flowhooks-{platform.machine()}-{key}{suffix}"
+                try:
+                    if not target.exists():
+                        _compile(cxx, all_flags, HOOKS_SOURCE, target, link)
+                    loader = importlib.machinery.ExtensionFileLoader("_flowhooks", str(target))
+                    spec = importlib.util.spec_from_file_location("_flowhooks", str(target), loader=loader)
+                    module = importlib.util.module_from_spec(spec)
+                    loader.exec_module(module)
+                    _hooks, hooks_error = module, None
+                    return module
+                except (OSError, ImportError, subprocess.SubprocessError) as exc:
+                    stderr = (getattr(exc, "stderr", b"") or b"").decode(errors="replace")[-300:]
+                    errors.append(f"{' '.join(flags)} {std} in {cache}: {exc} {stderr}".strip())
+                    if isinstance(exc, subprocess.SubprocessError):
+                        break  # the compiler refused these flags: another directory will not help
+    hooks_error = "; ".join(errors)
+    return None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -322,7 +396,10 @@ def grad_sumsq_maxabs(params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarra
     loaded (`takes`)."""
     n = len(params)
     sq, mx, sq32 = np.empty(n), np.empty(n), np.empty(n, np.float32)
-    finite = _lib.grad_sumsq_maxabs(params, _PLAIN, torch.float32, sq, mx, sq32)
+    if _hooks is not None:  # loaded for a CPU float32 model: reads the gradients from C++ (flowhooks.cpp)
+        finite = _hooks.grad_sumsq_maxabs(params, _PLAIN, sq, mx, sq32)
+    else:
+        finite = _lib.grad_sumsq_maxabs(params, _PLAIN, torch.float32, sq, mx, sq32)
     return None if finite is None else (sq, mx, torch.from_numpy(sq32), finite)
 
 

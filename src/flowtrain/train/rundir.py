@@ -83,6 +83,16 @@ def _cpu_kernels() -> str:
     return f"built ({kernels.binding})" if kernels.library() is not None else f"torch ({kernels.build_error})"
 
 
+def _cpu_hooks() -> str:
+    """Which hooks along depth the microscope uses on the CPU: flowtrain's C++ hooks, or the Python ones and why
+    (a GPU or bf16 model, or monitoring off, never asks for the C++ ones)."""
+    from flowtrain import kernels
+
+    if kernels._hooks is not None:
+        return "C++ (flowhooks.cpp)"
+    return f"Python ({kernels.hooks_error or 'the C++ hooks were not asked for'})"
+
+
 def _optimizer_step(optimizer) -> str:
     """Whose kernel takes the optimizer step: flowtrain's observing Adam/AdamW, or torch's (and why)."""
     if optimizer is None:
@@ -107,6 +117,7 @@ def write_env(run: RunDir, device: torch.device, optimizer=None) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "num_threads": torch.get_num_threads(),
         "cpu_kernels": _cpu_kernels(),
+        "cpu_hooks": _cpu_hooks(),
         "optimizer_step": _optimizer_step(optimizer),
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
