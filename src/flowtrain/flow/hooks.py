@@ -727,8 +727,20 @@ class DepthProbe(_Probe):
         pass was scaled relative to the true loss (data-parallel trainers multiply each rank's loss by the
         world size; fp16 loss scaling too); residual gradients are divided by it.
         """
-        self._flush_activations()
+        if self._holding or self._pending_acts:
+            self._flush_activations()
         if self._state is not None:
+            if (
+                not sync
+                and type(backward_scale) in (int, float)
+                and self.resid_sumsq.count(None) == self.n  # the Python hooks measured nothing this step
+                and self.act_sumsq.count(None) == self.n
+            ):  # the usual step: the C++ hooks measured all, and write the matrix
+                out = np.empty((self.n, len(DEPTH_STATS)), np.float32)
+                spent = self._native.matrix(self._state, attention, float(backward_scale), out)
+                if spent is not None:
+                    self.clock.spent += spent
+                    return out
             self._take_native()
         if sync:
             return self._device_matrix(attention, device, sync, backward_scale)

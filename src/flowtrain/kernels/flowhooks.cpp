@@ -413,6 +413,61 @@ PyObject *py_take(FH_ARGS) {
   return out;
 }
 
+// matrix(probe, attention, scale, out) -> seconds | None: hooks.py's depth matrix (_depth_matrix) written into
+// `out` (a float32 [boundaries, 5] array) when this probe measured everything of the step (the caller checks
+// that its own path measured nothing) and every attention entry is None or a pair of floats; the sums are then
+// reset, and the hooks' time since the last take is returned. None (nothing changed): the caller takes them
+// with take() and builds the matrix itself.
+PyObject *py_matrix(FH_ARGS) {
+  ProbePtr *pp;
+  if (n != 4 || !probe_arg(a[0], &pp) || !PyList_Check(a[1])) return PyErr_Occurred() ? nullptr : Py_NewRef(Py_None);
+  Probe &p = **pp;
+  double scale = PyFloat_AsDouble(a[2]);
+  if (PyErr_Occurred()) return nullptr;
+  Py_ssize_t rows = (Py_ssize_t)p.b.size(), blocks = PyList_GET_SIZE(a[1]);
+  if (blocks != rows - 1) Py_RETURN_NONE;
+  std::vector<double> attention(2 * blocks, NaN);
+  for (Py_ssize_t i = 0; i < blocks; i++) {
+    PyObject *pair = PyList_GET_ITEM(a[1], i);
+    if (pair == Py_None) continue;
+    if (!PyList_Check(pair) || PyList_GET_SIZE(pair) != 2) Py_RETURN_NONE;
+    for (int j = 0; j < 2; j++) {
+      PyObject *v = PyList_GET_ITEM(pair, j);
+      if (!PyFloat_CheckExact(v)) Py_RETURN_NONE;
+      attention[2 * i + j] = PyFloat_AS_DOUBLE(v);
+    }
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(a[3], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return nullptr;
+  bool fits = view.itemsize == 4 && view.format && view.format[0] == 'f' && view.len == rows * 5 * 4;
+  if (!fits) {
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_ValueError, "matrix: out must be a float32 array of [boundaries, 5]");
+    return nullptr;
+  }
+  float *out = (float *)view.buf;
+  std::lock_guard<std::mutex> lock(p.mu);
+  {
+    Timed timed(p);
+    if (p.holding) flush_held(p);
+    for (Py_ssize_t i = 0; i < rows; i++) {  // as _depth_matrix: square roots, NaN where unseen or negative
+      Boundary &b = p.b[i];
+      float *row = out + 5 * i;
+      row[0] = b.resid_seen && b.resid >= 0 ? (float)(std::sqrt(b.resid) / scale) : (float)NaN;
+      row[1] = b.act_seen && b.act_sumsq >= 0 ? (float)std::sqrt(b.act_sumsq / (double)(b.count > 1 ? b.count : 1))
+                                              : (float)NaN;
+      row[2] = b.act_seen ? (float)b.act_max : (float)NaN;
+      row[3] = i ? (float)attention[2 * (i - 1)] : (float)NaN;
+      row[4] = i ? (float)attention[2 * (i - 1) + 1] : (float)NaN;
+      b.resid_seen = b.act_seen = false, b.resid = b.act_sumsq = b.act_max = 0, b.count = 0;
+    }
+  }
+  PyBuffer_Release(&view);
+  double spent = p.spent_ns * 1e-9;
+  p.spent_ns = 0;
+  return PyFloat_FromDouble(spent);
+}
+
 // take_logits(probe) -> (max |z| or None, sum of log-sum-exp, rows, seconds); reset.
 PyObject *py_take_logits(FH_ARGS) {
   ProbePtr *pp;
@@ -588,7 +643,8 @@ PyObject *py_grad_sumsq_maxabs(FH_ARGS) {
 PyMethodDef methods[] = {
     FH_METHOD(probe),  FH_METHOD(arm),         FH_METHOD(on_output), FH_METHOD(on_input),
     FH_METHOD(on_kernel), FH_METHOD(on_logits), FH_METHOD(take),      FH_METHOD(take_logits),
-    FH_METHOD(attention), FH_METHOD(mark_pending), FH_METHOD(grad_sumsq_maxabs), {nullptr, nullptr, 0, nullptr},
+    FH_METHOD(attention), FH_METHOD(mark_pending), FH_METHOD(grad_sumsq_maxabs),
+    FH_METHOD(matrix),    {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flowhooks", "flowtrain's hooks along depth in C++ (flowhooks.cpp)",
