@@ -61,6 +61,10 @@ struct Probe {
   std::mutex mu;  // the gradient hooks run on the autograd engine's thread, without the GIL
   std::vector<Boundary> b;
   int holding = 0;
+  // activations read in a gradient hook, released where the GIL is held: the last reference to a tensor that
+  // Python has seen frees its Python object, which from the autograd engine's thread means taking the GIL
+  // (~3 us a boundary in the loop)
+  std::vector<at::Tensor> done;
   bool armed = false;
   int64_t spent_ns = 0;
   int64_t hold_bytes = 0;  // the q, k of the attention kernels are kept while they hold at most this much
@@ -126,17 +130,18 @@ std::pair<double, double> one(const at::Tensor &t) {
 }
 
 // Read a held h alone (its gradient did not come); the lock is held.
-void read_held(Boundary &b, int &holding) {
+void read_held(Probe &p, Boundary &b) {
   auto [sq, mx] = one(b.held);
   if (b.held._version() != b.version) sq = mx = NaN, b.changed = true;
   b.add_activation(sq, mx, b.held.numel());
+  p.done.push_back(std::move(b.held));
   b.held.reset();
-  holding--;
+  p.holding--;
 }
 
 void flush_held(Probe &p) {
   for (Boundary &b : p.b)
-    if (b.held.defined()) read_held(b, p.holding);
+    if (b.held.defined()) read_held(p, b);
 }
 
 // The residual gradient at boundary `index`: with h held, both in one kernel call (h is in cache here: the
@@ -158,6 +163,7 @@ void on_gradient(const std::weak_ptr<Probe> &weak, size_t index, const at::Tenso
     if (b.held._version() != b.version) asq = amx = NaN, b.changed = true;
     b.add_activation(asq, amx, b.held.numel());
     b.add_resid(out[0]);
+    p->done.push_back(std::move(b.held));
     b.held.reset();
     p->holding--;
   } else {
@@ -194,7 +200,7 @@ bool observe_plain(const ProbePtr &pp, size_t index, PyObject *object) {
     auto [sq, mx] = one(h);
     b.add_activation(sq, mx, h.numel());
   } else {
-    if (b.held.defined()) read_held(b, p.holding);  // one whose gradient did not come: read it now
+    if (b.held.defined()) read_held(p, b);  // one whose gradient did not come: read it now
     b.held = h;
     b.version = h._version();
     p.holding++;
@@ -268,6 +274,7 @@ PyObject *py_arm(FH_ARGS) {
   {
     std::lock_guard<std::mutex> lock(p.mu);
     p.armed = on;
+    p.done.clear();
     if (on) {
       for (Boundary &b : p.b) {
         bool changed = b.changed;
@@ -309,6 +316,7 @@ PyObject *py_on_input(FH_ARGS) {
   {
     std::lock_guard<std::mutex> lock(p.mu);
     if (p.holding) flush_held(p);
+    p.done.clear();
   }
   if (p.py_pending) {
     p.py_pending = false;
@@ -393,6 +401,7 @@ PyObject *py_take(FH_ARGS) {
   {
     Timed timed(p);
     if (p.holding) flush_held(p);
+    p.done.clear();
   }
   Py_ssize_t count = (Py_ssize_t)p.b.size();
   PyObject *resid = PyList_New(count), *sq = PyList_New(count), *mx = PyList_New(count), *num = PyList_New(count);
@@ -450,6 +459,7 @@ PyObject *py_matrix(FH_ARGS) {
   {
     Timed timed(p);
     if (p.holding) flush_held(p);
+    p.done.clear();
     for (Py_ssize_t i = 0; i < rows; i++) {  // as _depth_matrix: square roots, NaN where unseen or negative
       Boundary &b = p.b[i];
       float *row = out + 5 * i;
