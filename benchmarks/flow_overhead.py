@@ -1,6 +1,6 @@
 """Step-time overhead of the gradient-flow microscope in the real training loop: monitoring off vs everything on.
 
-    python benchmarks/flow_overhead.py [--blocks 40] [--block 10] [--intervals 1 auto 10] [--big]
+    python benchmarks/flow_overhead.py [--blocks 40] [--block 10] [--intervals 1 auto 10] [--big] [--processes 5]
     python benchmarks/flow_overhead.py --device cuda --big [--config gpt2-124m]
 
 Two real runs of shakespeare-char (nanoGPT's CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12,
@@ -21,12 +21,18 @@ microscope's own time booked per step (`flow_ms`; it includes the gradient pass 
 make, so it can exceed the extra time). --big adds a 12-layer, 768-wide model (context 64, batch 12).
 On a GPU (`--device cuda`) each block ends by waiting for the device, so a block's time covers its work;
 `--config gpt2-124m` runs that config instead (bf16, torch.compile, batch 16 x 1024 with its accumulation).
+
+`--processes N` repeats everything in N fresh processes and quotes the median of their ratios: where the
+allocator places a run's tensors biases its step time for the life of the process (see in_processes).
+`--intervals control` times two monitoring-off runs against each other: the bias and noise of the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,12 +101,14 @@ def quartiles(values: list[float]) -> str:
 
 def compare(
     label: str, blocks: int, block: int, warmup: int, model: list[str], interval: str, config: str = "shakespeare-char"
-) -> None:
-    on = ["flow.enabled=true", f"flow.interval={interval}"]
+) -> dict:
+    on = ["flow.enabled=true", f"flow.interval={interval if interval != 'control' else 1}"]
     if interval == "auto":  # past its every-step phase and first check before the timed blocks; no re-choice
         on += [f"flow.full_steps={FULL_STEPS}", f"flow.reprobe_steps={10 * blocks * block}"]  # while timed
         warmup = max(warmup, FULL_STEPS + WINDOW + 5)
     variants = {"off": [*model, "flow.enabled=false"], "on": [*model, *on]}
+    if interval == "control":  # both runs monitoring off: the measurement's own bias and noise (ratio ~1)
+        variants["on"] = variants["off"]
     with tempfile.TemporaryDirectory() as tmp:
         means, each, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
     ratios = [a / b for a, b in zip(means["on"], means["off"], strict=True)]
@@ -119,6 +127,33 @@ def compare(
         print(f"  single steps, on / off at the same quantile: {'; '.join(views)}")
     if interval == "auto":
         print(f"  interval auto chose: {sorted({r.get('flow_interval') for r in rows['on']})}")
+    return {"label": f"{label}, interval {interval}", "ratios": ratios, "extra": extra, "stopwatch": stopwatch}
+
+
+def in_processes(count: int, argv: list[str]) -> None:
+    """Run the whole comparison `count` times, each in a fresh process, and summarize over them.
+
+    Why: where the allocator puts a run's tensors moves its step time by 0.1-0.4 ms for the life of the process
+    (two monitoring-off instances of the same model differ by that much), ~1% of a shakespeare-char step, so
+    one process's ratio carries a placement bias that no number of block pairs averages away. Fresh processes
+    draw fresh placements: the median over processes is the figure to quote."""
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            out = Path(tmp) / f"run{i}.json"
+            print(f"-- process {i + 1} of {count}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, "--processes", "1", "--result", str(out)], check=True)
+            for result in json.loads(out.read_text()):
+                results.setdefault(result["label"], []).append(result)
+    print(f"\nover {count} processes (each: the median on/off ratio of its block pairs):")
+    for label, runs in results.items():
+        medians = [statistics.median(r["ratios"]) for r in runs]
+        pooled = [x for r in runs for x in r["ratios"]]
+        extra = statistics.median([statistics.median(r["extra"]) for r in runs])
+        stopwatch = statistics.median([r["stopwatch"] for r in runs])
+        each = ", ".join(f"{m:.3f}" for m in medians)
+        print(f"  {label}: median {statistics.median(medians):.3f} (each {each}; all block pairs {quartiles(pooled)})")
+        print(f"    extra ms per step (median of the processes' medians) {extra:.3f}; stopwatch {stopwatch:.3g} ms")
 
 
 def main() -> None:
@@ -130,10 +165,22 @@ def main() -> None:
     parser.add_argument("--big-blocks", type=int, default=6)
     parser.add_argument("--big-block", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--intervals", nargs="+", default=["1"], help="flow.interval values to compare (N or auto)")
+    parser.add_argument(
+        "--intervals", nargs="+", default=["1"], help="flow.interval values to compare (N, auto; control: off vs off)"
+    )
     parser.add_argument("--device", default="cpu", help="train.device for both runs (cpu, cuda, auto)")
     parser.add_argument("--config", default="shakespeare-char", help="the recipe (another one keeps its own data)")
+    parser.add_argument("--processes", type=int, default=1, help="repeat everything in N fresh processes")
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # a child process writes its figures here (JSON)
     args = parser.parse_args()
+    if args.processes > 1:
+        argv = sys.argv[1:]
+        if "--processes" in argv:
+            at = argv.index("--processes")
+            del argv[at : at + 2]
+        argv = [a for a in argv if not a.startswith("--processes=")]
+        in_processes(args.processes, argv)
+        return
     torch.set_num_threads(args.threads)
     device = [f"train.device={args.device}"]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
@@ -141,10 +188,12 @@ def main() -> None:
     label = args.config
     if label == "shakespeare-char":
         label += " (4 layers, 128 wide, ctx 64, batch 12)"
-    for interval in args.intervals:
-        compare(label, args.blocks, args.block, args.warmup, device, interval, args.config)
+    results = [compare(label, args.blocks, args.block, args.warmup, device, i, args.config) for i in args.intervals]
     if args.big:
-        compare("12 layers, 768 wide, ctx 64, batch 12", args.big_blocks, args.big_block, 2, [*BIG, *device], "1")
+        big = "12 layers, 768 wide, ctx 64, batch 12"
+        results.append(compare(big, args.big_blocks, args.big_block, 2, [*BIG, *device], "1"))
+    if args.result:
+        Path(args.result).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

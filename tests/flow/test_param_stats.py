@@ -240,3 +240,40 @@ def test_observing_optimizer_reports_a_poisoned_tensor_as_non_finite_not_as_stil
         rec = monitor.collect(step)
     s = rec.tensor(name)
     assert math.isnan(s["weight_norm"]) and math.isnan(s["update_norm"])
+
+
+def test_gradients_read_as_accumulated_and_read_again_where_changed_after(reductions):
+    """With the C++ hooks each gradient is read right after the backward accumulated it (the last of two
+    micro-batches counts); one changed in place afterwards and one replaced are read again, so every figure
+    describes the gradients as after_backward() finds them. Unmonitored steps in between change nothing."""
+    from flowtrain import kernels
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    monitor = FlowMonitor(model, None, FlowConfig(interval=2))
+    watching = monitor.params._watch is not None
+    if reductions == "kernels" and kernels.hooks() is not None:
+        assert watching
+    idx = torch.randint(0, 17, (4, 8))
+    named = dict(model.named_parameters())
+    for step in range(5):
+        model.zero_grad(set_to_none=True)
+        for part in (idx[:2], idx[2:]):
+            (loss_of(model, part) / 2).backward()
+        changed, replaced = named["blocks.0.mlp.0.weight"], named["lm_head.weight"]
+        if step == 2:
+            changed.grad.mul_(3.0)  # in place: its version moves
+            replaced.grad = replaced.grad * -2.0  # another tensor
+        monitor.after_backward()
+        monitor.after_step()
+        rec = monitor.collect(step)
+        if step % 2:
+            assert rec.tensor_stats is None
+            continue
+        stats = dict(zip(rec.tensor_names, rec.tensor_stats.tolist(), strict=True))
+        for name, p in named.items():
+            close(stats[name][0], norm(p.grad))  # grad_norm
+            close(stats[name][1], float(p.grad.abs().max()))  # grad_max_abs
+    monitor.remove()
+    assert monitor.params._watch is None
+    loss_of(model, idx).backward()  # the accumulators without our hooks
