@@ -124,8 +124,7 @@ class FlowMonitor:
         self.logits: LogitsProbe | None = None
         if not self.cfg.enabled:
             return
-        # a data-parallel job's gradients change after they are accumulated (the all-reduce): read after backward
-        self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates, not sync)
+        self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates)
         self._layer_groups = LayerGroups(self.layers, self.params.np_numels)
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
@@ -175,8 +174,6 @@ class FlowMonitor:
 
     def _arm(self) -> None:
         on = self.is_monitored()
-        if self.params is not None:
-            self.params.arm(on)
         for probe in (self.depth, self.logits):
             if probe is not None:
                 probe.arm() if on else probe.disarm()
@@ -392,8 +389,6 @@ class FlowMonitor:
         for probe in (self.depth, self.logits):
             if probe is not None:
                 probe.remove()
-        if self.params is not None:
-            self.params.remove()
 
     close = remove
 

@@ -45,14 +45,7 @@ Vector = torch.Tensor | np.ndarray  # one value per parameter tensor
 class ParamStats:
     """Statistics over a fixed, named list of parameters of one model/optimizer pair."""
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        params: Sequence[torch.nn.Parameter],
-        optimizer,
-        keep_updates: bool,
-        watch_gradients: bool = False,
-    ):
+    def __init__(self, names: Sequence[str], params: Sequence[torch.nn.Parameter], optimizer, keep_updates: bool):
         self.names = list(names)
         self.params = list(params)
         self.optimizer = optimizer
@@ -76,12 +69,6 @@ class ParamStats:
         self._fresh: tuple[list[int], np.ndarray] | None = None
         self._no_nonfinite = np.zeros(len(self.params))  # grad_nonfinite of a finite step (read only)
         self._no_nonfinite.flags.writeable = False
-        # CPU kernels with the C++ hooks, one process: each gradient read as the backward accumulates it, while it
-        # is in cache (kernels.watch_gradients); armed for monitored steps only
-        self._watch = None
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if watch_gradients and self.fast and not distributed and all(p.is_leaf and p.requires_grad for p in params):
-            self._watch = kernels.watch_gradients(self.params)
 
     @property
     def np_numels(self) -> np.ndarray:
@@ -94,17 +81,6 @@ class ParamStats:
 
     def _nan(self) -> torch.Tensor:
         return torch.full((len(self.params),), float("nan"), device=self.device)
-
-    def arm(self, monitored: bool) -> None:
-        """The coming step is monitored (or not): the gradient watch reads its gradients (or stays idle)."""
-        if self._watch is not None:
-            kernels.hooks().watch_arm(self._watch, monitored)
-
-    def remove(self) -> None:
-        """Take the gradient watch's hooks off the parameters' gradient accumulators."""
-        if self._watch is not None:
-            kernels.hooks().unwatch(self._watch)
-            self._watch = None
 
     def invalidate(self) -> None:
         """The weights were replaced behind the optimizer's back: take a fresh copy before the next step."""
@@ -140,10 +116,7 @@ class ParamStats:
         The kernels' paths read memory only and need no autograd guard; only torch's path runs under no_grad
         (entering and leaving it costs ~50 us in the training loop on a 2-core CPU, where its Python is cold)."""
         if self.fast:  # the usual case on the CPU: every gradient there and plain, found in the kernel's call
-            if self._watch is not None:  # most of them read already, as the backward accumulated them
-                found = kernels.watched_gradients(self._watch, len(self.params))
-            else:
-                found = kernels.grad_sumsq_maxabs(self.params)
+            found = kernels.grad_sumsq_maxabs(self.params)
             if found is not None:
                 sq, mx, clip, finite = found  # clip: float32, as sums_of_squares gives it
                 bad = self._no_nonfinite if finite else kernels.nonfinite([p.grad for p in self.params]) * 1.0

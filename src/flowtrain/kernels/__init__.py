@@ -403,21 +403,6 @@ def grad_sumsq_maxabs(params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarra
     return None if finite is None else (sq, mx, torch.from_numpy(sq32), finite)
 
 
-def watch_gradients(params: list[torch.Tensor]) -> Any:
-    """A watch on the gradients of `params` (flowhooks.cpp): each one read right after the autograd engine
-    accumulated it, while armed; None without the C++ hooks. `params` must be plain CPU float32 leaves."""
-    native = hooks()
-    return native.watch(list(params)) if native is not None else None
-
-
-def watched_gradients(watch: Any, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor, bool] | None:
-    """grad_sumsq_maxabs for the `n` parameters of a watch (the same tuple and numbers), from the readings taken
-    as the gradients were accumulated where they still hold, the rest read now; None as grad_sumsq_maxabs."""
-    sq, mx, sq32 = np.empty(n), np.empty(n), np.empty(n, np.float32)
-    finite = _hooks.watched(watch, sq, mx, sq32)
-    return None if finite is None else (sq, mx, torch.from_numpy(sq32), finite)
-
-
 def nonfinite(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     """Per tensor: count of NaN/Inf elements (int64)."""
     out = np.empty(len(tensors), np.int64)

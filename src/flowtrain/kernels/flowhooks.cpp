@@ -18,10 +18,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/node.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/variable.h>
 
 #include <chrono>
 #include <cmath>
@@ -651,189 +648,13 @@ PyObject *py_grad_sumsq_maxabs(FH_ARGS) {
   return result;
 }
 
-// -- the parameters' gradients, read as they are accumulated --------------------------------------------------
-// ParamStats' per-tensor gradient figures (sum of squares, max |g|) from each parameter's gradient read right
-// after the autograd engine accumulated it (a post hook on the parameter's AccumulateGrad node), while it is in
-// cache, instead of in one pass over all gradients after the backward. Measured in the shakespeare-char loop on a
-// 2-core CPU: that pass took ~0.2 ms of after_backward; with the reading here after_backward's gradient figures
-// take ~0.08 ms and the backward ~0.1 ms more. A figure is used only if the parameter's gradient is still the
-// tensor it was read from, at the same version: a gradient replaced or changed in place since (a user's
-// clipping, a scaler's unscale) is read again in watched(). With several micro-batches the last accumulation's
-// reading is the one that holds. Holding the AccumulateGrad nodes also spares torch making new ones at every
-// forward.
-struct GradSlot {
-  const c10::TensorImpl *impl = nullptr;  // the gradient tensor the figures were read from (compared, not used)
-  int64_t version = -1;
-  double sq = 0, mx = 0;
-};
-
-struct GradWatch {
-  std::mutex mu;
-  bool armed = false;
-  std::vector<at::Tensor> params;
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators;  // kept alive: our hooks live on them
-  std::vector<uintptr_t> keys;                                          // of our hooks, to remove them
-  std::vector<GradSlot> slots;
-
-  void unwatch() {  // with the GIL, between backward passes
-    for (size_t i = 0; i < accumulators.size(); i++) accumulators[i]->del_post_hook(keys[i]);
-    accumulators.clear(), keys.clear();
-    armed = false;
-  }
-};
-
-using WatchPtr = std::shared_ptr<GradWatch>;
-const char *WATCH = "flowtrain.flowhooks.GradWatch";
-
-bool plain_gradient(const at::Tensor &g) {
-  return cpu_f32(g) && g.is_contiguous() && !g.key_set().has(c10::DispatchKey::Python);
-}
-
-struct AfterAccumulate : torch::autograd::FunctionPostHook {
-  std::weak_ptr<GradWatch> weak;
-  size_t index;
-  AfterAccumulate(std::weak_ptr<GradWatch> w, size_t i) : weak(std::move(w)), index(i) {}
-  torch::autograd::variable_list operator()(const torch::autograd::variable_list &outputs,
-                                            const torch::autograd::variable_list &) override {
-    WatchPtr w = weak.lock();
-    if (!w || !w->armed) return outputs;
-    const at::Tensor &g = w->params[index].grad();
-    if (plain_gradient(g)) {
-      auto [sq, mx] = one(g);
-      std::lock_guard<std::mutex> lock(w->mu);
-      w->slots[index] = {g.unsafeGetTensorImpl(), g._version(), sq, mx};
-    }
-    return outputs;
-  }
-};
-
-WatchPtr *watch_of(PyObject *capsule) { return (WatchPtr *)PyCapsule_GetPointer(capsule, WATCH); }
-
-void drop_watch(PyObject *capsule) {
-  WatchPtr *w = watch_of(capsule);
-  if (!w) return;
-  (*w)->unwatch();
-  delete w;
-}
-
-// watch(params: list) -> capsule: hooks on the gradient accumulators of `params` (plain leaf tensors that
-// require grad; the caller checks), disarmed.
-PyObject *py_watch(FH_ARGS) {
-  if (n != 1 || !PyList_Check(a[0])) {
-    PyErr_SetString(PyExc_TypeError, "watch(params: list)");
-    return nullptr;
-  }
-  auto *wp = new WatchPtr(std::make_shared<GradWatch>());
-  GradWatch &w = **wp;
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(a[0]); i++) {
-    PyObject *o = PyList_GET_ITEM(a[0], i);
-    if (!THPVariable_Check(o)) {
-      w.unwatch();
-      delete wp;
-      PyErr_SetString(PyExc_TypeError, "watch: params must be tensors");
-      return nullptr;
-    }
-    const at::Tensor &p = THPVariable_Unpack(o);
-    w.params.push_back(p);
-    auto accumulator = torch::autograd::impl::grad_accumulator(p);
-    if (!accumulator) {
-      w.unwatch();
-      delete wp;
-      PyErr_SetString(PyExc_ValueError, "watch: a parameter without a gradient accumulator (not a leaf?)");
-      return nullptr;
-    }
-    w.keys.push_back(accumulator->add_post_hook(std::make_unique<AfterAccumulate>(*wp, (size_t)i)));
-    w.accumulators.push_back(std::move(accumulator));
-  }
-  w.slots.resize(w.params.size());
-  PyObject *capsule = PyCapsule_New(wp, WATCH, drop_watch);
-  if (!capsule) {
-    w.unwatch();
-    delete wp;
-  }
-  return capsule;
-}
-
-// watch_arm(watch, on): forget the last step's readings; read the gradients of the coming step (on) or not.
-PyObject *py_watch_arm(FH_ARGS) {
-  WatchPtr *wp;
-  if (n != 2 || !(wp = watch_of(a[0]))) return nullptr;
-  int on = PyObject_IsTrue(a[1]);
-  if (on < 0) return nullptr;
-  GradWatch &w = **wp;
-  std::lock_guard<std::mutex> lock(w.mu);
-  w.armed = on && !w.accumulators.empty();
-  for (GradSlot &slot : w.slots) slot = GradSlot();
-  Py_RETURN_NONE;
-}
-
-// unwatch(watch): remove the hooks (the monitor is removed); the watch reads nothing from then on.
-PyObject *py_unwatch(FH_ARGS) {
-  WatchPtr *wp;
-  if (n != 1 || !(wp = watch_of(a[0]))) return nullptr;
-  (*wp)->unwatch();
-  Py_RETURN_NONE;
-}
-
-// watched(watch, sumsq, maxabs, sumsq32) -> None | bool: grad_sumsq_maxabs of the watched parameters (the same
-// contract and numbers): the figures read in the hooks where the gradient is unchanged since, the others read
-// now in one kernel call; None (nothing written) when some parameter has no gradient or not a plain one.
-PyObject *py_watched(FH_ARGS) {
-  WatchPtr *wp;
-  if (n != 4 || !(wp = watch_of(a[0]))) return PyErr_Occurred() ? nullptr : (PyErr_SetString(PyExc_TypeError, "watched(watch, sumsq, maxabs, sumsq32)"), nullptr);
-  GradWatch &w = **wp;
-  Py_ssize_t count = (Py_ssize_t)w.params.size();
-  std::vector<const float *> ptrs;
-  std::vector<int64_t> numel, where;
-  std::vector<GradSlot> slots;
-  {
-    std::lock_guard<std::mutex> lock(w.mu);
-    slots = w.slots;
-  }
-  for (Py_ssize_t i = 0; i < count; i++) {
-    const at::Tensor &g = w.params[i].grad();
-    if (!plain_gradient(g)) Py_RETURN_NONE;
-    if (slots[i].impl == g.unsafeGetTensorImpl() && slots[i].version == g._version()) continue;
-    ptrs.push_back(g.const_data_ptr<float>());
-    numel.push_back(g.numel());
-    where.push_back(i);
-  }
-  Py_buffer views[3];
-  int got = 0;
-  for (; got < 3; got++)
-    if (PyObject_GetBuffer(a[1 + got], &views[got], PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) != 0) break;
-  PyObject *result = nullptr;
-  if (got == 3 && views[0].len >= count * 8 && views[1].len >= count * 8 && views[2].len >= count * 4) {
-    double *sq = (double *)views[0].buf, *mx = (double *)views[1].buf;
-    float *sq32 = (float *)views[2].buf;
-    for (Py_ssize_t i = 0; i < count; i++) sq[i] = slots[i].sq, mx[i] = slots[i].mx;
-    if (!where.empty()) {
-      std::vector<double> s(where.size());
-      std::vector<float> m(where.size());
-      ft_sumsq_maxabs((int64_t)where.size(), ptrs.data(), numel.data(), s.data(), m.data());
-      for (size_t j = 0; j < where.size(); j++) sq[where[j]] = s[j], mx[where[j]] = s[j] == s[j] ? (double)m[j] : s[j];
-    }
-    bool finite = true;
-    for (Py_ssize_t i = 0; i < count; i++) {
-      sq32[i] = (float)sq[i];
-      finite &= sq[i] - sq[i] == 0;  // false for NaN and infinity
-    }
-    result = PyBool_FromLong(finite);
-  } else if (got == 3) {
-    PyErr_SetString(PyExc_ValueError, "watched: output buffers too small");
-  }
-  for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
-  return result;
-}
-
 #define FH_METHOD(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, nullptr}
 
 PyMethodDef methods[] = {
     FH_METHOD(probe),  FH_METHOD(arm),         FH_METHOD(on_output), FH_METHOD(on_input),
     FH_METHOD(on_kernel), FH_METHOD(on_logits), FH_METHOD(take),      FH_METHOD(take_logits),
     FH_METHOD(attention), FH_METHOD(mark_pending), FH_METHOD(grad_sumsq_maxabs),
-    FH_METHOD(matrix),    FH_METHOD(watch),     FH_METHOD(watch_arm), FH_METHOD(unwatch),
-    FH_METHOD(watched),   {nullptr, nullptr, 0, nullptr},
+    FH_METHOD(matrix),    {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flowhooks", "flowtrain's hooks along depth in C++ (flowhooks.cpp)",
