@@ -18,6 +18,9 @@ cache directory keyed by the sources, the flags, the Python ABI and this CPU's f
 or with FLOWTRAIN_KERNELS=0, `library()` is None and every caller takes its torch path (same numbers to
 ~1e-7); a run's env.json says which (`cpu_kernels`). Only CPU float32 contiguous tensors take this path
 (`takes`); GPUs keep torch's fused kernels.
+
+`hooks()` builds a second module the same way, flowhooks.cpp (the microscope's hooks along depth in C++), which
+includes torch's C++ headers and links to its libraries, so it is compiled against the torch installed here.
 """
 
 from __future__ import annotations

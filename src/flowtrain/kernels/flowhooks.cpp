@@ -648,7 +648,19 @@ PyObject *py_grad_sumsq_maxabs(FH_ARGS) {
   return result;
 }
 
-#define FH_METHOD(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, nullptr}
+// A C++ exception must not cross into Python (it would end the process): torch's own calls above may throw
+// (c10::Error) on tensors they refuse; the caller then gets a RuntimeError with torch's message.
+template <PyObject *(*F)(PyObject *, PyObject *const *, Py_ssize_t)>
+PyObject *guarded(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+  try {
+    return F(self, a, n);
+  } catch (const std::exception &e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+#define FH_METHOD(name) {#name, (PyCFunction)(void (*)(void))guarded<py_##name>, METH_FASTCALL, nullptr}
 
 PyMethodDef methods[] = {
     FH_METHOD(probe),  FH_METHOD(arm),         FH_METHOD(on_output), FH_METHOD(on_input),
