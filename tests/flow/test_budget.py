@@ -61,7 +61,9 @@ def test_auto_stays_at_every_step_when_monitoring_is_cheap_and_caps_when_it_is_n
     clock = Stopwatch()
     cheap = Interval(FlowConfig(full_steps=5, budget=0.03), 0, clock)
     run(cheap, clock, fake, 8, step_s=0.100, cost_s=0.001)
-    assert cheap.every == 1
+    assert cheap.every == 2  # every step fits by the stopwatch: every other step until the check can compare
+    run_from(cheap, clock, fake, 8, 5 + budget.WINDOW, step_s=0.100, cost_s=0.001)
+    assert cheap.every == 1  # the step times show nothing beyond the stopwatch
     dear = Interval(FlowConfig(full_steps=5, budget=0.001), 0, clock)
     run(dear, clock, fake, 8, step_s=0.001, cost_s=1.0)
     assert dear.every == budget.MAX_INTERVAL
@@ -121,3 +123,27 @@ def test_auto_adds_what_the_stopwatch_cannot_see_once_both_kinds_of_steps_are_ti
     assert interval.every == first == 4
     steps(10, 10 + budget.WINDOW)
     assert interval.every == 10  # (1 ms booked + 2 ms unseen) / N <= 3% of 10 ms
+
+
+def test_auto_tries_every_other_step_before_settling_on_every_step(monkeypatch):
+    """The stopwatch books 0.2 ms of a 10 ms step (within 3%), but monitored steps take 1 ms more than that:
+    the choice of every step is tried as every other step for one window, whose step times show the cost."""
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    interval = Interval(FlowConfig(full_steps=10, reprobe_steps=1000, budget=0.03), 0, clock)
+    booked, hidden = 0.0002, 0.001
+
+    def steps(start, stop):
+        for step in range(start, stop):
+            on = interval.monitored(step)
+            fake.now += 0.010 + (booked + hidden if on else 0.0)
+            clock.spent += booked if on else 0.0
+            interval.step_done(step, on)
+
+    steps(0, 10)
+    assert interval.every == 2
+    steps(10, 10 + budget.WINDOW)
+    # (0.2 ms booked + 1 ms unseen) / N within 3% of the step time without the stopwatch's share: the window's
+    # median of 10 ms (unmonitored) and 11 ms (monitored) steps, half of each
+    assert interval.every == math.ceil((booked + hidden) / (0.03 * 0.0105)) == 4
