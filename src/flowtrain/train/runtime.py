@@ -7,6 +7,8 @@ and restore it exactly; that is what makes `--resume` bitwise on CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 import random
 from dataclasses import dataclass
 
@@ -29,6 +31,51 @@ def select_device(requested: str) -> torch.device:
     if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("train.device=mps but MPS is not available; use train.device=auto or cpu")
     return torch.device(requested)
+
+
+# glibc's malloc: blocks up to this size come from the heap, where freed memory is reused ...
+MMAP_THRESHOLD = 256 << 20
+# ... and free memory at the top of the heap goes back to the system only beyond this much
+TRIM_THRESHOLD = 512 << 20
+_allocator: str | None = None
+
+
+def tune_cpu_allocator() -> str:
+    """Keep freed tensor memory in the process instead of handing it back to the system at every step.
+
+    Why: torch's CPU tensors come from glibc's malloc, which serves blocks above its mmap threshold (128 KiB,
+    raised by itself up to 32 MiB) straight from the system and returns them on free; a training step frees and
+    allocates the same activations again, so the next step touches fresh pages and the kernel zero-fills every
+    one of them. Measured on shakespeare-char on a 2-core CPU: ~2,500-3,500 page faults a step, and the same
+    steps with both thresholds raised (`mallopt`) take ~25 ms instead of ~30 ms, peak memory unchanged (436 MB):
+    a step's allocations repeat, so the heap settles at the peak the run needs anyway. Process-wide and
+    idempotent; applied by the trainer on the CPU (`train.tune_allocator`). Returns what was done, for env.json;
+    elsewhere than glibc nothing is changed (say why)."""
+    global _allocator
+    if _allocator is not None:
+        return _allocator
+    libc_name, _ = platform.libc_ver()
+    if libc_name != "glibc":
+        _allocator = f"default (not glibc: {libc_name or platform.system()})"
+        return _allocator
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        ok = libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1 and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError) as exc:
+        _allocator = f"default (mallopt unavailable: {exc})"
+        return _allocator
+    _allocator = (
+        f"glibc malloc: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+        if ok
+        else "default (mallopt refused the thresholds)"
+    )
+    return _allocator
+
+
+def allocator() -> str:
+    """What tune_cpu_allocator() did in this process (env.json), or that it was not asked."""
+    return _allocator or "default (not tuned)"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,14 @@ from flowtrain.train import distributed as dist_util
 from flowtrain.train import recovery
 from flowtrain.train.evaluate import evaluate
 from flowtrain.train.rundir import RunDir, default_run_name, write_env
-from flowtrain.train.runtime import rng_state, seed_everything, select_device, select_precision, set_rng_state
+from flowtrain.train.runtime import (
+    rng_state,
+    seed_everything,
+    select_device,
+    select_precision,
+    set_rng_state,
+    tune_cpu_allocator,
+)
 from flowtrain.train.step import train_step
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
@@ -77,6 +84,8 @@ class Trainer:
         self.dist, dist_device = dist_util.init_distributed(tc.parallel, tc.device)
         self.world_size, self.is_main = self.dist.world_size, self.dist.is_main
         self.device = dist_device or select_device(tc.device)
+        if self.device.type == "cpu" and tc.tune_allocator:
+            tune_cpu_allocator()
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
 
