@@ -242,6 +242,11 @@ class _Refused(Exception):
     """The compiler rejected a set of flags."""
 
 
+def _compiler() -> str | None:
+    """$CXX, else the first C++ compiler on PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+
+
 def library() -> Any:
     """The compiled kernels, building them the first time; None when they cannot be had (callers fall back)."""
     global _lib, _tried, build_error, binding
@@ -251,7 +256,7 @@ def library() -> Any:
     if os.environ.get("FLOWTRAIN_KERNELS", "1") == "0":
         build_error = "disabled by FLOWTRAIN_KERNELS=0"
         return None
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    cxx = _compiler()
     if cxx is None:
         build_error = "no C++ compiler (g++/clang++) on PATH"
         return None
@@ -314,7 +319,7 @@ def hooks() -> Any:
     if library() is None or binding != "extension":
         hooks_error = f"no CPU kernels extension ({build_error or binding})"
         return None
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    cxx = _compiler()  # there: the kernels were built with it
     try:
         torch_flags, link = _torch_build_flags()
     except Exception as exc:  # a torch without its C++ headers

@@ -213,17 +213,8 @@ PyObject *py_grad_sumsq_maxabs(FT_ARGS) {
   Held h;
   void *sq_out, *mx_out, *sq32_out;
   if (!as_pointer(a[3], &sq_out, h) || !as_pointer(a[4], &mx_out, h) || !as_pointer(a[5], &sq32_out, h)) return nullptr;
-  double *sq = (double *)sq_out, *mx = (double *)mx_out;
-  float *sq32 = (float *)sq32_out;
-  std::vector<float> m(count > 0 ? count : 1);
-  ft_sumsq_maxabs(count, ptrs.data(), numel.data(), sq, m.data());
-  bool finite = true;
-  for (Py_ssize_t i = 0; i < count; i++) {
-    mx[i] = sq[i] == sq[i] ? (double)m[i] : sq[i];
-    sq32[i] = (float)sq[i];
-    finite &= sq[i] - sq[i] == 0;  // false for NaN and infinity
-  }
-  return PyBool_FromLong(finite);
+  return PyBool_FromLong(grad_figures(count, ptrs.data(), numel.data(), (double *)sq_out, (double *)mx_out,
+                                      (float *)sq32_out));
 }
 
 // A tuple of 4 non-negative ints from t.shape or t.stride() (the attribute or method `name`); false if not.

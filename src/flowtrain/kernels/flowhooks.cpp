@@ -630,16 +630,8 @@ PyObject *py_grad_sumsq_maxabs(FH_ARGS) {
     if (PyObject_GetBuffer(a[2 + got], &views[got], PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) != 0) break;
   PyObject *result = nullptr;
   if (got == 3 && views[0].len >= count * 8 && views[1].len >= count * 8 && views[2].len >= count * 4) {
-    double *sq = (double *)views[0].buf, *mx = (double *)views[1].buf;
-    float *sq32 = (float *)views[2].buf;
-    std::vector<float> m(count > 0 ? count : 1);
-    ft_sumsq_maxabs(count, ptrs.data(), numel.data(), sq, m.data());
-    bool finite = true;
-    for (Py_ssize_t i = 0; i < count; i++) {
-      mx[i] = sq[i] == sq[i] ? (double)m[i] : sq[i];
-      sq32[i] = (float)sq[i];
-      finite &= sq[i] - sq[i] == 0;  // false for NaN and infinity
-    }
+    bool finite = grad_figures(count, ptrs.data(), numel.data(), (double *)views[0].buf, (double *)views[1].buf,
+                               (float *)views[2].buf);
     result = PyBool_FromLong(finite);
   } else if (got == 3) {
     PyErr_SetString(PyExc_ValueError, "grad_sumsq_maxabs: output buffers too small");

@@ -680,3 +680,23 @@ void ft_flow_tables(int64_t n, const double *gsq, const double *gmax, const doub
 }
 
 }  // extern "C"
+
+namespace {
+
+// The gradients' figures as the CPython bindings hand them over (flowbind.cpp and flowhooks.cpp, which each read
+// the gradients their own way): sums of squares (double), max |g| (NaN where the sum is), the sums as float32
+// (what the clipper gets); returns whether every sum is finite.
+[[maybe_unused]] bool grad_figures(int64_t count, const float *const *ptrs, const int64_t *numel, double *sq,
+                                   double *mx, float *sq32) {
+  std::vector<float> m(count > 0 ? count : 1);
+  ft_sumsq_maxabs(count, ptrs, numel, sq, m.data());
+  bool finite = true;
+  for (int64_t i = 0; i < count; i++) {
+    mx[i] = sq[i] == sq[i] ? (double)m[i] : sq[i];
+    sq32[i] = (float)sq[i];
+    finite &= sq[i] - sq[i] == 0;  // false for NaN and infinity
+  }
+  return finite;
+}
+
+}  // namespace
