@@ -824,6 +824,7 @@ class LogitsProbe(_Probe):
         native = native_hooks_for([head])
         if native is not None:  # C++ (flowhooks.cpp); anything but plain CPU float32 logits comes to _measure
             self._native = native
+            # no boundaries, blocks or fallbacks of the depth probe's: only the logits' (measure)
             self._state = native.probe(0, 0, None, None, self._measure, None, None, kernels._PLAIN, 0)
             self._plan = [(head, "forward", _NativeHook(native.on_logits, self._state))]
         else:

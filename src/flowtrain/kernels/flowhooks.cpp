@@ -594,15 +594,6 @@ PyObject *py_attention(FH_ARGS) {
   return result;
 }
 
-// mark_pending(probe): hooks.py's general path holds activations (a gradient hook of its own flushes them, or
-// the next micro-batch's on_input does).
-PyObject *py_mark_pending(FH_ARGS) {
-  ProbePtr *pp;
-  if (n != 1 || !probe_arg(a[0], &pp)) return nullptr;
-  (*pp)->py_pending = true;
-  Py_RETURN_NONE;
-}
-
 // grad_sumsq_maxabs(params: list, types: tuple, sumsq, maxabs, sumsq32) -> None | bool: flowbind.cpp's function
 // of the same name (the same contract and kernel), reading each parameter's gradient as an at::Tensor instead of
 // through ~6 Python attribute reads per parameter (~0.1 ms a step on shakespeare-char's 27 tensors in the loop).
@@ -657,7 +648,7 @@ PyObject *guarded(PyObject *self, PyObject *const *a, Py_ssize_t n) {
 PyMethodDef methods[] = {
     FH_METHOD(probe),  FH_METHOD(arm),         FH_METHOD(on_output), FH_METHOD(on_input),
     FH_METHOD(on_kernel), FH_METHOD(on_logits), FH_METHOD(take),      FH_METHOD(take_logits),
-    FH_METHOD(attention), FH_METHOD(mark_pending), FH_METHOD(grad_sumsq_maxabs),
+    FH_METHOD(attention), FH_METHOD(grad_sumsq_maxabs),
     FH_METHOD(matrix),    {nullptr, nullptr, 0, nullptr},
 };
 

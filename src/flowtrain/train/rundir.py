@@ -91,7 +91,9 @@ def _cpu_hooks() -> str:
 
     if kernels._hooks is not None:
         return "C++ (flowhooks.cpp)"
-    return f"Python ({kernels.hooks_error or 'the C++ hooks were not asked for'})"
+    if kernels.hooks_error:
+        return f"Python ({kernels.hooks_error})"
+    return "not built (no CPU float32 model monitored in this process)"
 
 
 def _optimizer_step(optimizer) -> str:

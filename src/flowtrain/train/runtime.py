@@ -50,7 +50,7 @@ def tune_cpu_allocator() -> str:
     steps with both thresholds raised (`mallopt`) take ~25 ms instead of ~30 ms, peak memory unchanged (436 MB):
     a step's allocations repeat, so the heap settles at the peak the run needs anyway. Process-wide and
     idempotent; applied by the trainer on the CPU (`train.tune_allocator`). Returns what was done, for env.json;
-    elsewhere than glibc nothing is changed (say why)."""
+    with another C library nothing is changed, and the text says so."""
     global _allocator
     if _allocator is not None:
         return _allocator
