@@ -240,3 +240,31 @@ def test_observing_optimizer_reports_a_poisoned_tensor_as_non_finite_not_as_stil
         rec = monitor.collect(step)
     s = rec.tensor(name)
     assert math.isnan(s["weight_norm"]) and math.isnan(s["update_norm"])
+
+
+def test_figures_describe_the_gradients_as_after_backward_finds_them(reductions):
+    """Two micro-batches, then one gradient changed in place and one replaced before after_backward(): every
+    figure is that of the gradients then; steps between monitored ones (interval 2) change nothing."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    monitor = FlowMonitor(model, None, FlowConfig(interval=2))
+    idx = torch.randint(0, 17, (4, 8))
+    named = dict(model.named_parameters())
+    for step in range(5):
+        model.zero_grad(set_to_none=True)
+        for part in (idx[:2], idx[2:]):
+            (loss_of(model, part) / 2).backward()
+        if step == 2:
+            named["blocks.0.mlp.0.weight"].grad.mul_(3.0)  # in place
+            named["lm_head.weight"].grad = named["lm_head.weight"].grad * -2.0  # another tensor
+        monitor.after_backward()
+        monitor.after_step()
+        rec = monitor.collect(step)
+        if step % 2:
+            assert rec.tensor_stats is None
+            continue
+        stats = dict(zip(rec.tensor_names, rec.tensor_stats.tolist(), strict=True))
+        for name, p in named.items():
+            close(stats[name][0], norm(p.grad))  # grad_norm
+            close(stats[name][1], float(p.grad.abs().max()))  # grad_max_abs
+    monitor.remove()
