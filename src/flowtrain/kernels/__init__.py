@@ -200,9 +200,9 @@ class _CtypesKernels:
         return mx, lse
 
 
-def _load_extension(path: Path):
-    loader = importlib.machinery.ExtensionFileLoader("_flowstats", str(path))
-    spec = importlib.util.spec_from_file_location("_flowstats", str(path), loader=loader)
+def _load_extension(path: Path, name: str = "_flowstats"):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
@@ -339,12 +339,8 @@ def hooks() -> Any:
                 try:
                     if not target.exists():
                         _compile(cxx, all_flags, HOOKS_SOURCE, target, link)
-                    loader = importlib.machinery.ExtensionFileLoader("_flowhooks", str(target))
-                    spec = importlib.util.spec_from_file_location("_flowhooks", str(target), loader=loader)
-                    module = importlib.util.module_from_spec(spec)
-                    loader.exec_module(module)
-                    _hooks, hooks_error = module, None
-                    return module
+                    _hooks, hooks_error = _load_extension(target, "_flowhooks"), None
+                    return _hooks
                 except (OSError, ImportError, subprocess.SubprocessError) as exc:
                     stderr = (getattr(exc, "stderr", b"") or b"").decode(errors="replace")[-300:]
                     errors.append(f"{' '.join(flags)} {std} in {cache}: {exc} {stderr}".strip())

@@ -235,6 +235,15 @@ bool probe_arg(PyObject *o, ProbePtr **out) {
   return *out != nullptr;
 }
 
+// An index in [0, size) from a Python int (false: an error is set, naming `what`).
+bool index_arg(PyObject *o, size_t size, const char *what, Py_ssize_t *out) {
+  *out = PyLong_AsSsize_t(o);
+  if (PyErr_Occurred()) return false;
+  if (*out >= 0 && (size_t)*out < size) return true;
+  PyErr_Format(PyExc_IndexError, "%s %zd out of range", what, *out);
+  return false;
+}
+
 // probe(boundaries, blocks, observe, capture, measure, flush, rows_of, plain_types, hold_bytes) -> capsule
 PyObject *py_probe(FH_ARGS) {
   if (n != 9 || !PyTuple_Check(a[7])) {
@@ -299,8 +308,8 @@ PyObject *py_on_output(FH_ARGS) {
   if (n != 5 || !probe_arg(a[0], &pp)) return nullptr;
   Probe &p = **pp;
   if (!armed_for_grad(p)) Py_RETURN_NONE;
-  Py_ssize_t index = PyLong_AsSsize_t(a[1]);
-  if (index < 0 || (size_t)index >= p.b.size()) return PyErr_Occurred() ? nullptr : (PyErr_SetString(PyExc_IndexError, "boundary"), nullptr);
+  Py_ssize_t index;
+  if (!index_arg(a[1], p.b.size(), "boundary", &index)) return nullptr;
   Timed timed(p);
   return observe_boundary(*pp, index, a[4]);
 }
@@ -338,8 +347,8 @@ PyObject *py_on_kernel(FH_ARGS) {
   Probe &p = **pp;
   PyObject *args = a[3];
   if (!armed_for_grad(p) || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 2) Py_RETURN_NONE;
-  Py_ssize_t block = PyLong_AsSsize_t(a[1]);
-  if (block < 0 || (size_t)block >= p.qk_taken.size()) return PyErr_Occurred() ? nullptr : (PyErr_SetString(PyExc_IndexError, "block"), nullptr);
+  Py_ssize_t block;
+  if (!index_arg(a[1], p.qk_taken.size(), "block", &block)) return nullptr;
   if (p.qk_taken[block]) Py_RETURN_NONE;
   Timed timed(p);
   p.qk_taken[block] = 1;
