@@ -4,6 +4,7 @@ retain_grad on a copy of the model, with gradient accumulation over two micro-ba
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import LSTMLM, MLPStack, TinyTransformer
@@ -114,7 +115,15 @@ def test_scaled_backward_reports_the_true_residual_gradients(scale):
     check_depth(rec, hs)
 
 
-def test_gpt_depth_stats_and_layers():
+@pytest.fixture(params=[True, False], ids=["tap-slots", "torch-hooks"])
+def tap_slots(request, monkeypatch):
+    """flowtrain's GPT on both ways the hooks reach its blocks and attention kernels: its tap slots (the
+    default) and torch's module hooks (what any other model gets)."""
+    monkeypatch.setattr(hooks, "TAPS", request.param)
+    return request.param
+
+
+def test_gpt_depth_stats_and_layers(tap_slots):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17)
     model = GPT(cfg)
@@ -218,6 +227,40 @@ def test_lstm_language_model_tuple_outputs():
     check_depth(rec, hs)
 
 
+def torch_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def tapped(model: torch.nn.Module) -> list[str]:
+    """Names of the modules with a tap placed on the instance (see model/layers.py Tapped)."""
+    return [n for n, m in model.named_modules() for slot in ("flow_pre_tap", "flow_post_tap") if slot in vars(m)]
+
+
+def test_gpt_takes_the_hooks_in_its_tap_slots_and_a_second_monitor_gets_torch_hooks():
+    """The blocks' and attention kernels' hooks go into flowtrain's tap slots (no torch hook on them); a second
+    monitor on the same model finds the slots taken and registers torch hooks; both report the same numbers,
+    and remove() leaves the model as it was."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17))
+    first = FlowMonitor(model, None, FlowConfig(attn_positions=4))
+    assert torch_hooks(model) == 1  # the head's (nn.Linear has no slots)
+    assert len(tapped(model)) == 2 + 1 + 2  # blocks' outputs, block 0's input, the two kernels
+    second = FlowMonitor(model, None, FlowConfig(attn_positions=4))
+    assert torch_hooks(model) == 1 + 1 + 2 + 1 + 2
+    idx = torch.randint(0, 17, (3, 8))
+    lm_loss(model(idx), idx).backward()
+    records = []
+    for monitor in (first, second):
+        monitor.after_backward()
+        monitor.after_step()
+        records.append(monitor.collect(0))
+    np.testing.assert_array_equal(records[0].depth_stats, records[1].depth_stats)  # NaN where h_0 has no attention
+    assert records[0].scalars["logits_lse_mean"] == records[1].scalars["logits_lse_mean"]
+    first.remove()
+    second.remove()
+    assert torch_hooks(model) == 0 and tapped(model) == []
+
+
 def test_hooks_are_silent_in_evaluation_and_removable():
     torch.manual_seed(0)
     model = TinyTransformer()
@@ -230,7 +273,7 @@ def test_hooks_are_silent_in_evaluation_and_removable():
 
 
 @pytest.mark.parametrize("with_doc_mask", [True, False])
-def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask):
+def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask, tap_slots):
     """q, k captured at the Attend kernel give the same entropy/max logit as recomputing from the weights."""
     torch.manual_seed(1)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=17, pos_encoding="rope", qk_norm=True)

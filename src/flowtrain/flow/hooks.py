@@ -234,6 +234,24 @@ def _depth_matrix(
     return np.array(rows, dtype=np.float32)
 
 
+# hook kinds a module's tap slots take (model/layers.py, Tapped): the module calls the hook itself, as torch would
+_TAP_SLOTS = {"forward": "flow_post_tap", "forward_pre": "flow_pre_tap"}
+TAPS = True  # place hooks in free tap slots (False: always torch's module hooks; tests compare the two)
+
+
+class _Tap:
+    """The handle of a hook placed in a module's tap slot: remove() frees the slot (if it still holds the hook)."""
+
+    __slots__ = ("module", "slot", "hook")
+
+    def __init__(self, module: nn.Module, slot: str, hook) -> None:
+        self.module, self.slot, self.hook = module, slot, hook
+
+    def remove(self) -> None:
+        if self.module.__dict__.get(self.slot) is self.hook:
+            del self.module.__dict__[self.slot]  # back to the class's None
+
+
 class _NoClock:
     """Where a probe used on its own books its time (nobody reads it)."""
 
@@ -271,7 +289,11 @@ class _Probe:
                     for module, kind, hook in self._plan
                 ]
             for module, kind, hook in self._eager_plan:
-                if kind == "forward":
+                slot = _TAP_SLOTS.get(kind) if TAPS else None
+                if slot is not None and getattr(module, slot, False) is None:  # a free tap slot: no torch hook
+                    setattr(module, slot, hook)
+                    self._handles.append(_Tap(module, slot, hook))
+                elif kind == "forward":
                     self._handles.append(module.register_forward_hook(hook))
                 else:
                     kwargs = {"with_kwargs": True} if kind == "forward_pre_kwargs" else {}
