@@ -5,10 +5,12 @@
 One shakespeare-char run with everything on at every step (flow.interval=1, TensorBoard, metrics.jsonl,
 flow.parquet, the guard), driven through `Trainer.steps()`. The microscope's entry points, its hooks and the
 sinks are wrapped in wall-clock timers; the script prints each one's milliseconds per step. Nested entries
-overlap (after_backward contains grad_stats and the attention sample; the trainer's scalars contain
-collecting the records). `--noop-reductions` replaces the hooks' one-tensor reduction by a no-op, which
-leaves the Python of the calls alone: inside the loop that Python costs several times what it costs on its
-own (torch's work between the calls evicts it from the caches).
+overlap (after_backward contains grad_stats and the attention sample; the trainer's rows contain collecting
+the records and the sinks). The hooks' entries time the Python hooks only: where the C++ hooks run (CPU
+float32, the default) those entries stay empty and the hooks' time shows in the forward and backward passes.
+`--noop-reductions` replaces the hooks' one-tensor reduction by a no-op, which leaves the Python of the calls
+alone: inside the loop that Python costs several times what it costs on its own (torch's work between the
+calls evicts it from the caches).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def main() -> None:
         timed(depth, "_capture_qk", "hooks: attention q, k (forward)")
         timed(monitor.logits, "_measure", "hooks: logits (forward)")
         depth._grad_hooks = [with_timer(h, "hooks: residual gradients (backward)") for h in depth._grad_hooks]
-        timed(trainer, "_scalars", "trainer._scalars (collects the records)")
+        timed(trainer, "_write_rows", "trainer._write_rows (rows and records, log.flush_rows at a time)")
         timed(trainer.flow_writer, "write", "  flow.parquet")
         timed(trainer.guard, "observe_record", "  guard.observe_record")
         for sink in trainer.sinks:

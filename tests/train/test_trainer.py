@@ -41,6 +41,7 @@ def test_run_directory_contract(small_text, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert env["tensorboard_checksum"] == "c"  # google-crc32c (a dependency) in TensorBoard's record writer
     assert isinstance(summary.sample, str) and summary.sample
 
 
@@ -136,9 +137,41 @@ def test_logging_every_n_steps_still_records_every_monitored_step(small_text, tm
     assert [e.step for e in acc.Scalars("grad_norm_by_layer/block.0")] == list(range(1, 11))
 
 
+def test_rows_written_in_groups_are_the_rows_written_at_every_step(small_text, tmp_path):
+    """log.flush_rows=7 (groups that straddle the evaluations and checkpoints at 10 and 20, and a last group cut
+    short by the end) writes the same metrics rows, microscope scalars included, and the same TensorBoard
+    values as writing every row at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    timing = {"tokens_per_s", "step_time_ms", "mfu", "flow_ms"}  # wall-clock figures differ between runs
+    rows, tb = {}, {}
+    for group in (1, 7):
+        overrides = {
+            "train.run_name": f"rows{group}",
+            "log.flush_rows": group,
+            "log.flush_seconds": 3600,
+            "log.tensorboard": True,
+            "flow.interval": 1,
+            "train.sample_tokens": 0,
+        }
+        run = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **overrides))).run_loop().run_dir
+        rows[group] = [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run / "metrics.jsonl")]
+        acc = EventAccumulator(str(run / "tb"))
+        acc.Reload()
+        tb[group] = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert [r["step"] for r in rows[7]] == list(range(1, 21))
+    assert all("update_norm" in r and "logits_lse_mean" in r for r in rows[7])  # each row has its record's scalars
+    assert rows[7] == rows[1]
+    assert tb[7].keys() == tb[1].keys() and "grad_norm_by_layer/block.0" in tb[7]
+    for tag, values in tb[1].items():
+        if tag.split("/")[-1] not in timing:
+            assert tb[7][tag] == values, tag
+
+
 def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):
     """Trainer.steps() is run_loop's loop: the same losses step by step; closing it early closes the sinks
-    (metrics.jsonl holds the steps done) and leaves no summary.json (the run is not finished)."""
+    (metrics.jsonl holds the steps done, also those whose rows were still waiting for their group) and leaves no
+    summary.json (the run is not finished)."""
     whole = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "whole"})))
     whole_run = whole.run_loop().run_dir
     stepped = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.run_name": "stepped"})))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -48,7 +48,7 @@ from flowtrain.train.runtime import (
     set_rng_state,
     tune_cpu_allocator,
 )
-from flowtrain.train.step import train_step
+from flowtrain.train.step import StepOutput, train_step
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
 _KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -61,6 +61,15 @@ class RunSummary:
     final: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
     sample: str = ""
+
+
+class _Row(NamedTuple):
+    """A logged step whose metrics row is not made yet: its numbers stay where train_step left them."""
+
+    step: int
+    out: StepOutput
+    lr: float
+    step_time: float  # seconds per step since the last logged step
 
 
 class Trainer:
@@ -336,7 +345,7 @@ class Trainer:
         else:
             for path in (self.run.metrics, self.run.evals, self.run.alerts):
                 JsonlSink.truncate_after(path, self.step)
-        write_env(self.run, self.device, self.optimizer)
+        write_env(self.run, self.device, self.optimizer, tensorboard=self.cfg.log.tensorboard)
         self.metrics_sink = JsonlSink(self.run.metrics, flush_every=max(1, 50 // self.cfg.log.interval))
         self.alerts_sink = JsonlSink(self.run.alerts)
         self.flow_writer = (
@@ -452,48 +461,70 @@ class Trainer:
         flops_per_token = self.raw_model.flops_per_token()
         self.model.train()
         end = tc.max_steps if self.stop_after is None else min(tc.max_steps, self.stop_after)
-        last_time = time.perf_counter()
+        log = self.cfg.log
+        rows: list[_Row] = []  # logged steps whose rows are not written yet (see _write_rows)
+        last_time = rows_since = time.perf_counter()
+
+        def write_rows() -> None:
+            if rows:
+                self._write_rows(rows, sinks, flops_per_token, peak)
+                rows.clear()
+
         try:
             while self.step < end:
                 lr = self.optimizer.param_groups[0]["lr"]
                 out = train_step(self)
                 self.step += 1
                 acting = out.verdict.action in ("rollback", "stop")
-                logging = acting or self.step % self.cfg.log.interval == 0 or self.step == end
+                logging = acting or self.step % log.interval == 0 or self.step == end
                 if logging and self.is_main:
                     now = time.perf_counter()
-                    steps = self.cfg.log.interval if self.step % self.cfg.log.interval == 0 else 1
+                    steps = log.interval if self.step % log.interval == 0 else 1
                     elapsed, last_time = (now - last_time) / steps, now
-                    scalars = self._scalars(out, lr, elapsed, flops_per_token, peak)
-                    for sink in sinks:
-                        sink.write(self.step, scalars)
+                    if not rows:
+                        rows_since = now
+                    rows.append(_Row(self.step, out, lr, elapsed))
+                    if acting or len(rows) >= log.flush_rows or now - rows_since >= log.flush_seconds:
+                        write_rows()
                 elif not self.is_main:
                     self.flow.discard()  # other ranks measure (their sums join rank 0's) but write nothing
                 if self._act_on(out.verdict):  # rolled back: the loop goes on from the restored step
                     last_time = time.perf_counter()
                     yield self.step
                     continue
-                side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
                 snap = self.cfg.guard.snapshot_interval
-                if snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts:
-                    self.snapshot = recovery.take_snapshot(self)
-                if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
-                    self._record_eval(evals, self.evaluate())
-                if self.step % tc.checkpoint_interval == 0 or self.step == end:
-                    self.save_checkpoint()
-                last_time += time.perf_counter() - side_work_started
+                snapshot = snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts
+                evaluation = self.step % tc.eval_interval == 0 or self.step == tc.max_steps
+                checkpoint = self.step % tc.checkpoint_interval == 0 or self.step == end
+                if snapshot or evaluation or checkpoint:
+                    if evaluation or checkpoint:
+                        write_rows()  # metrics and flow records complete up to here (booked as step time)
+                    side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
+                    if snapshot:
+                        self.snapshot = recovery.take_snapshot(self)
+                    if evaluation:
+                        self._record_eval(evals, self.evaluate())
+                    if checkpoint:
+                        self.save_checkpoint()
+                    last_time += time.perf_counter() - side_work_started
                 yield self.step
             if self.step == tc.max_steps and tc.eval_full_at_end:
                 self.final_eval = final = self.evaluate(full=True)
                 evals.write(self.step, {f"{k}_full": v for k, v in final.items()})
         finally:
-            evals.close()
-            for sink in sinks:
-                sink.close()
-            self.alerts_sink.close()
-            if self.flow_writer is not None:
-                self.flow_writer.close()
-            self.flow.close()
+            try:
+                write_rows()  # whatever the loop logged before it ended, also by an error or close()
+            finally:
+                self._close_sinks(evals, sinks)
+
+    def _close_sinks(self, evals, sinks) -> None:
+        evals.close()
+        for sink in sinks:
+            sink.close()
+        self.alerts_sink.close()
+        if self.flow_writer is not None:
+            self.flow_writer.close()
+        self.flow.close()
 
     def _finish(self) -> RunSummary:
         """After the loop: the sample text, summary.json (a finished run only) and the distributed teardown."""
@@ -518,52 +549,77 @@ class Trainer:
             atomic_write_text(self.run.summary, json.dumps(done, indent=1))
         return summary
 
-    def _scalars(self, out, lr: float, step_time: float, flops_per_token: float, peak: float | None) -> dict:
-        clip = out.clip
+    def _write_rows(self, rows: list[_Row], sinks: list, flops_per_token: float, peak: float | None) -> None:
+        """The metrics rows of the logged steps in `rows`, to every sink, in step order, with the microscope's
+        records of every step since the last call (to flow.parquet, TensorBoard and the guard's record
+        detectors; each record's scalars join its step's row). One host transfer for the rows' device numbers
+        and one for the records, whatever their number."""
         values = torch.stack(
             [
-                out.loss.float(),
-                clip.grad_norm_preclip.float(),
-                clip.grad_norm_postclip.float(),
-                clip.clip_coef.float(),
-                clip.clipped.float(),
+                torch.stack(
+                    [
+                        row.out.loss.float(),
+                        row.out.clip.grad_norm_preclip.float(),
+                        row.out.clip.grad_norm_postclip.float(),
+                        row.out.clip.clip_coef.float(),
+                        row.out.clip.clipped.float(),
+                    ]
+                )
+                for row in rows
             ]
-        ).tolist()  # one host transfer for all step scalars
+        ).tolist()
+        mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        records = self.flow.collect_all(self.step)
+        written = 0
+        for row, numbers in zip(rows, values, strict=True):
+            scalars = self._scalars(row, numbers, flops_per_token, peak)
+            if mem_gb is not None:
+                scalars["mem_gb"] = mem_gb
+            while written < len(records) and records[written].step <= row.step:  # its record and earlier ones
+                record = records[written]
+                self._write_record(record)
+                if record.step == row.step:
+                    scalars.update({k: v for k, v in record.scalars.items() if k not in scalars})
+                written += 1
+            for sink in sinks:
+                sink.write(row.step, scalars)
+        for record in records[written:]:
+            self._write_record(record)
+
+    def _scalars(self, row: _Row, numbers: list[float], flops_per_token: float, peak: float | None) -> dict:
+        """One step's metrics row; `numbers`: its loss and clipping figures on the host (see _write_rows)."""
+        out, step_time = row.out, row.step_time
         tokens_per_s = out.tokens * self.world_size / step_time if step_time > 0 else 0.0  # all ranks
         scalars = {
-            "loss": values[0],
-            "lr": lr,
-            "grad_norm_preclip": values[1],
-            "grad_norm_postclip": values[2],
-            "clip_coef": values[3],
-            "clipped": bool(values[4]),
+            "loss": numbers[0],
+            "lr": row.lr,
+            "grad_norm_preclip": numbers[1],
+            "grad_norm_postclip": numbers[2],
+            "clip_coef": numbers[3],
+            "clipped": bool(numbers[4]),
             "skipped": out.verdict.action == "skip",
-            "tokens": self.step * out.tokens * self.world_size,
+            "tokens": row.step * out.tokens * self.world_size,
             "tokens_per_s": tokens_per_s,
             "step_time_ms": step_time * 1e3,
         }
         if peak:
             scalars["mfu"] = flops_per_token * tokens_per_s / (peak * self.world_size)
-        if self.device.type == "cuda":
-            scalars["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        record = self._write_flow_records()
-        if record is not None:
-            scalars.update({k: v for k, v in record.scalars.items() if k not in scalars})
         return scalars
 
-    def _write_flow_records(self):
-        """The microscope's records of every step since the last call (one host transfer) to flow.parquet,
-        TensorBoard and the guard's record detectors; returns this step's record (None if not monitored).
-        Logging every N steps still records every monitored step."""
-        records = self.flow.collect_all(self.step)
-        for record in records:
-            if self.flow_writer is not None:
-                self.flow_writer.write(record)
-            if self.tb is not None:
-                self.tb.write_layers(record.step, record)
-            for alert in self.guard.observe_record(record):
-                self._alert(alert)
-        return records[-1] if records and records[-1].step == self.step else None
+    def _write_record(self, record) -> None:
+        """A microscope record to flow.parquet, TensorBoard's per-layer series and the guard's record detectors."""
+        if self.flow_writer is not None:
+            self.flow_writer.write(record)
+        if self.tb is not None:
+            self.tb.write_layers(record.step, record)
+        for alert in self.guard.observe_record(record):
+            self._alert(alert)
+
+    def _write_flow_records(self) -> None:
+        """The microscope's records of every step since the last call (one host transfer), written. Logging every
+        N steps still records every monitored step."""
+        for record in self.flow.collect_all(self.step):
+            self._write_record(record)
 
     @torch.no_grad()
     def sample_text(self, prompt: str = "", max_new_tokens: int | None = None, seed: int | None = None) -> str:
