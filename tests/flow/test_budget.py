@@ -147,3 +147,27 @@ def test_auto_tries_every_other_step_before_settling_on_every_step(monkeypatch):
     # (0.2 ms booked + 1 ms unseen) / N within 3% of the step time without the stopwatch's share: the window's
     # median of 10 ms (unmonitored) and 11 ms (monitored) steps, half of each
     assert interval.every == math.ceil((booked + hidden) / (0.03 * 0.0105)) == 4
+
+
+@pytest.mark.parametrize("excluded", [True, False])
+def test_auto_leaves_the_loops_grouped_work_out_of_the_step_times(monkeypatch, excluded):
+    """The loop writes its logged rows every other step (1 ms), which under every-other-step monitoring always
+    falls in a monitored step. Left out of the step times (Interval.exclude, as the trainer does), the check
+    sees what monitoring costs (0.2 ms booked, nothing hidden) and settles on every step; counted, it would
+    take the loop's own work for the microscope's and back off."""
+    fake = FakeTime()
+    monkeypatch.setattr(budget.time, "perf_counter", fake.perf_counter)
+    clock = Stopwatch()
+    interval = Interval(FlowConfig(full_steps=10, reprobe_steps=1000, budget=0.03), 0, clock)
+    booked = 0.0002
+    for step in range(10 + budget.WINDOW):
+        on = interval.monitored(step)
+        if step % 2 == 0:  # the rows written after the last step fall in this one
+            fake.now += 0.001
+            if excluded:
+                interval.exclude(0.001)
+        fake.now += 0.010 + (booked if on else 0.0)
+        clock.spent += booked if on else 0.0
+        interval.step_done(step, on)
+    # counted: 1 ms unseen in every monitored step, (0.2 + 1 ms) / N within 3% of the window's median step
+    assert interval.every == (1 if excluded else math.ceil((booked + 0.001) / (0.03 * 0.0105)))

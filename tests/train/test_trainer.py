@@ -168,6 +168,41 @@ def test_rows_written_in_groups_are_the_rows_written_at_every_step(small_text, t
             assert tb[7][tag] == values, tag
 
 
+class _Recorder:
+    """A sink that notes the steps of the metrics rows it is given (not the evaluations' rows)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def write(self, step, scalars):
+        if "loss" in scalars:
+            self.steps.append(step)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("flush_rows", "flush_seconds", "latest"),
+    [
+        (4, 3600, [0, 0, 4, 4, 4, 4, 8, 8, 10, 11]),  # groups of 4; all before the evaluations at 10 and 11
+        (4, 1e-9, list(range(2, 12))),  # each row would wait too long for the next: written at its own step
+    ],
+)
+def test_rows_are_written_in_groups_or_before_they_wait_too_long(
+    small_text, tmp_path, flush_rows, flush_seconds, latest
+):
+    """After each of steps 2-11, the newest step whose row the sinks have (a sink added after step 1)."""
+    overrides = {"log.flush_rows": flush_rows, "log.flush_seconds": flush_seconds, "train.max_steps": 11}
+    trainer = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **overrides)))
+    loop = trainer.steps()
+    next(loop)
+    recorder = _Recorder()
+    trainer.sinks.append(recorder)  # the loop's own list of sinks
+    assert [max(recorder.steps, default=0) for _ in loop] == latest
+    assert recorder.steps == list(range(1 if flush_seconds > 1 else 2, 12))  # each row once, in order
+
+
 def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):
     """Trainer.steps() is run_loop's loop: the same losses step by step; closing it early closes the sinks
     (metrics.jsonl holds the steps done, also those whose rows were still waiting for their group) and leaves no

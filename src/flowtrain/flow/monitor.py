@@ -17,6 +17,7 @@ Hooks are attached on monitored steps only (step % interval == 0); the others ru
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -231,6 +232,16 @@ class FlowMonitor:
         pending["flow_ms"] = 1e3 * self.interval.last_spent
         self.step_index += 1
         self._arm()
+
+    @contextlib.contextmanager
+    def outside_step(self):
+        """Work inside this block is not the step's (the trainer's logging of several steps at once): `auto` leaves
+        it out of the step times it compares; what the microscope books on its stopwatch inside stays its own."""
+        started, spent = time.perf_counter(), self.clock.spent
+        try:
+            yield
+        finally:
+            self.interval.exclude(time.perf_counter() - started - (self.clock.spent - spent))
 
     def _agree_on_interval(self) -> None:
         """Data parallel: every rank takes the largest interval any rank chose (they monitor the same steps)."""

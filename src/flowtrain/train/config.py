@@ -60,7 +60,9 @@ class LogConfig(Section):
         "flush_seconds, at evaluations, checkpoints, guard actions and the end): one host transfer for their "
         "numbers, and the sinks' Python runs N times in warm caches instead of once a step in cold ones",
     )
-    flush_seconds: float = Field(1.0, gt=0, description="the longest a logged row waits to be written")
+    flush_seconds: float = Field(
+        1.0, gt=0, description="the longest a logged row waits to be written (slower steps: every row at once)"
+    )
     console: bool = True
     tensorboard: bool = True
     wandb: bool = False

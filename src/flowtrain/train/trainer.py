@@ -467,8 +467,10 @@ class Trainer:
 
         def write_rows() -> None:
             if rows:
-                self._write_rows(rows, sinks, flops_per_token, peak)
-                rows.clear()
+                group = rows.copy()
+                rows.clear()  # first: a group cut short by an error is not written twice by the `finally` below
+                with self.flow.outside_step():  # not the time of the step it falls in (interval: auto)
+                    self._write_rows(group, sinks, flops_per_token, peak)
 
         try:
             while self.step < end:
@@ -484,7 +486,9 @@ class Trainer:
                     if not rows:
                         rows_since = now
                     rows.append(_Row(self.step, out, lr, elapsed))
-                    if acting or len(rows) >= log.flush_rows or now - rows_since >= log.flush_seconds:
+                    # write now if the oldest row would wait past flush_seconds for the next logged step
+                    late = now - rows_since + log.interval * elapsed >= log.flush_seconds
+                    if acting or late or len(rows) >= log.flush_rows:
                         write_rows()
                 elif not self.is_main:
                     self.flow.discard()  # other ranks measure (their sums join rank 0's) but write nothing
@@ -607,12 +611,16 @@ class Trainer:
         return scalars
 
     def _write_record(self, record) -> None:
-        """A microscope record to flow.parquet, TensorBoard's per-layer series and the guard's record detectors."""
+        """A microscope record to flow.parquet, TensorBoard's per-layer series and the guard's record detectors
+        (booked on the microscope's stopwatch: it is there because of the microscope)."""
+        started = time.perf_counter()
         if self.flow_writer is not None:
             self.flow_writer.write(record)
         if self.tb is not None:
             self.tb.write_layers(record.step, record)
-        for alert in self.guard.observe_record(record):
+        alerts = self.guard.observe_record(record)
+        self.flow.clock.spent += time.perf_counter() - started
+        for alert in alerts:
             self._alert(alert)
 
     def _write_flow_records(self) -> None:
