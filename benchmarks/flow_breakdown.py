@@ -89,7 +89,7 @@ def main() -> None:
         timed(depth, "_capture_qk", "hooks: attention q, k (forward)")
         timed(monitor.logits, "_measure", "hooks: logits (forward)")
         depth._grad_hooks = [with_timer(h, "hooks: residual gradients (backward)") for h in depth._grad_hooks]
-        timed(trainer, "_write_rows", "trainer._write_rows (rows and records, log.flush_rows at a time)")
+        timed(trainer, "_write_rows", "trainer._write_rows (rows, records; in groups)")
         timed(trainer.flow_writer, "write", "  flow.parquet")
         timed(trainer.guard, "observe_record", "  guard.observe_record")
         for sink in trainer.sinks:
