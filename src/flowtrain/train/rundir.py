@@ -108,10 +108,9 @@ def _optimizer_step(optimizer) -> str:
     return f"{name}: torch's {kind} step" + (f" ({note})" if note else "")
 
 
-def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard: bool = False) -> None:
-    """Versions and machine facts, so a report can say what produced the numbers."""
-    from flowtrain.sinks.tensorboard import fast_record_checksum
-
+def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard_checksum: str | None = None) -> None:
+    """Versions and machine facts, so a report can say what produced the numbers. `tensorboard_checksum`: which
+    record checksum the run's TensorBoard sink uses (TensorBoardSink.checksum), None without TensorBoard."""
     env = {
         "run_dir_version": RUN_DIR_VERSION,
         "flowtrain_version": __version__,
@@ -125,7 +124,7 @@ def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard: bo
         "cpu_hooks": _cpu_hooks(),
         "cpu_allocator": allocator(),
         "optimizer_step": _optimizer_step(optimizer),
-        "tensorboard_checksum": fast_record_checksum() if tensorboard else "no TensorBoard files",
+        "tensorboard_checksum": tensorboard_checksum or "no TensorBoard files",
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }

@@ -345,7 +345,6 @@ class Trainer:
         else:
             for path in (self.run.metrics, self.run.evals, self.run.alerts):
                 JsonlSink.truncate_after(path, self.step)
-        write_env(self.run, self.device, self.optimizer, tensorboard=self.cfg.log.tensorboard)
         self.metrics_sink = JsonlSink(self.run.metrics, flush_every=max(1, 50 // self.cfg.log.interval))
         self.alerts_sink = JsonlSink(self.run.alerts)
         self.flow_writer = (
@@ -362,6 +361,7 @@ class Trainer:
 
             self.tb = TensorBoardSink(self.run.tensorboard, purge_step=self.step + 1 if self.step else None)
             sinks.append(self.tb)
+        write_env(self.run, self.device, self.optimizer, self.tb.checksum if self.tb is not None else None)
         if self.cfg.log.wandb:
             from flowtrain.sinks.wandb import WandbSink
 
@@ -497,20 +497,18 @@ class Trainer:
                     yield self.step
                     continue
                 snap = self.cfg.guard.snapshot_interval
-                snapshot = snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts
                 evaluation = self.step % tc.eval_interval == 0 or self.step == tc.max_steps
                 checkpoint = self.step % tc.checkpoint_interval == 0 or self.step == end
-                if snapshot or evaluation or checkpoint:
-                    if evaluation or checkpoint:
-                        write_rows()  # metrics and flow records complete up to here (booked as step time)
-                    side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
-                    if snapshot:
-                        self.snapshot = recovery.take_snapshot(self)
-                    if evaluation:
-                        self._record_eval(evals, self.evaluate())
-                    if checkpoint:
-                        self.save_checkpoint()
-                    last_time += time.perf_counter() - side_work_started
+                if evaluation or checkpoint:
+                    write_rows()  # metrics and flow records complete up to here (booked as step time)
+                side_work_started = time.perf_counter()  # snapshots, evals, checkpoints: not step time
+                if snap and self.step % snap == 0 and out.verdict.action == "proceed" and not out.verdict.alerts:
+                    self.snapshot = recovery.take_snapshot(self)
+                if evaluation:
+                    self._record_eval(evals, self.evaluate())
+                if checkpoint:
+                    self.save_checkpoint()
+                last_time += time.perf_counter() - side_work_started
                 yield self.step
             if self.step == tc.max_steps and tc.eval_full_at_end:
                 self.final_eval = final = self.evaluate(full=True)
