@@ -556,20 +556,9 @@ class Trainer:
         records of every step since the last call (to flow.parquet, TensorBoard and the guard's record
         detectors; each record's scalars join its step's row). One host transfer for the rows' device numbers
         and one for the records, whatever their number."""
-        values = torch.stack(
-            [
-                torch.stack(
-                    [
-                        row.out.loss.float(),
-                        row.out.clip.grad_norm_preclip.float(),
-                        row.out.clip.grad_norm_postclip.float(),
-                        row.out.clip.clip_coef.float(),
-                        row.out.clip.clipped.float(),
-                    ]
-                )
-                for row in rows
-            ]
-        ).tolist()
+        per_row = [(r.out.loss, r.out.clip.grad_norm_preclip, r.out.clip.grad_norm_postclip, r.out.clip.clip_coef,
+                    r.out.clip.clipped) for r in rows]  # fmt: skip
+        values = torch.stack([v.float() for numbers in per_row for v in numbers]).view(len(rows), -1).tolist()
         mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         records = self.flow.collect_all(self.step)
         written = 0
