@@ -261,6 +261,33 @@ def test_gpt_takes_the_hooks_in_its_tap_slots_and_a_second_monitor_gets_torch_ho
     assert torch_hooks(model) == 0 and tapped(model) == []
 
 
+def test_cpp_hooks_in_tap_slots_stay_between_monitored_steps(reductions):
+    """Every 2nd step: between monitored steps no torch hook is attached, and the C++ hooks stay in the tap slots
+    (disarmed: they measure nothing); the next monitored step reports what a model monitored at every step
+    reports on the same batches."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17))
+    twin = copy.deepcopy(model)
+    sparse, every = FlowMonitor(model, None, FlowConfig(interval=2)), FlowMonitor(twin, None, FlowConfig(interval=1))
+    native = sparse.depth._state is not None
+    batches = [torch.randint(0, 17, (3, 8)) for _ in range(3)]
+    for step, idx in enumerate(batches):
+        assert torch_hooks(model) == (1 if step % 2 == 0 else 0)  # the head's, on monitored steps only
+        assert len(tapped(model)) == (5 if native or step % 2 == 0 else 0)
+        records = []
+        for m, monitor in ((model, sparse), (twin, every)):
+            lm_loss(m(idx), idx).backward()
+            monitor.after_backward()
+            monitor.after_step()
+            records.append(monitor.collect(step))
+            m.zero_grad(set_to_none=True)
+        assert (records[0].depth_stats is not None) == (step % 2 == 0)
+    np.testing.assert_array_equal(records[0].depth_stats, records[1].depth_stats)
+    assert records[0].scalars["logits_lse_mean"] == records[1].scalars["logits_lse_mean"]
+    sparse.remove()
+    assert torch_hooks(model) == 0 and tapped(model) == []
+
+
 def test_hooks_are_silent_in_evaluation_and_removable():
     torch.manual_seed(0)
     model = TinyTransformer()
