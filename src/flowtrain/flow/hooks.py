@@ -298,10 +298,11 @@ class _Probe:
             slot = _TAP_SLOTS.get(kind) if TAPS else None
             if slot is not None and getattr(module, slot, False) is None:  # a free tap slot: no torch hook
                 setattr(module, slot, hook)
+                tap = _Tap(module, slot, hook)
                 if isinstance(hook, _NativeHook):  # kept between monitored steps (see disarm)
-                    self._kept[i] = _Tap(module, slot, hook)
+                    self._kept[i] = tap
                 else:
-                    self._handles.append(_Tap(module, slot, hook))
+                    self._handles.append(tap)
             elif kind == "forward":
                 self._handles.append(module.register_forward_hook(hook))
             else:

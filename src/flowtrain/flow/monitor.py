@@ -12,7 +12,8 @@
 Every call between collect()s only launches fused device work; collect() is the single host transfer.
 A loop that logs every N steps calls `collect_all(step)` instead: the records of all N steps, still one
 transfer (the trainer does; so flow.parquet has every monitored step whatever the logging interval).
-Hooks are attached on monitored steps only (step % interval == 0); the others run the model without them.
+Hooks are attached on monitored steps only (step % interval == 0); the others run the model without them
+(C++ hooks in a model's tap slots stay, disarmed: see hooks._Probe.disarm).
 """
 
 from __future__ import annotations
