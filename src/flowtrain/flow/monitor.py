@@ -244,6 +244,15 @@ class FlowMonitor:
         finally:
             self.interval.exclude(time.perf_counter() - started - (self.clock.spent - spent))
 
+    @contextlib.contextmanager
+    def booked(self):
+        """Work inside this block is the microscope's (e.g. a loop writing its records): booked on its stopwatch."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock.spent += time.perf_counter() - started
+
     def _agree_on_interval(self) -> None:
         """Data parallel: every rank takes the largest interval any rank chose (they monitor the same steps)."""
         import torch.distributed as dist
