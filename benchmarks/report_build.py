@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowtrain.flow.records import FlowParquetWriter, FlowRecord, aggregate_layers
-from flowtrain.flow.stats import TENSOR_STATS
+from flowtrain.flow.records import TENSOR_STATS, FlowParquetWriter, FlowRecord, aggregate_layers
 from flowtrain.report import build_report
 from flowtrain.sinks.jsonl import JsonlSink
 

@@ -10,20 +10,6 @@ import pytest
 import torch
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-# flowtrain's observing Adam kernel reproduces torch's fused CPU step; its remainder handling was worked out
-# against torch's AVX-512 build. Elsewhere the optimizer checks itself and may fall back to torch's step.
-OBSERVING_VERIFIED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def expect_observing(optimizer, wanted: bool = True) -> bool:
-    """Assert the optimizer observes (where the kernel is verified; elsewhere a fallback must say why)."""
-    if wanted and OBSERVING_VERIFIED:
-        assert optimizer.observing, optimizer.observing_note
-    elif wanted and not optimizer.observing:
-        assert optimizer.observing_note
-    else:
-        assert not getattr(optimizer, "observing", False)
-    return bool(getattr(optimizer, "observing", False))
 
 
 @pytest.fixture(autouse=True)

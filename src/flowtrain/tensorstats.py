@@ -4,9 +4,7 @@ Everything here is fused (torch._foreach_* kernels: one launch per dtype/device 
 and returns device tensors: nothing calls .item(), so a caller can batch many statistics and move them to the
 host once per logging step.
 
-On the CPU, float32 contiguous tensors take flowtrain.kernels (one fused pass per call over the whole list,
-sums accumulated in double) when the kernels are built; everything else takes torch's kernels. Callers that
-must agree bit for bit (the clipper and the monitor's gradient sums) both come through here, so they agree.
+Callers that must agree bit for bit (the clipper and the monitor's gradient sums) both come through here.
 
 Sharded parameters: for DTensor inputs (FSDP2), a tensor's local shard holds only part of the elements. We reduce
 the local shards to sums of squares / maxima / counts and let `_full` finish the reduction over the mesh, so every
@@ -17,10 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-
-from flowtrain import kernels
 
 try:  # DTensor is public from torch 2.4 on; keep import-time cheap and optional
     from torch.distributed.tensor import DTensor
@@ -81,8 +76,6 @@ def sums_of_squares(tensors: Sequence[torch.Tensor], shards_of: Sequence[torch.T
     `shards_of`: when `tensors` are plain local pieces of sharded tensors (e.g. a snapshot of each rank's
     shard of the parameters), the sharded tensors they belong to, whose layout completes the reduction.
     """
-    if shards_of is None and tensors and kernels.takes(tensors):
-        return torch.from_numpy(kernels.sumsq_maxabs(tensors)[0].astype(np.float32))
     local = [_local(t) for t in tensors]
     norms = torch._foreach_norm(local, 2, dtype=torch.float32) if local else []  # float32 also for bf16 inputs
     sq = _stack(norms, local) ** 2
@@ -101,32 +94,24 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
-    if tensors and kernels.takes(tensors):
-        return sumsq_and_max_abs(tensors)[1]  # the kernel's one pass gives both
-    return _max_abs_torch(tensors)
+    return sumsq_and_max_abs(tensors)[1]
 
 
 def sumsq_and_max_abs(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums_of_squares, max_abs) of the same tensors; on the CPU kernels, from one pass over them."""
-    if tensors and kernels.takes(tensors):
-        sq, mx = kernels.sumsq_maxabs(tensors)
-        return torch.from_numpy(sq.astype(np.float32)), torch.from_numpy(mx)
-    sq, mx = sums_of_squares(tensors), _max_abs_torch(tensors)
-    if sq.device.type != "cpu":  # the fused inf-norm's NaN handling is the kernel's own: NaN wherever the sum is
-        mx = torch.where(torch.isnan(sq), sq, mx)
-    return sq, mx
-
-
-def _max_abs_torch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(sums_of_squares, max_abs) of the same tensors."""
+    sq = sums_of_squares(tensors)
     local = [_local(t) for t in tensors]
-    if local and local[0].device.type != "cpu":  # accelerators: one fused launch instead of ~4 per tensor
-        return _full(_stack(torch._foreach_norm(local, float("inf"), dtype=torch.float32), local), tensors, "max")
-    return _full(_stack([max_abs_one(t) for t in local], local), tensors, "max")
+    if local and local[0].device.type != "cpu":  # accelerators: one fused launch instead of one per tensor
+        mx = _stack(torch._foreach_norm(local, float("inf"), dtype=torch.float32), local)
+        mx = torch.where(torch.isnan(sq), sq, mx)  # the fused inf-norm may drop a NaN; the sum of squares keeps it
+    else:
+        mx = _stack([max_abs_one(t) for t in local], local)
+    return sq, _full(mx, tensors, "max")
 
 
 def max_abs_one(t: torch.Tensor) -> torch.Tensor:
-    """max |x| of one tensor (float32 0-dim) as max(max x, -min x): one aminmax pass, ~10x faster on CPU
-    than the inf-norm kernels (_foreach_norm(inf) and vector_norm(inf) both measured slower); NaN propagates."""
+    """max |x| of one tensor (float32 0-dim) as max(max x, -min x): one aminmax pass, the fastest on the CPU
+    (docs/performance.md); NaN propagates."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=t.device)
     lo, hi = torch.aminmax(t.detach())
@@ -150,8 +135,6 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     One isfinite pass per tensor (no fused foreach kernel exists for it); callers that only need "is anything
     non-finite?" should test the global norm instead, which is already computed and propagates NaN/Inf.
     """
-    if tensors and kernels.takes(tensors):
-        return torch.from_numpy(kernels.nonfinite(tensors).astype(np.float32))
     local = [_local(t) for t in tensors]
     if local and local[0].device.type != "cpu":
         return _full(_nonfinite_batched(local), tensors, "sum")
@@ -187,8 +170,6 @@ def sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     For non-negative tensors (Adam's exp_avg_sq) this is the L1 norm; one sum per tensor measured ~3x faster
     on CPU than _foreach_norm(ord=1).
     """
-    if tensors and kernels.takes(tensors):
-        return torch.from_numpy(kernels.sums(tensors).astype(np.float32))
     local = [_local(t) for t in tensors]
     return _full(_stack([t.sum(dtype=torch.float32) for t in local], local), tensors, "sum")
 

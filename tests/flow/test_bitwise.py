@@ -1,6 +1,5 @@
 """Monitoring on or off, training is bitwise identical on CPU (dropout on, so RNG use is checked too)."""
 
-import pytest
 import torch
 from tiny_models import TinyTransformer
 from torch.nn import functional as F
@@ -10,8 +9,6 @@ from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.config import ClipConfig
-
-pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
 
 
 def train(make_model, monitored, steps=4, accum=2):

@@ -10,11 +10,9 @@ import torch
 from tiny_models import LSTMLM, MLPStack, TinyTransformer
 from torch.nn import functional as F
 
-from flowtrain.flow import FlowConfig, FlowMonitor, hooks
+from flowtrain.flow import FlowConfig, FlowMonitor
 from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
-
-pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
 
 REL = 1e-6
 
@@ -115,15 +113,7 @@ def test_scaled_backward_reports_the_true_residual_gradients(scale):
     check_depth(rec, hs)
 
 
-@pytest.fixture(params=[True, False], ids=["tap-slots", "torch-hooks"])
-def tap_slots(request, monkeypatch):
-    """flowtrain's GPT on both ways the hooks reach its blocks and attention kernels: its tap slots (the
-    default) and torch's module hooks (what any other model gets)."""
-    monkeypatch.setattr(hooks, "TAPS", request.param)
-    return request.param
-
-
-def test_gpt_depth_stats_and_layers(tap_slots):
+def test_gpt_depth_stats_and_layers():
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17)
     model = GPT(cfg)
@@ -185,10 +175,8 @@ class ScaledInPlace(torch.nn.Module):
 
 
 def test_activations_changed_in_place_after_the_block():
-    """Activations are read after the block returned them (CPU kernels: when their gradient arrives; devices:
-    at the end of the micro-batch); where the model changed them in place in between, that step's activation
-    statistics are NaN (not a wrong number) and later steps read them in the forward hook, as the block
-    returned them. Residual gradients are right throughout."""
+    """Activations are read in the forward hook, as the block returned them: a model that changes them in place
+    afterwards does not change what is reported. Residual gradients are right throughout."""
     torch.manual_seed(0)
     model = ScaledInPlace()
     monitor = FlowMonitor(model, None, FlowConfig(), blocks=model.blocks, head=model.out)
@@ -203,12 +191,9 @@ def test_activations_changed_in_place_after_the_block():
         ref = copy.deepcopy(model)
         ref(x, keep=returned).square().sum().backward()
         rms, mx = rec.depth("act_rms")[1:], rec.depth("act_max_abs")[1:]
-        if step == 0:
-            assert all(math.isnan(v) for v in [*rms, *mx])
-        else:
-            for got_rms, got_max, h in zip(rms, mx, returned, strict=True):
-                close(got_rms, math.sqrt(float((h.double() ** 2).mean())))
-                close(got_max, float(h.abs().max()))
+        for got_rms, got_max, h in zip(rms, mx, returned, strict=True):
+            close(got_rms, math.sqrt(float((h.double() ** 2).mean())))
+            close(got_max, float(h.abs().max()))
         assert all(math.isfinite(v) and v > 0 for v in rec.depth("resid_grad_norm"))
 
 
@@ -231,49 +216,16 @@ def torch_hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def tapped(model: torch.nn.Module) -> list[str]:
-    """Names of the modules with a tap placed on the instance (see model/layers.py Tapped)."""
-    return [n for n, m in model.named_modules() for slot in ("flow_pre_tap", "flow_post_tap") if slot in vars(m)]
-
-
-def test_gpt_takes_the_hooks_in_its_tap_slots_and_a_second_monitor_gets_torch_hooks():
-    """The blocks' and attention kernels' hooks go into flowtrain's tap slots (no torch hook on them); a second
-    monitor on the same model finds the slots taken and registers torch hooks; both report the same numbers,
-    and remove() leaves the model as it was."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17))
-    first = FlowMonitor(model, None, FlowConfig(attn_positions=4))
-    assert torch_hooks(model) == 1  # the head's (nn.Linear has no slots)
-    assert len(tapped(model)) == 2 + 1 + 2  # blocks' outputs, block 0's input, the two kernels
-    second = FlowMonitor(model, None, FlowConfig(attn_positions=4))
-    assert torch_hooks(model) == 1 + 1 + 2 + 1 + 2
-    idx = torch.randint(0, 17, (3, 8))
-    lm_loss(model(idx), idx).backward()
-    records = []
-    for monitor in (first, second):
-        monitor.after_backward()
-        monitor.after_step()
-        records.append(monitor.collect(0))
-    np.testing.assert_array_equal(records[0].depth_stats, records[1].depth_stats)  # NaN where h_0 has no attention
-    assert records[0].scalars["logits_lse_mean"] == records[1].scalars["logits_lse_mean"]
-    first.remove()
-    second.remove()
-    assert torch_hooks(model) == 0 and tapped(model) == []
-
-
-def test_cpp_hooks_in_tap_slots_stay_between_monitored_steps(reductions):
-    """Every 2nd step: between monitored steps no torch hook is attached, and the C++ hooks stay in the tap slots
-    (disarmed: they measure nothing); the next monitored step reports what a model monitored at every step
-    reports on the same batches."""
+def test_between_monitored_steps_no_hook_is_attached_and_monitored_steps_match_every_step_monitoring():
+    """Every 2nd step: no torch hook between monitored steps; a monitored step reports what a model monitored at
+    every step reports on the same batches; a monitored model can be deep-copied and its copy runs hook-free."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=17))
     twin = copy.deepcopy(model)
     sparse, every = FlowMonitor(model, None, FlowConfig(interval=2)), FlowMonitor(twin, None, FlowConfig(interval=1))
-    native = sparse.depth._state is not None
     batches = [torch.randint(0, 17, (3, 8)) for _ in range(3)]
     for step, idx in enumerate(batches):
-        assert torch_hooks(model) == (1 if step % 2 == 0 else 0)  # the head's, on monitored steps only
-        assert len(tapped(model)) == (5 if native or step % 2 == 0 else 0)
+        assert torch_hooks(model) == (1 + 2 + 2 + 1 if step % 2 == 0 else 0)  # input, outputs, attention, head
         records = []
         for m, monitor in ((model, sparse), (twin, every)):
             lm_loss(m(idx), idx).backward()
@@ -284,8 +236,11 @@ def test_cpp_hooks_in_tap_slots_stay_between_monitored_steps(reductions):
         assert (records[0].depth_stats is not None) == (step % 2 == 0)
     np.testing.assert_array_equal(records[0].depth_stats, records[1].depth_stats)
     assert records[0].scalars["logits_lse_mean"] == records[1].scalars["logits_lse_mean"]
+    copied = copy.deepcopy(model)
     sparse.remove()
-    assert torch_hooks(model) == 0 and tapped(model) == []
+    assert torch_hooks(model) == 0
+    idx = batches[0]
+    assert torch.equal(copied(idx), model(idx))
 
 
 def test_hooks_are_silent_in_evaluation_and_removable():
@@ -294,20 +249,20 @@ def test_hooks_are_silent_in_evaluation_and_removable():
     monitor = FlowMonitor(model, None, FlowConfig())
     with torch.no_grad():
         model(torch.randint(0, 17, (2, 8)))
-    assert all(v is None for v in monitor.depth.act_sumsq)
+    assert all(v is None for v in monitor.depth.act_sumsq) and monitor.depth.act_count == [0] * 4
     monitor.remove()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("with_doc_mask", [True, False])
-def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask, tap_slots):
-    """q, k captured at the Attend kernel give the same entropy/max logit as recomputing from the weights."""
+def test_gpt_attention_sample_matches_an_independent_recomputation(with_doc_mask):
+    """The sampled attention (RoPE, QK-norm, document masks) equals the block's own scores on its input."""
     torch.manual_seed(1)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=17, pos_encoding="rope", qk_norm=True)
     model = GPT(cfg)
     ref = copy.deepcopy(model)
     monitor = FlowMonitor(model, None, FlowConfig(attn_positions=5, attn_batch=2, attn_heads=2))
-    assert all(k is not None for k in monitor.depth.kernels)
+    assert all(m is not None for m in monitor.depth.attention.modules)
     idx = torch.randint(0, 17, (3, 12))
     doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 9]) if with_doc_mask else None
     lm_loss(model(idx, doc_ids=doc_ids), idx).backward()
@@ -326,25 +281,9 @@ def test_gpt_attention_read_at_the_kernel_matches_recomputation(with_doc_mask, t
         close(rec.depth("attn_max_logit")[i + 1], float(scores.max()), rel=1e-5)
 
 
-def test_gradient_hooks_see_the_gradient_beside_other_hooks_and_on_leaves():
-    """hooks._hook_gradient: the direct registration on a plain non-leaf tensor, and register_hook where the
-    tensor already has hooks of its own (both run) or is a leaf."""
-    x = torch.randn(5, requires_grad=True)
-    for kind in ("plain", "with a user hook", "leaf"):
-        seen, user = [], []
-        h = x if kind == "leaf" else x * 3
-        if kind == "with a user hook":
-            h.register_hook(lambda g, user=user: user.append(g.clone()))
-        hooks._hook_gradient(h, lambda g, seen=seen: seen.append(g.clone()))
-        (h * torch.arange(5.0)).sum().backward()
-        assert len(seen) == 1 and torch.equal(seen[0], torch.arange(5.0)), kind
-        assert len(user) == (kind == "with a user hook"), kind
-        x.grad = None
-
-
 class Transposed(torch.nn.Module):
     """A layer that works on its input transposed: the gradient of its input arrives as a transposed view, and
-    its output is one (not contiguous: the C++ hooks hand that boundary to the Python ones)."""
+    its output is one (not contiguous)."""
 
     def __init__(self, d=12) -> None:
         super().__init__()
@@ -355,8 +294,8 @@ class Transposed(torch.nn.Module):
 
 
 def test_plain_and_unusual_boundaries_in_one_stack_with_two_micro_batches():
-    """Boundaries the C++ hooks take (plain tensors) beside one they hand to the Python hooks (a transposed
-    view), with gradient accumulation: every statistic equals the reference of one big batch."""
+    """Plain boundaries beside a transposed view, with gradient accumulation: every statistic equals the
+    reference of one big batch."""
     torch.manual_seed(0)
     model = MLPStack()
     model.layers[1] = Transposed()
@@ -371,26 +310,6 @@ def test_plain_and_unusual_boundaries_in_one_stack_with_two_micro_batches():
     hs = reference_forward(ref, x, ref.layers, ref.inp)
     (F.mse_loss(ref.out(hs[-1]), y, reduction="sum") / 6).backward()
     check_depth(rec, hs)
-
-
-def test_cpp_hooks_take_a_cpu_model_and_a_copy_of_it(reductions):
-    """On the CPU kernels' default path the C++ hooks are built and used (a broken build fails here rather than
-    falling back unnoticed), and a monitored model can still be deep-copied (its hooks are shared, as Python
-    hooks are)."""
-    from flowtrain import kernels
-
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    monitor = FlowMonitor(model, None, FlowConfig())
-    if reductions == "kernels" and kernels.binding == "extension":
-        assert kernels.hooks() is not None, kernels.hooks_error
-    native = kernels.hooks() is not None
-    assert (monitor.depth._state is not None) == native and (monitor.logits._state is not None) == native
-    twin = copy.deepcopy(model)
-    monitor.remove()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    idx = torch.randint(0, 17, (2, 8))
-    assert torch.equal(twin(idx), model(idx))
 
 
 def test_a_gradient_that_is_an_expanded_view():

@@ -12,10 +12,6 @@ from torch.nn import functional as F
 from flowtrain.flow import FlowConfig, FlowMonitor, diagnose
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.config import ClipConfig
-from flowtrain.optim.observed import ObservedAdamW
-from tests.conftest import expect_observing
-
-pytestmark = pytest.mark.usefixtures("reductions")  # both paths: CPU kernels and torch
 
 REL = 1e-6
 
@@ -58,14 +54,10 @@ def one_step(seed=0, max_norm=0.05, poison=None, optimizer=torch.optim.AdamW, de
     return model, opt, monitor, grads, weights, clip, records
 
 
-@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, ObservedAdamW], ids=["torch-adamw", "observing-adamw"])
-def test_per_tensor_statistics_match_manual_recomputation(optimizer, reductions):
-    """With torch's AdamW the microscope measures ΔW from its copy of the weights; with the observing AdamW the
-    optimizer's own pass does and the monitor keeps no copy at all (without the CPU kernels it takes torch's
-    step and the copy is back)."""
-    model, opt, monitor, grads, weights, clip, records = one_step(optimizer=optimizer)
-    observing = expect_observing(opt, optimizer is ObservedAdamW and reductions != "torch")
-    assert (monitor.params._snapshot is None) == observing
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_per_tensor_statistics_match_manual_recomputation(fused):
+    """ΔW is measured from the monitor's copy of the weights, whichever AdamW step torch takes."""
+    model, opt, monitor, grads, weights, clip, records = one_step(fused=fused)
     rec = records[-1]
     assert rec.step == 1
     for name, p in model.named_parameters():
@@ -168,9 +160,8 @@ def test_disabled_monitor_attaches_nothing():
 
 
 def test_weights_changed_between_steps_are_not_counted_as_the_update():
-    """The CPU kernels keep the copy of the weights from the pass after the last step; a change to the weights
-    before the next step (in place: noticed by version; through .data: after monitor.invalidate()) must not
-    end up in the next step's ΔW or weight norm."""
+    """A change to the weights between steps (in place, or through .data) is not part of the next step's ΔW:
+    the copy is taken after the backward pass of every monitored step."""
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -183,7 +174,6 @@ def test_weights_changed_between_steps_are_not_counted_as_the_update():
                 model.tok_emb.weight.mul_(0.5)
         elif edits.get(step) == "data":
             model.lm_head.weight.data.mul_(2.0)
-            monitor.invalidate()
         opt.zero_grad(set_to_none=True)
         loss_of(model, idx).backward()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -196,12 +186,12 @@ def test_weights_changed_between_steps_are_not_counted_as_the_update():
             close(rec.tensor(name)["update_norm"], norm(p.detach() - before[name]))
 
 
-def test_observing_optimizer_skipped_step_reports_no_update_and_the_weights(reductions):
-    """The guard skips a step through found_inf (as the trainer does for fused optimizers): the observing
-    optimizer takes no step, and the record says ΔW = 0 with the weights' true norms."""
+def test_a_skipped_step_reports_no_update_and_the_weights():
+    """The guard skips a step through found_inf (as the trainer does for fused optimizers): torch's fused AdamW
+    takes no step, and the record says ΔW = 0 with the weights' true norms."""
     torch.manual_seed(0)
     model = TinyTransformer()
-    opt = ObservedAdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=True)
     monitor = FlowMonitor(model, opt, FlowConfig())
     idx = torch.randint(0, 17, (4, 8))
     for step in range(2):
@@ -220,12 +210,12 @@ def test_observing_optimizer_skipped_step_reports_no_update_and_the_weights(redu
         close(s["adam_v_rms"], math.sqrt(float(opt.state[p]["exp_avg_sq"].double().mean())))
 
 
-def test_observing_optimizer_reports_a_poisoned_tensor_as_non_finite_not_as_still(reductions):
+def test_a_poisoned_tensor_is_reported_as_non_finite_not_as_still():
     """A NaN gradient let through (no guard) makes the weights NaN; on the next step the tensor still stepped:
     its ΔW is NaN, not "did not move"."""
     torch.manual_seed(0)
     model = TinyTransformer()
-    opt = ObservedAdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
     monitor = FlowMonitor(model, opt, FlowConfig())
     idx = torch.randint(0, 17, (4, 8))
     name = "blocks.1.mlp.0.weight"
@@ -242,7 +232,7 @@ def test_observing_optimizer_reports_a_poisoned_tensor_as_non_finite_not_as_stil
     assert math.isnan(s["weight_norm"]) and math.isnan(s["update_norm"])
 
 
-def test_figures_describe_the_gradients_as_after_backward_finds_them(reductions):
+def test_figures_describe_the_gradients_as_after_backward_finds_them():
     """Two micro-batches, then one gradient changed in place and one replaced before after_backward(): every
     figure is that of the gradients then; steps between monitored ones (interval 2) change nothing."""
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def records(n_steps=3):
     return out
 
 
-def test_collect_all_returns_every_uncollected_step_and_collect_the_newest(reductions):
+def test_collect_all_returns_every_uncollected_step_and_collect_the_newest():
     """collect_all(step): the records of every step since the last collect, oldest first, numbered back from
     `step`, equal to those collected one by one; collect() keeps only the newest."""
     one_by_one = records(4)
@@ -180,45 +180,3 @@ def test_layer_groups_match_the_per_layer_definition(n, seed):
     groups = LayerGroups(layers, numels)
     assert groups.names == want_names
     np.testing.assert_allclose(groups(stats), want, rtol=1e-6, equal_nan=True)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 30), st.integers(0, 2**31 - 1), st.booleans())
-def test_kernel_tables_equal_the_numpy_definition(n, seed, updates):
-    """kernels.flow_tables (the CPU host path: per-tensor and per-layer tables in one call) gives what
-    ParamStats.per_tensor_matrix + LayerGroups give, including tensors without gradients or second moments,
-    non-finite gradients, zero weights and updates off; and the totals the record's scalars take from it
-    (||W||, ||dW||, non-finite gradient values) what numpy gives from the same sums."""
-    from flowtrain import kernels
-    from flowtrain.flow.stats import ParamStats
-
-    rng = np.random.default_rng(seed)
-    layers = [f"l{rng.integers(0, 5)}" for _ in range(n)]
-    numels = rng.integers(1, 1000, n).astype(np.int64)
-
-    def sums(scale):
-        values = rng.random(n) * scale
-        for _ in range(rng.integers(0, 3)):
-            values[rng.integers(0, n)] = rng.choice([np.nan, np.inf, 0.0])
-        return values
-
-    grads = {"grad_sumsq": sums(10.0), "grad_max_abs": sums(3.0), "grad_nonfinite": np.floor(sums(2.0))}
-    no_grad = rng.random(n) < 0.2
-    for key in grads:
-        grads[key][no_grad] = np.nan
-    wsq, usq, v_rms = sums(100.0), sums(1e-3) if updates else None, sums(1e-2)
-    v_rms[rng.random(n) < 0.3] = np.nan
-    stats = ParamStats.__new__(ParamStats)  # only the numpy assembly is used: numels and the parameter count
-    stats.params, stats._np_numels = [None] * n, numels
-    want_tensors = stats.per_tensor_matrix(grads, wsq, usq, v_rms).astype(np.float32)
-    groups = LayerGroups(layers, numels)
-    tensors, layers_table, totals = kernels.flow_tables(grads, wsq, usq, v_rms, numels, groups.order, groups.starts)
-    np.testing.assert_allclose(tensors, want_tensors, rtol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(layers_table, groups(want_tensors), rtol=1e-6, equal_nan=True)
-    want_totals = [
-        np.sqrt(wsq.sum()),
-        np.sqrt(usq.sum()) if updates else np.nan,
-        np.fmax(want_tensors[:, TENSOR_STATS.index("grad_nonfinite")], 0.0).sum(),
-    ]
-    assert all(type(v) is float for v in totals)
-    np.testing.assert_allclose(totals, np.float32(want_totals), rtol=1e-6, equal_nan=True)

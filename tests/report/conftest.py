@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from flowtrain.flow.hooks import DEPTH_STATS
-from flowtrain.flow.records import FlowParquetWriter, FlowRecord
-from flowtrain.flow.stats import TENSOR_STATS
+from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowParquetWriter, FlowRecord
 from flowtrain.sinks.jsonl import JsonlSink
 
 LAYERS = ["embedding", "block.0", "block.1", "head"]

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from flowtrain.errors import FlowtrainError
-from flowtrain.flow.hooks import DEPTH_STATS
-from flowtrain.flow.stats import TENSOR_STATS
+from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS
 from flowtrain.report.figures_flow import chosen_steps
 from flowtrain.report.figures_scalars import clip_threshold, rolling_clip_rate
 from flowtrain.report.html import config_differences, flatten

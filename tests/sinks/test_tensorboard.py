@@ -1,51 +1,57 @@
-"""The TensorBoard sink's event files: real TensorBoard files whose every record checksum is the one TensorBoard's
-own (pure-Python) CRC-32C gives, with the C checksum the sink puts in its record writer."""
+"""The TensorBoard sink's event files, read back with TensorBoard's own loader."""
 
-import struct
+import time
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
-from tensorboard.summary.writer import record_writer
 
-from flowtrain.sinks.tensorboard import TensorBoardSink, fast_record_checksum
-
-
-def records_of(path):
-    """(header, header crc, data, data crc) of every record of a TFRecord file, as TensorBoard frames them."""
-    raw, at, out = path.read_bytes(), 0, []
-    while at < len(raw):
-        header = raw[at : at + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", raw[at + 8 : at + 12])
-        data = raw[at + 12 : at + 12 + length]
-        (data_crc,) = struct.unpack("<I", raw[at + 12 + length : at + 16 + length])
-        out.append((header, header_crc, data, data_crc))
-        at += 16 + length
-    assert at == len(raw)
-    return out
+from flowtrain.flow.records import TENSOR_STATS, FlowRecord
+from flowtrain.sinks.tensorboard import TensorBoardSink
 
 
-def test_the_c_checksum_is_in_place_and_every_record_checks_with_tensorboards_own(tmp_path):
+def load(path):
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def record(step):
+    stats = np.full((2, len(TENSOR_STATS)), np.nan, dtype=np.float32)
+    stats[:, TENSOR_STATS.index("grad_norm")] = [0.5 * step, 2.0]
+    return FlowRecord(
+        step=step, scalars={}, layer_names=["block.0", "head"], layer_stats=stats,
+        histograms={"head": np.linspace(-1, 1, 64, dtype=np.float32)},
+    )  # fmt: skip
+
+
+def test_scalars_layers_and_histograms_share_a_step_and_read_back(tmp_path):
     sink = TensorBoardSink(tmp_path)
-    assert sink.checksum == "c" and record_writer.masked_crc32c is not reference_crc
     for step in range(1, 4):
+        sink.write_layers(step, record(step))
         sink.write(step, {"loss": 3.0 / step, "lr": 1e-3, "clipped": True, "name": "not a number"})
     sink.close()
-    (events,) = tmp_path.glob("events.out.tfevents.*")
-    records = records_of(events)
-    assert len(records) == 4  # the file version event, then one event a step
-    for header, header_crc, data, data_crc in records:
-        assert header_crc == reference_crc(header) and data_crc == reference_crc(data)
-    acc = EventAccumulator(str(tmp_path))
-    acc.Reload()
+    acc = load(tmp_path)
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("loss")] == [(1, 3.0), (2, 1.5), (3, 1.0)]
+    assert [e.value for e in acc.Scalars("grad_norm_by_layer/block.0")] == [0.5, 1.0, 1.5]
     assert "clipped" not in acc.Tags()["scalars"]  # booleans and strings are not scalars here
+    assert "update_ratio_by_layer/head" not in acc.Tags()["scalars"]  # NaN values are left out
+    hist = acc.Histograms("grad_hist/head")
+    assert [e.step for e in hist] == [1, 2, 3] and hist[0].histogram_value.num == 64
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    # one event a step (all its values together), after the file-version event
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    kinds = [e.WhichOneof("what") for e in EventFileLoader(str(events)).Load()]
+    assert kinds.count("summary") == 3 + 3  # the scalars' event and the histogram's, each step
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=5000))
-def test_the_c_checksum_equals_tensorboards_on_any_bytes(data):
-    assert fast_record_checksum() == "c"
-    assert record_writer.masked_crc32c(data) == reference_crc(data)
+def test_a_resumed_run_purges_the_steps_it_writes_again(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    for step in range(1, 5):
+        sink.write(step, {"loss": float(step)})
+    sink.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    resumed = TensorBoardSink(tmp_path, purge_step=3)
+    resumed.write(3, {"loss": 30.0})
+    resumed.close()
+    assert [(e.step, e.value) for e in load(tmp_path).Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

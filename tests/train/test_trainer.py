@@ -9,7 +9,7 @@ import pytest
 from flowtrain.config import load_config
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train.trainer import Trainer, config_for_resume
-from tests.conftest import OBSERVING_VERIFIED, tiny_overrides
+from tests.conftest import tiny_overrides
 
 
 def _losses(run_dir):
@@ -34,14 +34,10 @@ def test_run_directory_contract(small_text, tmp_path):
     assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
     env = json.loads((run / "env.json").read_text())
-    assert env["cpu_kernels"] in ("built (extension)", "built (ctypes)")  # the CPU kernels ran here
-    assert env["cpu_hooks"] == "C++ (flowhooks.cpp)" or env["cpu_kernels"] == "built (ctypes)", env["cpu_hooks"]
-    if OBSERVING_VERIFIED:  # ΔW measured in the optimizer's own pass
-        assert env["optimizer_step"].startswith("ObservedAdamW: flowtrain's observing kernel")
+    assert env["optimizer_step"] == "AdamW: torch's fused step"
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert env["tensorboard_checksum"] == "c"  # google-crc32c (a dependency) in TensorBoard's record writer
     assert isinstance(summary.sample, str) and summary.sample
 
 

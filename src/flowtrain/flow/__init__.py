@@ -1,14 +1,12 @@
-"""The gradient-flow microscope: fused per-tensor, per-layer and residual-stream statistics, and diagnose.
+"""The gradient-flow microscope: per-tensor, per-layer and residual-stream statistics, and diagnose.
 
 Public API (docs/flow.md): FlowConfig, FlowMonitor, FlowRecord, FlowParquetWriter, read_flow, diagnose.
 """
 
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.diagnose import Diagnosis, diagnose
-from flowtrain.flow.hooks import DEPTH_STATS
 from flowtrain.flow.monitor import FlowMonitor, default_layer_of
-from flowtrain.flow.records import STAT_COLUMNS, FlowParquetWriter, FlowRecord, read_flow
-from flowtrain.flow.stats import TENSOR_STATS
+from flowtrain.flow.records import DEPTH_STATS, STAT_COLUMNS, TENSOR_STATS, FlowParquetWriter, FlowRecord, read_flow
 
 __all__ = [
     "DEPTH_STATS",

@@ -30,9 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from flowtrain.flow.hooks import DEPTH_STATS
-from flowtrain.flow.records import FlowRecord
-from flowtrain.flow.stats import TENSOR_STATS
+from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowRecord
 
 EXPLODE_DEPTH = 10.0
 EXPLODE_STEPS = 10.0

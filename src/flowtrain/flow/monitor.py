@@ -9,11 +9,9 @@
         monitor.after_step(clip_stats=clip)  # ΔW from the step that actually happened
         record = monitor.collect(step)       # host numbers (one device->host transfer), or None
 
-Every call between collect()s only launches fused device work; collect() is the single host transfer.
+Between collect()s every call only queues device work into a StepStats; collect() is the one host transfer.
 A loop that logs every N steps calls `collect_all(step)` instead: the records of all N steps, still one
-transfer (the trainer does; so flow.parquet has every monitored step whatever the logging interval).
-Hooks are attached on monitored steps only (step % interval == 0); the others run the model without them
-(C++ hooks in a model's tap slots stay, disarmed: see hooks._Probe.disarm).
+transfer. Hooks are attached on monitored steps only; the other steps run the model without them.
 """
 
 from __future__ import annotations
@@ -22,21 +20,20 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from flowtrain import kernels
 from flowtrain.flow.budget import Interval, Stopwatch
 from flowtrain.flow.config import FlowConfig
-from flowtrain.flow.deferred import Deferred
-from flowtrain.flow.hooks import DEPTH_STATS, DepthProbe, LogitsProbe
-from flowtrain.flow.records import FlowRecord, LayerGroups
-from flowtrain.flow.stats import TENSOR_STATS, ParamStats
+from flowtrain.flow.depth import DepthProbe, depth_table
+from flowtrain.flow.logits import LogitsProbe, logits_figures
+from flowtrain.flow.params import ParamStats
+from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowRecord, LayerGroups
 
 CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped")
-_NONFINITE = TENSOR_STATS.index("grad_nonfinite")
 # finished steps kept for collect_all(); a loop that never collects loses the oldest beyond this
 MAX_UNCOLLECTED = 1000
 
@@ -50,13 +47,9 @@ def default_layer_of(model: nn.Module) -> Callable[[str], str]:
     own = getattr(model, "layer_of", None)
     if callable(own):
         return own
-    containers = {n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))}
     if isinstance(model, (nn.ModuleList, nn.Sequential)):
-
-        def by_index(name: str) -> str:
-            return name.split(".", 1)[0]
-
-        return by_index
+        return lambda name: name.split(".", 1)[0]
+    containers = {n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))}
 
     def by_child(name: str) -> str:
         parts = name.split(".")
@@ -67,18 +60,34 @@ def default_layer_of(model: nn.Module) -> Callable[[str], str]:
     return by_child
 
 
-def _sqrt_of_sum(values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """sqrt(sum(values)) as a 1-element vector, on the host or the device as the values are."""
-    if isinstance(values, np.ndarray):
-        return np.sqrt(values.sum(keepdims=True))
-    return values.sum().sqrt().reshape(1)
-
-
 def _default_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
         return list(blocks)
     return []
+
+
+@dataclass
+class StepStats:
+    """What one step left for its record: device tensors until collect() moves them to the host in one go."""
+
+    step: int
+    monitored: bool
+    flow_interval: int = 1  # the interval this step was taken under
+    flow_ms: float = 0.0  # the microscope's own time booked to this step
+    clip: torch.Tensor | None = None  # [4]: CLIP_FIELDS
+    weight_sumsq: torch.Tensor | None = None  # [n_tensors], before the step
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # ParamStats.before_step's gradient figures
+    tensors: torch.Tensor | None = None  # [6, n_tensors]: params.RAW_ROWS
+    depth: torch.Tensor | None = None  # [8, L+1]: depth.RAW_ROWS + RAW_MAX_ROWS
+    logits: torch.Tensor | None = None  # [3]: logits.LogitsProbe.raw
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> sampled gradient values
+
+    def on_device(self) -> dict[str, torch.Tensor]:
+        """The tensors that travel to the host, by name."""
+        named = {"clip": self.clip, "tensors": self.tensors, "depth": self.depth, "logits": self.logits}
+        named.update({"hist:" + k: v for k, v in self.histograms.items()})
+        return {k: v for k, v in named.items() if v is not None}
 
 
 class FlowMonitor:
@@ -104,9 +113,9 @@ class FlowMonitor:
         sync: bool = False,
     ) -> None:
         self.cfg = cfg or FlowConfig()
-        # data parallel: activation-side statistics are combined over the default process group, and
-        # residual gradients divided by `backward_scale` (the factor the trainer scaled each rank's loss by)
         self.sync = sync
+        # the factor each rank's loss was scaled by before backward (data parallel: the world size; fp16: also
+        # the loss scale, a device tensor): residual gradients are divided by it
         self.backward_scale: float | torch.Tensor = 1.0
         self.model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -116,18 +125,17 @@ class FlowMonitor:
         self.step_index = start_step
         self.clock = Stopwatch()  # the microscope's own seconds this step (hooks and the calls below)
         self.interval = Interval(self.cfg, start_step, self.clock)
-        self._pending: dict | None = None
-        self._ready: deque[dict] = deque(maxlen=MAX_UNCOLLECTED)  # finished steps not collected yet
+        self._pending: StepStats | None = None
+        self._ready: deque[StepStats] = deque(maxlen=MAX_UNCOLLECTED)  # finished steps not collected yet
         self._clipped: deque[float] = deque(maxlen=self.cfg.clip_rate_window)
-        self._clipped_sum = 0.0  # of the values in _clipped (0/1): the rolling clip rate without a pass
         self.params: ParamStats | None = None
-        self._boundary_names: list[str] = []
         self.depth: DepthProbe | None = None
         self.logits: LogitsProbe | None = None
         if not self.cfg.enabled:
             return
-        self.params = ParamStats(self.names, [p for _, p in named], optimizer, self.cfg.updates)
-        self._layer_groups = LayerGroups(self.layers, self.params.np_numels)
+        self.params = ParamStats([p for _, p in named], optimizer, self.cfg.updates)
+        self._numels = self.params.numels.numpy().astype(np.float64)
+        self._layer_groups = LayerGroups(self.layers, self._numels)
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
             self.depth = DepthProbe(blocks, self.cfg, self.clock)
@@ -141,8 +149,7 @@ class FlowMonitor:
     def _depth_layers(self, model: nn.Module, blocks: list[nn.Module]) -> list[str]:
         """Layer label of each boundary: h_l (l >= 1) gets block l-1's layer, h_0 the first non-block layer."""
         prefix = {id(m): n for n, m in model.named_modules()}
-        labels = []
-        block_prefixes = []
+        labels, block_prefixes = [], []
         for i, block in enumerate(blocks):
             pre = prefix.get(id(block), "")
             block_prefixes.append(pre + "." if pre else "")
@@ -151,18 +158,12 @@ class FlowMonitor:
         outside = next((n for n in self.names if not any(bp and n.startswith(bp) for bp in block_prefixes)), None)
         return [self.layer_of(outside) if outside else "input", *labels]
 
-    # -- the three calls of the step -------------------------------------------------------------------------
+    # -- the calls of the step -------------------------------------------------------------------------------
 
     def is_monitored(self, step: int | None = None) -> bool:
         """Whether per-tensor and depth statistics are taken at `step` (default: the step now running)."""
         step = self.step_index if step is None else step
         return self.cfg.enabled and self.interval.monitored(step)
-
-    def invalidate(self) -> None:
-        """The weights were changed outside the optimizer through `.data` (which bypasses the version counters
-        the monitor checks; in-place edits of the parameters themselves are noticed): measure ΔW afresh."""
-        if self.params is not None:
-            self.params.invalidate()
 
     def restart_at(self, step: int) -> None:
         """Go on from `step` after the weights were replaced (a rollback): nothing kept from before is reused."""
@@ -170,8 +171,6 @@ class FlowMonitor:
         self._pending = None
         self._ready.clear()
         self.interval.restart_at(step)
-        if self.params is not None:
-            self.params.invalidate()
         self._arm()
 
     def _arm(self) -> None:
@@ -181,28 +180,23 @@ class FlowMonitor:
                 probe.arm() if on else probe.disarm()
 
     def after_backward(self) -> None:
-        """Read the accumulated gradients (and snapshot the weights) before clipping and the optimizer step."""
+        """Read the accumulated gradients (and copy the weights) before clipping and the optimizer step."""
         if self.params is None:
             return
-        started = time.perf_counter()
-        pending: dict = {"step": self.step_index, "monitored": self.is_monitored()}
-        if pending["monitored"]:  # between monitored steps the microscope costs nothing
-            pending["weight_sumsq"] = self.params.weights_and_snapshot()
-            pending["grads"] = self.params.grad_stats()
-            if self.depth is not None:
-                pending["attention"] = self.depth.attention()
-            hist = self.cfg.histogram_interval
-            if hist and self.step_index % hist == 0:
-                pending["histograms"] = self._histogram_samples()
-        self._pending = pending
-        self.clock.spent += time.perf_counter() - started
+        with self.booked():
+            stats = StepStats(self.step_index, self.is_monitored())
+            if stats.monitored:  # between monitored steps the microscope costs nothing
+                stats.weight_sumsq, stats.grads = self.params.before_step()
+                hist = self.cfg.histogram_interval
+                if hist and self.step_index % hist == 0:
+                    stats.histograms = self.params.histogram_samples(self.layers, self.cfg.histogram_values)
+            self._pending = stats
 
     @property
     def grad_sumsq(self) -> torch.Tensor | None:
-        """Per-tensor sums of squares of this step's gradients, when measured (monitored step, every parameter
-        has a gradient): a clipper can reuse them instead of another pass over the gradients."""
-        grads = (self._pending or {}).get("grads")
-        return grads["clip_sumsq"] if grads is not None and grads["complete"] else None
+        """Per-tensor float32 sums of squares of this step's gradients, when measured (monitored step, every
+        parameter has a gradient): a clipper can reuse them instead of another pass over the gradients."""
+        return self._pending.grads.get("clip_sumsq") if self._pending is not None else None
 
     def after_step(self, clip_stats=None) -> None:
         """Measure the update that happened; `clip_stats` (ClipStats or anything with its fields) is reported."""
@@ -210,27 +204,29 @@ class FlowMonitor:
             return
         if self._pending is None:
             raise RuntimeError("FlowMonitor.after_step() called without after_backward() for this step")
-        started = time.perf_counter()
-        pending, self._pending = self._pending, None
-        if clip_stats is not None:
-            pending["clip"] = [getattr(clip_stats, f) for f in CLIP_FIELDS]
-        if pending["monitored"]:
-            usq, adam, wsq = self.params.after_step(self.is_monitored(self.step_index + 1))
-            pending["update_sumsq"], pending["adam"] = usq, adam
-            if wsq is not None:  # measured by an observing optimizer in its step
-                pending["weight_sumsq"] = wsq
+        with self.booked():
+            stats, self._pending = self._pending, None
             device = self.params.device
-            if self.depth is not None:
-                attention = pending.pop("attention", [None] * len(self.depth.blocks))
-                pending["depth"] = self.depth.matrix(attention, device, self.sync, self.backward_scale)
-            if self.logits is not None:
-                pending["logits"] = self.logits.values(device, self.sync)
-        self._ready.append(pending)
-        self.clock.spent += time.perf_counter() - started
-        pending["flow_interval"] = self.interval.every  # the interval this step was taken under
-        if self.interval.step_done(self.step_index, pending["monitored"]) and self.sync:
+            if clip_stats is not None:
+                values = [torch.as_tensor(getattr(clip_stats, f)) for f in CLIP_FIELDS]
+                stats.clip = torch.stack([v.to(device).float().reshape(()) for v in values])
+            if stats.monitored:
+                update_sumsq, adam_v_sum = self.params.after_step()
+                grads = stats.grads
+                stats.tensors = torch.stack(
+                    [grads["grad_sumsq"], grads["grad_max_abs"], grads["grad_nonfinite"], stats.weight_sumsq,
+                     update_sumsq, adam_v_sum]
+                )  # fmt: skip
+                stats.grads, stats.weight_sumsq = {}, None
+                if self.depth is not None:
+                    stats.depth = self.depth.raw(device, self.sync, self.backward_scale)
+                if self.logits is not None:
+                    stats.logits = self.logits.raw(device, self.sync)
+            self._ready.append(stats)
+        stats.flow_interval = self.interval.every
+        if self.interval.step_done(self.step_index, stats.monitored) and self.sync:
             self._agree_on_interval()
-        pending["flow_ms"] = 1e3 * self.interval.last_spent
+        stats.flow_ms = 1e3 * self.interval.last_spent
         self.step_index += 1
         self._arm()
 
@@ -262,6 +258,8 @@ class FlowMonitor:
             dist.all_reduce(every, op=dist.ReduceOp.MAX)
             self.interval.every = int(every.item())
 
+    # -- records ---------------------------------------------------------------------------------------------
+
     def collect(self, step: int | None = None) -> FlowRecord | None:
         """The last finished step's record as host numbers (one transfer), or None if there is none.
         Older steps not collected yet are dropped (collect_all() keeps them)."""
@@ -269,149 +267,89 @@ class FlowMonitor:
             return None
         newest = self._ready[-1]
         self._ready.clear()
-        return self._timed_collect([newest], step)[0]
+        return self._collect([newest], step)[0]
 
     def collect_all(self, step: int | None = None) -> list[FlowRecord]:
         """Every finished step's record not collected yet, oldest first, with one host transfer for all of them.
         `step` numbers the newest record (the others count back from it), as in collect()."""
         ready = list(self._ready)
         self._ready.clear()
-        return self._timed_collect(ready, step) if ready else []
+        return self._collect(ready, step) if ready else []
 
     def discard(self) -> None:
         """Forget the finished steps not collected (a data-parallel rank that writes nothing)."""
         self._ready.clear()
 
-    def _timed_collect(self, ready: list[dict], step: int | None) -> list[FlowRecord]:
+    def _collect(self, ready: list[StepStats], step: int | None) -> list[FlowRecord]:
         if self.params is None:
             return []
-        started = time.perf_counter()
-        try:
-            newest = ready[-1]["step"]
-            offset = 0 if step is None else step - newest
-            return self._collect(ready, [r["step"] + offset for r in ready])
-        finally:
-            self.clock.spent += time.perf_counter() - started
-
-    def _host_parts(self, ready: dict) -> dict[str, torch.Tensor | np.ndarray]:
-        """One finished step's numbers, by name: numpy where measured on the host (CPU kernels), else tensors."""
-        parts: dict[str, torch.Tensor | np.ndarray] = {}
-        wsq, usq = ready.get("weight_sumsq"), ready.get("update_sumsq")
-        if ready["monitored"]:
-            grads, adam = ready["grads"], ready["adam"]
-            sums = (*(grads[k] for k in kernels.GRAD_KEYS), wsq, adam, *(() if usq is None else (usq,)))
-            if all(isinstance(v, np.ndarray) for v in sums) and kernels.library() is not None:
-                # one call: both tables and the record's totals (||W||, ||dW||, non-finite gradient values)
-                groups = self._layer_groups
-                parts["tensors"], parts["layers"], ready["totals"] = kernels.flow_tables(
-                    grads, wsq, usq, adam, self.params.np_numels, groups.order, groups.starts
-                )
-            else:
-                parts["tensors"] = self.params.deferred_table(grads, wsq, usq, adam)
-            for key in ("depth", "logits"):
-                if key in ready:
-                    parts[key] = ready[key]
-        if "totals" not in ready:
-            if wsq is not None:
-                parts["param_norm"] = _sqrt_of_sum(wsq)
-            if usq is not None:
-                parts["update_norm"] = _sqrt_of_sum(usq)
-        if "clip" in ready:
-            clip = ready["clip"]
-            if all(isinstance(v, torch.Tensor) and v.is_cpu for v in clip):
-                ready["clip_values"] = [float(v.item()) for v in clip]  # CPU: read as they are
-            else:
+        with self.booked():
+            parts = [(i, key, t) for i, stats in enumerate(ready) for key, t in stats.on_device().items()]
+            host: list[dict[str, np.ndarray]] = [{} for _ in ready]
+            if parts:  # one device->host transfer for all of them
                 device = self.params.device
-                parts["clip"] = torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in clip])
-        for layer, values in ready.get("histograms", {}).items():
-            parts["hist:" + layer] = values
-        return parts
+                flat = torch.cat([t.reshape(-1).float().to(device) for _, _, t in parts]).cpu().numpy()
+                offset = 0
+                for i, key, t in parts:
+                    host[i][key] = flat[offset : offset + t.numel()].reshape(t.shape)
+                    offset += t.numel()
+            shift = 0 if step is None else step - ready[-1].step
+            return [self._record(s.step + shift, h, s) for s, h in zip(ready, host, strict=True)]
 
-    def _collect(self, ready: list[dict], steps: list[int]) -> list[FlowRecord]:
-        parts = [self._host_parts(r) for r in ready]
-        host = [{k: v.astype(np.float32, copy=False) for k, v in p.items() if isinstance(v, np.ndarray)} for p in parts]
-        on_device = [(i, k, v) for i, p in enumerate(parts) for k, v in p.items() if not isinstance(v, np.ndarray)]
-        if on_device:  # one device->host transfer for all of them
-            device = self.params.device
-            tensors = [v.tensor if isinstance(v, Deferred) else v for _, _, v in on_device]
-            flat = torch.cat([t.reshape(-1).float().to(device) for t in tensors]).cpu().numpy()
-            offset = 0
-            for (i, key, v), t in zip(on_device, tensors, strict=True):
-                values = flat[offset : offset + t.numel()].reshape(t.shape)
-                host[i][key] = v.finish(values).astype(np.float32, copy=False) if isinstance(v, Deferred) else values
-                offset += t.numel()
-        return [self._record(s, h, r) for s, h, r in zip(steps, host, ready, strict=True)]
-
-    def _depth_names(self, n: int) -> list[str]:
-        """h0 .. h{n-1}: the same list for every record (read only)."""
-        if len(self._boundary_names) != n:
-            self._boundary_names = [f"h{i}" for i in range(n)]
-        return self._boundary_names
-
-    def _record(self, step: int, host: dict[str, np.ndarray], ready: dict) -> FlowRecord:
+    def _record(self, step: int, host: dict[str, np.ndarray], stats: StepStats) -> FlowRecord:
         scalars: dict[str, float] = {}
-        totals = ready.get("totals")  # [||W||, ||dW|| or NaN, non-finite gradient values] from the tables kernel
-        if totals is not None:
-            scalars["param_norm"] = totals[0]
-            if ready.get("update_sumsq") is not None:
-                scalars["update_norm"] = totals[1]
-        else:
-            if "param_norm" in host:
-                scalars["param_norm"] = float(host["param_norm"][0])
-            if "update_norm" in host:
-                scalars["update_norm"] = float(host["update_norm"][0])
-        clip = ready.get("clip_values") or (host["clip"].tolist() if "clip" in host else None)
-        if clip is not None:
-            scalars.update(zip(CLIP_FIELDS, clip, strict=True))
-            if len(self._clipped) == self._clipped.maxlen:
-                self._clipped_sum -= self._clipped[0]
+        if "clip" in host:
+            scalars.update(zip(CLIP_FIELDS, host["clip"].tolist(), strict=True))
             self._clipped.append(scalars["clipped"])
-            self._clipped_sum += scalars["clipped"]
-            scalars["clip_rate"] = self._clipped_sum / len(self._clipped)
-        scalars["flow_ms"] = ready["flow_ms"]  # the microscope's own time, booked to this step
-        scalars["flow_interval"] = float(ready["flow_interval"])
+            scalars["clip_rate"] = sum(self._clipped) / len(self._clipped)
+        scalars["flow_ms"] = stats.flow_ms
+        scalars["flow_interval"] = float(stats.flow_interval)
         record = FlowRecord(step=step, scalars=scalars)
         if "tensors" in host:
-            stats = host["tensors"]
-            record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, stats
-            record.layer_names = self._layer_groups.names
-            record.layer_stats = host["layers"] if "layers" in host else self._layer_groups(stats)
-            if totals is not None:
-                scalars["grad_nonfinite"] = totals[2]
-            else:  # counts are >= 0; fmax drops the NaN of tensors without a gradient (what nansum does)
-                scalars["grad_nonfinite"] = float(np.fmax(stats[:, _NONFINITE], 0.0).sum())
+            table, totals = self._tensor_table(host["tensors"])
+            scalars.update(totals)
+            record.tensor_names, record.tensor_layers, record.tensor_stats = self.names, self.layers, table
+            record.layer_names, record.layer_stats = self._layer_groups.names, self._layer_groups(table)
         if "depth" in host:
-            record.depth_names = self._depth_names(len(host["depth"]))
+            record.depth_names = [f"h{i}" for i in range(host["depth"].shape[1])]
             record.depth_layers = self.depth_layers
-            record.depth_stats = host["depth"]
+            record.depth_stats = depth_table(host["depth"])
         if "logits" in host:
-            scalars["logits_max_abs"], scalars["logits_lse_mean"] = host["logits"].tolist()
+            scalars["logits_max_abs"], scalars["logits_lse_mean"] = logits_figures(host["logits"])
         record.histograms = {k[5:]: v for k, v in host.items() if k.startswith("hist:")}
         return record
 
-    # -- histograms and teardown ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _histogram_samples(self) -> dict[str, torch.Tensor]:
-        """Per layer, an evenly strided sample of at most histogram_values gradient values (on the device)."""
-        by_layer: dict[str, list[torch.Tensor]] = {}
-        for layer, p in zip(self.layers, self.params.params, strict=True):
-            if p.grad is not None:
-                by_layer.setdefault(layer, []).append(p.grad.detach().reshape(-1))
-        out = {}
-        for layer, grads in by_layer.items():
-            total = sum(g.numel() for g in grads)
-            stride = max(1, -(-total // self.cfg.histogram_values))
-            out[layer] = torch.cat([g[::stride] for g in grads])[: self.cfg.histogram_values]
-        return out
+    def _tensor_table(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """[n_tensors, len(TENSOR_STATS)] float32 from params.RAW_ROWS on the host, and the step's totals."""
+        grad_sumsq, grad_max, bad, weight_sumsq, update_sumsq, v_sum = raw.astype(np.float64)
+        numels = np.maximum(self._numels, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 is NaN, as in torch
+            weight_norm, update_norm = np.sqrt(weight_sumsq), np.sqrt(update_sumsq)
+            columns = {
+                "grad_norm": np.sqrt(grad_sumsq),
+                "grad_max_abs": grad_max,
+                "grad_rms": np.sqrt(grad_sumsq / numels),
+                "grad_nonfinite": bad,
+                "weight_norm": weight_norm,
+                "update_norm": update_norm,
+                "update_ratio": update_norm / weight_norm,
+                "adam_v_rms": np.sqrt(v_sum / numels),
+            }
+        table = np.stack([columns[k] for k in TENSOR_STATS], 1).astype(np.float32)
+        # counts are >= 0; fmax drops the NaN of tensors without a gradient
+        totals = {"param_norm": float(np.sqrt(weight_sumsq.sum())), "grad_nonfinite": float(np.fmax(bad, 0).sum())}
+        if self.cfg.updates:
+            totals["update_norm"] = float(np.sqrt(update_sumsq.sum()))
+        return table, totals
 
     def remove(self) -> None:
         """Detach every hook; the model is left exactly as it was."""
         for probe in (self.depth, self.logits):
             if probe is not None:
-                probe.remove()
+                probe.disarm()
+        self.depth = self.logits = None
 
     close = remove
 
 
-__all__ = ["FlowMonitor", "default_layer_of", "DEPTH_STATS", "TENSOR_STATS"]
+__all__ = ["FlowMonitor", "StepStats", "default_layer_of", "DEPTH_STATS", "TENSOR_STATS"]

@@ -18,9 +18,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowtrain.errors import DataError
-from flowtrain.flow.hooks import DEPTH_STATS
-from flowtrain.flow.stats import TENSOR_STATS
 
+# per parameter tensor (and per layer): flow.parquet's stat columns of 'tensor' and 'layer' rows
+TENSOR_STATS = (
+    "grad_norm",
+    "grad_max_abs",
+    "grad_rms",
+    "grad_nonfinite",
+    "weight_norm",
+    "update_norm",
+    "update_ratio",
+    "adam_v_rms",
+)
+# per residual-stream boundary h_0..h_L: the stat columns of 'depth' rows
+DEPTH_STATS = ("resid_grad_norm", "act_rms", "act_max_abs", "attn_entropy", "attn_max_logit")
 STAT_COLUMNS = TENSOR_STATS + DEPTH_STATS
 SCHEMA = pa.schema(
     [("step", pa.int64()), ("name", pa.string()), ("layer", pa.string()), ("kind", pa.string())]
@@ -44,8 +55,8 @@ class LayerGroups:
         self.names = list(dict.fromkeys(layers))
         row = {name: i for i, name in enumerate(self.names)}
         index = np.array([row[layer] for layer in layers], dtype=np.int64)
-        self.order = np.argsort(index, kind="stable").astype(np.int64)  # tensors grouped by layer (int64: the
-        self.starts = np.searchsorted(index[self.order], np.arange(len(self.names))).astype(np.int64)  # kernels)
+        self.order = np.argsort(index, kind="stable")  # tensors grouped by layer
+        self.starts = np.searchsorted(index[self.order], np.arange(len(self.names)))
         self.numels = np.asarray(numels, dtype=np.float64)[self.order]
 
     def __call__(self, stats: np.ndarray) -> np.ndarray:

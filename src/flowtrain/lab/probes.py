@@ -99,7 +99,7 @@ def init_profile(cfg: RunConfig, n_batches: int) -> InitProfile:
 
 
 def _tensor_col(stat: str) -> int:
-    from flowtrain.flow.stats import TENSOR_STATS
+    from flowtrain.flow.records import TENSOR_STATS
 
     return TENSOR_STATS.index(stat)
 

@@ -16,21 +16,6 @@ from flowtrain.model.config import ModelConfig
 from flowtrain.model.kv_cache import LayerCache
 
 
-class Tapped:
-    """Tap slots: places where an observer is called from inside forward(), as torch calls module hooks.
-
-    `flow_pre_tap(module, args)` runs as a forward pre-hook would and `flow_post_tap(module, args, output)` as a
-    forward hook would (return values are ignored: a tap observes, it never replaces). Both default to None,
-    which costs one attribute read a call. The microscope (flow/hooks.py) places its hooks here instead of
-    registering them with torch when a module offers free slots: torch's hook path (Module._call_impl with
-    hooks) costs ~20 us a hooked module in the training loop on a 2-core CPU, ~0.15 ms a step on
-    shakespeare-char's nine hooked modules, where a tap costs ~1 us. Any module can offer the same slots.
-    """
-
-    flow_pre_tap = None
-    flow_post_tap = None
-
-
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     """LayerNorm (bias optional) or RMSNorm (never a bias: it has no mean to shift)."""
     if kind == "layernorm":
@@ -89,28 +74,6 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
-class Attend(Tapped, nn.Module):
-    """The attention kernel, softmax(q k^T / sqrt(d)) v, via torch's scaled_dot_product_attention.
-
-    A module of its own (no parameters, so no state-dict keys) so that observers can read the exact q and k
-    the model used — after QK-norm and RoPE — with a forward pre-hook or its pre tap, instead of recomputing
-    them. Arguments are positional for that reason: (q, k, v, attn_mask, dropout_p, is_causal).
-    """
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-    ) -> torch.Tensor:
-        if self.flow_pre_tap is not None:
-            self.flow_pre_tap(self, (q, k, v, attn_mask, dropout_p, is_causal))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection ([q; k; v] rows of `qkv.weight`).
 
@@ -131,7 +94,6 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
-        self.attend = Attend()
 
     def _qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, n, width = x.shape
@@ -165,7 +127,7 @@ class CausalSelfAttention(nn.Module):
                     queries = torch.arange(start, start + n, device=x.device)
                     mask = keys[None, :] <= queries[:, None]
         dropout = self.attn_dropout if self.training else 0.0
-        y = self.attend(q, k, v, mask, dropout, is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(batch, n, width))
 
     def attention_logits(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +174,7 @@ class MLP(nn.Module):
         return self.proj(hidden)
 
 
-class Block(Tapped, nn.Module):
+class Block(nn.Module):
     """One transformer block: attention then MLP, each with its norm placement and (optional) skip.
 
     norm_placement:  pre  -> x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
@@ -246,13 +208,8 @@ class Block(Tapped, nn.Module):
     def forward(
         self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        if self.flow_pre_tap is not None:  # taps (see Tapped): the block's input and output, for observers
-            self.flow_pre_tap(self, (x,))
         y = self._sublayer(x, self.norm1, lambda h: self.attn(h, doc_ids=doc_ids, cache=cache))
-        y = self._sublayer(y, self.norm2, self.mlp)
-        if self.flow_post_tap is not None:
-            self.flow_post_tap(self, (x,), y)
-        return y
+        return self._sublayer(y, self.norm2, self.mlp)
 
     def attention_logits(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention scores [B,H,T,T] for this block's input x (applies the pre-norm when placement is pre)."""

@@ -26,9 +26,7 @@ class OptimConfig(Section):
     alpha: float = Field(0.99, gt=0, lt=1, description="RMSprop smoothing constant")
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
         "auto",
-        description="auto: fused where torch supports it on the device, else foreach (on the CPU, fused Adam/AdamW "
-        "steps run in flowtrain's observing kernel: torch's arithmetic bit for bit, plus the update's statistics; "
-        "FLOWTRAIN_KERNELS=0 runs torch's own)",
+        description="auto: torch's fused step where it has one for the device (CPU, CUDA), else foreach",
     )
 
     @field_validator("no_decay")

@@ -24,7 +24,6 @@ from torch import nn
 
 from flowtrain.errors import ConfigError
 from flowtrain.optim.config import OptimConfig
-from flowtrain.optim.observed import observed_class
 
 ParamKind = Literal["embedding", "norm", "bias", "weight"]
 
@@ -119,38 +118,28 @@ def _hyperparameters(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dic
     return torch.optim.RMSprop, {"lr": cfg.lr, "alpha": cfg.alpha, "eps": cfg.eps, "momentum": cfg.momentum}
 
 
-def fused_supported(cls: type[torch.optim.Optimizer], device_type: str) -> bool:
-    """Whether torch has a fused kernel for `cls` on `device_type` (CPU fused Adam/AdamW/SGD since torch 2.4)."""
-    if "fused" not in inspect.signature(cls.__init__).parameters:
-        return False
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+FUSED_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has fused Adam, AdamW and SGD steps
 
-        devices = _get_fused_kernels_supported_devices()
-    except ImportError:  # private helper moved: trust only CUDA
-        devices = ["cuda"]
-    return device_type in devices
+
+def fused_available(cls: type[torch.optim.Optimizer], device_type: str) -> bool:
+    """Whether torch has a fused step for `cls` on `device_type`."""
+    return device_type in FUSED_DEVICES and "fused" in inspect.signature(cls.__init__).parameters
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     """The configured torch optimizer over `model`'s trainable parameters, with weight-decay groups.
 
-    implementation="auto" uses the fused kernel where torch has one for the device (one kernel for the
-    whole update; about 5x faster than foreach for AdamW on CPU), else foreach. On the CPU, fused Adam and
-    AdamW are flowtrain's observing twins (optim/observed.py): the same step bit for bit, with the update's
-    statistics measured in the same pass. If the fused constructor
-    still refuses the parameters (e.g. some are not floating point, or not on `device_type` yet), "auto"
-    falls back to foreach; an explicit "fused" raises a ConfigError instead.
+    implementation="auto" uses torch's fused kernel where it has one for the device (one kernel for the whole
+    update: the fastest, docs/performance.md), else foreach. When torch's fused constructor refuses the
+    parameters (no fused kernel for the device, or parameters that are not floating point), "auto" falls back
+    to foreach; an explicit "fused" raises a ConfigError instead.
     """
     cls, hyper = _hyperparameters(cfg)
     groups = param_groups(model, cfg)
     impl = cfg.implementation
-    if impl in ("auto", "fused") and fused_supported(cls, device_type):
-        # on the CPU, Adam/AdamW take their fused step through flowtrain's observing kernel: torch's arithmetic
-        # bit for bit (checked when built), plus the update statistics the microscope needs (optim/observed.py)
-        observing = observed_class(cls) if device_type == "cpu" else None
+    if impl in ("auto", "fused") and fused_available(cls, device_type):
         try:
-            return observing(groups, **hyper) if observing else cls(groups, fused=True, **hyper)
+            return cls(groups, fused=True, **hyper)
         except (RuntimeError, ValueError) as exc:
             if impl == "fused":
                 raise ConfigError(

@@ -1,64 +1,27 @@
 """TensorBoard event files (the live view): `tensorboard --logdir runs/`.
 
-All scalars of a step go into one event (one Summary protobuf with many values) instead of one event per
-scalar: with the microscope's per-layer series that is ~30 values a step, and writing them one by one cost
-~0.8 ms a step on a 2-core CPU. The per-layer values of a step (write_layers) wait for that step's scalars
-(write) and share their event.
-
-Each event record carries a CRC-32C checksum, which TensorBoard (without TensorFlow) computes in pure Python,
-byte by byte, on its writer thread: ~100 us a KB, holding the GIL while the training loop's Python waits for it
-and taking a core from torch's threads. On shakespeare-char that cost ~0.3 ms a step more with the microscope's
-per-layer values than without (its events are ~3x larger). So the sink gives TensorBoard's record writer the C
-implementation of the same checksum (google-crc32c), after checking that it gives TensorBoard's own numbers on
-sample records (fast_record_checksum); the files are byte for byte those TensorBoard writes.
+All scalars of a step go into one event (one Summary with many values) instead of one event per scalar: with
+the microscope's per-layer series that is ~30 values a step, and TensorBoard's writer frames and checksums
+every event in Python (docs/performance.md). The per-layer values of a step (write_layers) wait for that
+step's scalars (write) and share their event. torch's FileWriter writes the file, as SummaryWriter would.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import struct
 from pathlib import Path
 from typing import Any
-
-# records to compare the two checksums on: empty, one byte, every byte value, a record header, longer than 4 KiB
-_CHECK_RECORDS = (b"", b"\x00", bytes(range(256)), struct.pack("<Q", 1234567), bytes(range(256)) * 17 + b"ft")
-
-
-def fast_record_checksum() -> str:
-    """Put the C CRC-32C into TensorBoard's event record writer when it computes the checksum in Python; returns
-    which implementation the writer now uses: "c" (or "tensorboard's own", with the reason when not replaced)."""
-    try:
-        import google_crc32c
-        from tensorboard.summary.writer import record_writer
-    except ImportError as e:
-        return f"tensorboard's own (no google-crc32c: {e})"
-    theirs = getattr(record_writer, "masked_crc32c", None)
-    if getattr(theirs, "flowtrain_c", False):
-        return "c"
-    if theirs is None:
-        return "tensorboard's own (its record writer has no masked_crc32c)"
-    if google_crc32c.implementation != "c":
-        return "tensorboard's own (google-crc32c has no C implementation here)"
-
-    def masked_crc32c(data) -> int:
-        """TensorBoard's masked CRC-32C of an event record (same contract as its pure-Python function)."""
-        crc = google_crc32c.value(bytes(data))
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-    if any(masked_crc32c(r) != theirs(r) for r in _CHECK_RECORDS):
-        return "tensorboard's own (its checksum differs from CRC-32C here)"
-    masked_crc32c.flowtrain_c = True
-    record_writer.masked_crc32c = masked_crc32c
-    return "c"
 
 
 class TensorBoardSink:
     def __init__(self, logdir: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter  # imported lazily: pulls in tensorboard
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from torch.utils.tensorboard.writer import FileWriter  # imported lazily: pulls in tensorboard
 
-        self.checksum = fast_record_checksum()  # before the writer's thread starts writing records
-        self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+        self._writer = FileWriter(str(logdir))
+        if purge_step is not None:  # a resumed run: TensorBoard drops what earlier files hold from this step on
+            self._writer.add_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
         self._pending: tuple[int, dict[str, float]] | None = None  # per-layer values waiting for write()
         self._tags: dict[tuple, list[str]] = {}  # (stat, layer names) -> tags
 
@@ -68,12 +31,7 @@ class TensorBoardSink:
         if not values:
             return
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-        file_writer = getattr(self._writer, "_get_file_writer", None)
-        if file_writer is None:  # a SummaryWriter without the (long-stable) private hook: one call per scalar
-            for tag, value in values.items():
-                self._writer.add_scalar(tag, value, step)
-        else:
-            file_writer().add_summary(summary, step)
+        self._writer.add_summary(summary, step)
 
     def _take_pending(self, step: int) -> dict[str, float]:
         """The per-layer values waiting for `step` (written on their own if they were for another step)."""
@@ -104,7 +62,7 @@ class TensorBoardSink:
     def write_layers(self, step: int, record) -> None:
         """Per-layer gradient norm and update/weight ratio from a FlowRecord (one TensorBoard section each)."""
         if record.layer_stats is not None:
-            from flowtrain.flow.stats import TENSOR_STATS
+            from flowtrain.flow.records import TENSOR_STATS
 
             values = {}
             for stat in ("grad_norm", "update_ratio"):
@@ -115,8 +73,11 @@ class TensorBoardSink:
             if self._pending is not None:
                 self._write_values(*self._pending)
             self._pending = (step, values)  # written with this step's scalars
-        for layer, values in record.histograms.items():
-            self._writer.add_histogram(f"grad_hist/{layer}", values, step)
+        if record.histograms:
+            from torch.utils.tensorboard.summary import histogram
+
+            for layer, values in record.histograms.items():
+                self._writer.add_summary(histogram(f"grad_hist/{layer}", values, "auto"), step)
 
     def close(self) -> None:
         if self._pending is not None:

@@ -361,7 +361,7 @@ class Trainer:
 
             self.tb = TensorBoardSink(self.run.tensorboard, purge_step=self.step + 1 if self.step else None)
             sinks.append(self.tb)
-        write_env(self.run, self.device, self.optimizer, self.tb.checksum if self.tb is not None else None)
+        write_env(self.run, self.device, self.optimizer)
         if self.cfg.log.wandb:
             from flowtrain.sinks.wandb import WandbSink
 

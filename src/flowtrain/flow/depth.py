@@ -1,0 +1,132 @@
+"""Statistics along depth: the residual stream h_0 (input of the first block) .. h_L (output of the last block).
+
+Forward hooks on the blocks reduce each boundary's activation as the block returned it (sum of squares, max
+|x|) and register a gradient hook on it that reduces ||dL/dh_l||^2. Each micro-batch has its own activations,
+disjoint variables of the step's loss L = sum_m L_m, so the squared gradient norm of the whole step is the sum
+of the micro-batches' squared norms: adding them up gives exactly what one big batch of the same rows gives.
+Everything stays on the device until the monitor's one transfer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowtrain import tensorstats
+from flowtrain.flow.attention import AttentionSampler
+from flowtrain.flow.hooks import HookSet, first_tensor, timed
+
+# rows of the raw [8, L+1] device matrix: six that add up over ranks, then two maxima
+RAW_ROWS = ("resid_sumsq", "resid_seen", "act_sumsq", "act_count", "attn_entropy_sum", "attn_seen")
+RAW_MAX_ROWS = ("act_max", "attn_max_logit")
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+class DepthProbe:
+    """Hooks on a stack of blocks; `arm()` before a monitored step, `raw()` after its backward pass."""
+
+    def __init__(self, blocks: Sequence[nn.Module], cfg, clock) -> None:
+        self.blocks, self.cfg = list(blocks), cfg
+        self.n = len(self.blocks) + 1  # boundaries h_0..h_L
+        self.attention = AttentionSampler(self.blocks, cfg) if cfg.attention else None
+        plan = [(self.blocks[0], "forward_pre", self._on_input)]
+        plan += [(b, "forward", functools.partial(self._on_output, i + 1)) for i, b in enumerate(self.blocks)]
+        plan += self.attention.plan if self.attention is not None else []
+        self.hooks = HookSet([(m, kind, timed(clock, hook)) for m, kind, hook in plan])
+        self._grad_hooks = [timed(clock, functools.partial(self._on_grad, i)) for i in range(self.n)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.resid_sumsq: list[torch.Tensor | None] = [None] * self.n
+        self.act_sumsq: list[torch.Tensor | None] = [None] * self.n
+        self.act_max: list[torch.Tensor | None] = [None] * self.n
+        self.act_count = [0] * self.n
+
+    def arm(self) -> None:
+        self._reset()
+        self.hooks.attach()
+
+    def disarm(self) -> None:
+        self.hooks.detach()
+
+    def _on_input(self, module, args) -> None:
+        if args:
+            self._observe(0, first_tensor(args[0]))
+
+    def _on_output(self, index: int, module, args, output) -> None:
+        self._observe(index, first_tensor(output))
+
+    def _observe(self, index: int, h: torch.Tensor | None) -> None:
+        if h is None or not torch.is_grad_enabled():  # evaluation and sampling are not training
+            return
+        if self.cfg.activations:
+            with torch.no_grad():
+                d = h.detach()
+                sq = torch.linalg.vector_norm(d, dtype=torch.float32).square()
+                self.act_sumsq[index] = _add(self.act_sumsq[index], sq)
+                mx = tensorstats.max_abs_one(d)
+                prev = self.act_max[index]
+                self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
+                self.act_count[index] += d.numel()
+        if self.cfg.residual and h.requires_grad:
+            h.register_hook(self._grad_hooks[index])
+
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+        self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
+
+    def raw(self, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
+        """[8, L+1] float32 on `device` (rows RAW_ROWS + RAW_MAX_ROWS; zeros / -inf where nothing was seen),
+        combined over the ranks of a data-parallel job with `sync`. Residual gradients are divided by
+        `backward_scale` (a float or a device tensor), the factor the backward pass was scaled by."""
+        zero = torch.zeros((), device=device)
+        low = torch.full((), float("-inf"), device=device)
+        attention = self.attention.stats() if self.attention is not None else [None] * len(self.blocks)
+        attention = [None, *attention]  # h_0 has no attention
+
+        def row(values: list, fill: torch.Tensor) -> torch.Tensor:
+            return torch.stack([fill if v is None else v.to(device).float().reshape(()) for v in values])
+
+        rows = [
+            row(self.resid_sumsq, zero),
+            torch.tensor([v is not None for v in self.resid_sumsq], dtype=torch.float32).to(device),
+            row(self.act_sumsq, zero),
+            torch.tensor(self.act_count, dtype=torch.float32).to(device),
+            row([a[0] if a is not None else None for a in attention], zero),
+            torch.tensor([a is not None for a in attention], dtype=torch.float32).to(device),
+            row(self.act_max, low),
+            row([a[1] if a is not None else None for a in attention], low),
+        ]
+        raw = torch.stack(rows)
+        if not (isinstance(backward_scale, (int, float)) and backward_scale == 1):
+            raw[0] = raw[0] / torch.as_tensor(backward_scale, device=device).float() ** 2
+        if sync:
+            import torch.distributed as dist
+
+            dist.all_reduce(raw[: len(RAW_ROWS)], op=dist.ReduceOp.SUM)
+            dist.all_reduce(raw[len(RAW_ROWS) :], op=dist.ReduceOp.MAX)
+        self._reset()
+        return raw
+
+
+def depth_table(raw: np.ndarray) -> np.ndarray:
+    """[L+1, len(DEPTH_STATS)] from the raw rows on the host: norms, RMS, the attention averaged over ranks; NaN
+    where a boundary was not seen."""
+    resid_sumsq, resid_seen, act_sumsq, count, ent_sum, att_seen, act_max, att_max = raw.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        columns = [
+            np.where(resid_seen > 0, np.sqrt(resid_sumsq), math.nan),
+            np.where(count > 0, np.sqrt(act_sumsq / count), math.nan),
+            np.where(count > 0, act_max, math.nan),
+            np.where(att_seen > 0, ent_sum / att_seen, math.nan),
+            np.where(att_seen > 0, att_max, math.nan),
+        ]
+    return np.stack(columns, 1).astype(np.float32)
