@@ -2,6 +2,7 @@
 
     python benchmarks/flow_overhead.py [--blocks 40] [--block 10] [--intervals 1 auto 10] [--big] [--processes 5]
     python benchmarks/flow_overhead.py --device cuda --big [--config gpt2-124m]
+    python benchmarks/flow_overhead.py --foreign [--intervals 1 auto] [--processes 5]
 
 Two real runs of shakespeare-char (nanoGPT's CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12,
 fused AdamW, clip 1.0) on Tiny Shakespeare live in one process, with the product's defaults (TensorBoard,
@@ -25,6 +26,16 @@ On a GPU (`--device cuda`) each block ends by waiting for the device, so a block
 `--processes N` repeats everything in N fresh processes and quotes the median of their ratios: where the
 allocator places a run's tensors biases its step time for the life of the process (see in_processes).
 `--intervals control` times two monitoring-off runs against each other: the bias and noise of the measurement.
+
+`--foreign` times a model that is not flowtrain's instead (benchmarks/_foreign.py: a nanoGPT-shaped GPT of the
+same recipe, written with torch alone, trained in a plain loop with torch's fused AdamW and clip_grad_norm_):
+one instance bare, one with `FlowMonitor(model, optimizer, FlowConfig(interval=...))` and only its public
+calls (after_backward, after_step, collect_all every 10 steps: the collect's cost is amortized over them, so
+keep --block a multiple of 10). No trainer, sinks, guard or metrics rows on either side: the ratio is the
+microscope's cost on a user's own loop. Here the stopwatch covers no pass a clipper would make anyway (the
+loop clips with torch's clip_grad_norm_, which does not reuse the microscope's sums). The microscope finds no
+attention it can read in this model (no attention_logits/attention_probs, no flowtrain kernel tap), so its
+attention entropy and max logit are NaN there: the on side does that much less than on flowtrain's GPT.
 """
 
 from __future__ import annotations
@@ -41,9 +52,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import shakespeare_trainer, summarize, synchronize  # noqa: E402
+import _foreign  # noqa: E402
+from _common import corpus_path, shakespeare_trainer, summarize, synchronize  # noqa: E402
 
 from flowtrain.flow.budget import WINDOW  # noqa: E402
+from flowtrain.flow.config import FlowConfig  # noqa: E402
 from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
 
 BIG = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768"]
@@ -100,20 +113,34 @@ def quartiles(values: list[float]) -> str:
 
 
 def compare(
-    label: str, blocks: int, block: int, warmup: int, model: list[str], interval: str, config: str = "shakespeare-char"
+    label: str,
+    blocks: int,
+    block: int,
+    warmup: int,
+    model: list[str],
+    interval: str,
+    config: str = "shakespeare-char",
+    foreign: torch.device | None = None,
 ) -> dict:
+    """One on/off comparison of flowtrain's trainer, or of the foreign model on `foreign` (a device)."""
     on = ["flow.enabled=true", f"flow.interval={interval if interval != 'control' else 1}"]
+    flow = FlowConfig(interval=int(interval) if interval.isdigit() else "auto")
     if interval == "auto":  # past its every-step phase and first check before the timed blocks; no re-choice
         on += [f"flow.full_steps={FULL_STEPS}", f"flow.reprobe_steps={10 * blocks * block}"]  # while timed
+        flow = FlowConfig(interval="auto", full_steps=FULL_STEPS, reprobe_steps=10 * blocks * block)
         warmup = max(warmup, FULL_STEPS + WINDOW + 5)
     variants = {"off": [*model, "flow.enabled=false"], "on": [*model, *on]}
     if interval == "control":  # both runs monitoring off: the measurement's own bias and noise (ratio ~1)
         variants["on"] = variants["off"]
-    with tempfile.TemporaryDirectory() as tmp:
-        means, each, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
+    if foreign is not None:  # the off side is the bare model: no monitor at all
+        flows = {"off": None, "on": None if interval == "control" else flow}
+        means, each, rows = _foreign.side_by_side(corpus_path(), flows, blocks, block, warmup, foreign)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            means, each, rows = side_by_side(Path(tmp), variants, blocks, block, warmup, config)
     ratios = [a / b for a, b in zip(means["on"], means["off"], strict=True)]
     extra = [a - b for a, b in zip(means["on"], means["off"], strict=True)]
-    stopwatch = statistics.fmean(r.get("flow_ms", 0.0) for r in rows["on"])
+    stopwatch = statistics.fmean([r.get("flow_ms", 0.0) for r in rows["on"]] or [0.0])  # none: a bare control
     total_ratio = statistics.fmean(means["on"]) / statistics.fmean(means["off"])
     print(label)
     for name, values in means.items():
@@ -171,6 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="train.device for both runs (cpu, cuda, auto)")
     parser.add_argument("--config", default="shakespeare-char", help="the recipe (another one keeps its own data)")
     parser.add_argument("--processes", type=int, default=1, help="repeat everything in N fresh processes")
+    parser.add_argument("--foreign", action="store_true", help="a nanoGPT-shaped model of our own, plain loop")
     parser.add_argument("--result", help=argparse.SUPPRESS)  # a child process writes its figures here (JSON)
     args = parser.parse_args()
     if args.processes > 1:
@@ -188,8 +216,14 @@ def main() -> None:
     label = args.config
     if label == "shakespeare-char":
         label += " (4 layers, 128 wide, ctx 64, batch 12)"
-    results = [compare(label, args.blocks, args.block, args.warmup, device, i, args.config) for i in args.intervals]
-    if args.big:
+    if args.foreign:
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        label = "foreign nanoGPT-shaped GPT, plain loop (4 layers, 128 wide, ctx 64, batch 12)"
+        foreign = torch.device("cuda" if cuda else "cpu")
+        results = [compare(label, args.blocks, args.block, args.warmup, [], i, foreign=foreign) for i in args.intervals]
+    else:
+        results = [compare(label, args.blocks, args.block, args.warmup, device, i, args.config) for i in args.intervals]
+    if args.big and not args.foreign:
         big = "12 layers, 768 wide, ctx 64, batch 12"
         results.append(compare(big, args.big_blocks, args.big_block, 2, [*BIG, *device], "1"))
     if args.result:
