@@ -256,17 +256,20 @@ def test_hooks_are_silent_in_evaluation_and_removable():
 
 @pytest.mark.parametrize("with_doc_mask", [True, False])
 def test_gpt_attention_sample_matches_an_independent_recomputation(with_doc_mask):
-    """The sampled attention (RoPE, QK-norm, document masks) equals the block's own scores on its input."""
+    """The sampled attention (RoPE, QK-norm, document masks) equals the block's own scores on its input, with the
+    weights of the forward pass (not those after the optimizer step)."""
     torch.manual_seed(1)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=17, pos_encoding="rope", qk_norm=True)
     model = GPT(cfg)
     ref = copy.deepcopy(model)
-    monitor = FlowMonitor(model, None, FlowConfig(attn_positions=5, attn_batch=2, attn_heads=2))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # a large step: the sample must use the forward's weights
+    monitor = FlowMonitor(model, opt, FlowConfig(attn_positions=5, attn_batch=2, attn_heads=2))
     assert all(m is not None for m in monitor.depth.attention.modules)
     idx = torch.randint(0, 17, (3, 12))
     doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 9]) if with_doc_mask else None
     lm_loss(model(idx, doc_ids=doc_ids), idx).backward()
     monitor.after_backward()
+    opt.step()
     monitor.after_step()
     rec = monitor.collect(0)
     hs = reference_forward(ref, idx, ref.blocks, ref.embed, doc_ids=doc_ids)
