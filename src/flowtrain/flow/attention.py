@@ -1,9 +1,10 @@
 """Attention along depth, from a sample: entropy and max logit of a few query rows of each block.
 
-The hook keeps the attention module's input (the first `attn_batch` sequences of a step's first micro-batch);
-after the backward pass the module recomputes its scores for them with `attention_logits(x[, doc_ids])` (or
-`attention_probs`, which gives no max logit) under no_grad, with the RNG state restored. Any module offering
-either method is sampled the same way, flowtrain's blocks included.
+A forward pre-hook on each block's attention module takes its input (the first `attn_batch` sequences of a
+step's first micro-batch) and has the module compute its scores for them with `attention_logits(x[, doc_ids])`
+(or `attention_probs`, which gives no max logit) under no_grad, with the RNG state restored. It runs inside the
+forward, so the weights are those the forward uses (also when FSDP2 unshards them only for the forward). Any
+module offering either method is sampled the same way, flowtrain's blocks included.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def attention_stats(
 
 
 class AttentionSampler:
-    """Forward pre-hooks on each block's attention module; `stats()` after the backward pass."""
+    """Forward pre-hooks on each block's attention module; `stats()` after the step."""
 
     def __init__(self, blocks: Sequence[nn.Module], cfg) -> None:
         self.cfg = cfg
@@ -60,29 +61,22 @@ class AttentionSampler:
             for i, m in enumerate(self.modules)
             if m is not None
         ]
-        self.inputs: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(self.modules)
+        self.pairs: list[torch.Tensor | None] = [None] * len(self.modules)
 
     def _on_input(self, block: int, module, args, kwargs) -> None:
-        if self.inputs[block] is not None or not args or not torch.is_grad_enabled():
+        if self.pairs[block] is not None or not args or not torch.is_grad_enabled():
             return  # the first micro-batch's sample only; evaluation is not training
         x = first_tensor(args[0])
         if x is None:
             return
-        n = self.cfg.attn_batch
+        n, cfg = self.cfg.attn_batch, self.cfg
         doc_ids = kwargs.get("doc_ids", args[1] if len(args) > 1 else None)
-        self.inputs[block] = (x.detach()[:n].clone(), doc_ids[:n] if isinstance(doc_ids, torch.Tensor) else None)
+        doc_ids = doc_ids[:n] if isinstance(doc_ids, torch.Tensor) else None
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            self.pairs[block] = attention_stats(module, x.detach()[:n], cfg.attn_heads, cfg.attn_positions, doc_ids)
 
     def stats(self) -> list[torch.Tensor | None]:
-        """Per block [entropy, max logit] (device tensors), None where nothing was sampled; forgets the samples."""
-        inputs, self.inputs = self.inputs, [None] * len(self.modules)
-        if not any(inputs):
-            return inputs
-        cfg, out = self.cfg, []
-        devices = [x.device for x, _ in filter(None, inputs) if x.device.type == "cuda"]
-        with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
-            for module, sample in zip(self.modules, inputs, strict=True):
-                if sample is None:
-                    out.append(None)
-                else:
-                    out.append(attention_stats(module, sample[0], cfg.attn_heads, cfg.attn_positions, sample[1]))
-        return out
+        """Per block [entropy, max logit] (device tensors) of this step, None where nothing was sampled."""
+        pairs, self.pairs = self.pairs, [None] * len(self.modules)
+        return pairs

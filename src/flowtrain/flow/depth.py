@@ -45,7 +45,6 @@ class DepthProbe:
         self._reset()
 
     def _reset(self) -> None:
-        self.attention_pairs: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.resid_sumsq: list[torch.Tensor | None] = [None] * self.n
         self.act_sumsq: list[torch.Tensor | None] = [None] * self.n
         self.act_max: list[torch.Tensor | None] = [None] * self.n
@@ -53,15 +52,12 @@ class DepthProbe:
 
     def arm(self) -> None:
         self._reset()
+        if self.attention is not None:
+            self.attention.stats()  # forget a sample of a step that never finished
         self.hooks.attach()
 
     def disarm(self) -> None:
         self.hooks.detach()
-
-    def sample_attention(self) -> None:
-        """Compute the attention sample while the weights are those the forward used (before the optimizer step)."""
-        if self.attention is not None:
-            self.attention_pairs = self.attention.stats()
 
     def _on_input(self, module, args) -> None:
         if args:
@@ -95,7 +91,8 @@ class DepthProbe:
         `backward_scale` (a float or a device tensor), the factor the backward pass was scaled by."""
         zero = torch.zeros((), device=device)
         low = torch.full((), float("-inf"), device=device)
-        attention = [None, *self.attention_pairs]  # h_0 has no attention
+        attention = self.attention.stats() if self.attention is not None else [None] * len(self.blocks)
+        attention = [None, *attention]  # h_0 has no attention
 
         def row(values: list, fill: torch.Tensor) -> torch.Tensor:
             return torch.stack([fill if v is None else v.to(device).float().reshape(()) for v in values])

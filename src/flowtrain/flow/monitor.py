@@ -187,8 +187,6 @@ class FlowMonitor:
             stats = StepStats(self.step_index, self.is_monitored())
             if stats.monitored:  # between monitored steps the microscope costs nothing
                 stats.weight_sumsq, stats.grads = self.params.before_step()
-                if self.depth is not None:
-                    self.depth.sample_attention()
                 hist = self.cfg.histogram_interval
                 if hist and self.step_index % hist == 0:
                     stats.histograms = self.params.histogram_samples(self.layers, self.cfg.histogram_values)
