@@ -89,10 +89,11 @@ def main() -> None:
         timed(depth, "_capture_qk", "hooks: attention q, k (forward)")
         timed(monitor.logits, "_measure", "hooks: logits (forward)")
         depth._grad_hooks = [with_timer(h, "hooks: residual gradients (backward)") for h in depth._grad_hooks]
-        timed(trainer, "_write_rows", "trainer._write_rows (rows, records; in groups)")
-        timed(trainer.flow_writer, "write", "  flow.parquet")
-        timed(trainer.guard, "observe_record", "  guard.observe_record")
-        for sink in trainer.sinks:
+        log = trainer.log  # the loop's sinks, open since the first step
+        timed(log, "_write_rows", "run log: rows, records (in groups)")
+        timed(log.flow_writer, "write", "  flow.parquet")
+        timed(trainer.state.guard, "observe_record", "  guard.observe_record")
+        for sink in log.sinks:
             timed(sink, "write", f"sink: {type(sink).__name__}")
         started = time.perf_counter()
         for _ in range(args.steps):

@@ -34,14 +34,13 @@ def test_run_directory_contract(small_text, tmp_path):
     assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
     env = json.loads((run / "env.json").read_text())
-    assert env["cpu_kernels"] in ("built (extension)", "built (ctypes)")  # the CPU kernels ran here
-    assert env["cpu_hooks"] == "C++ (flowhooks.cpp)" or env["cpu_kernels"] == "built (ctypes)", env["cpu_hooks"]
+    assert not {"cpu_kernels", "cpu_hooks", "tensorboard_checksum"} & set(env)  # gone with the C++ and the patch
+    assert env["cpu_allocator"] and env["run_dir_version"] == 1
     if OBSERVING_VERIFIED:  # ΔW measured in the optimizer's own pass
         assert env["optimizer_step"].startswith("ObservedAdamW: flowtrain's observing kernel")
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert env["tensorboard_checksum"] == "c"  # google-crc32c (a dependency) in TensorBoard's record writer
     assert isinstance(summary.sample, str) and summary.sample
 
 
@@ -198,7 +197,7 @@ def test_rows_are_written_in_groups_or_before_they_wait_too_long(
     loop = trainer.steps()
     next(loop)
     recorder = _Recorder()
-    trainer.sinks.append(recorder)  # the loop's own list of sinks
+    trainer.log.sinks.append(recorder)  # the loop's own list of sinks
     assert [max(recorder.steps, default=0) for _ in loop] == latest
     assert recorder.steps == list(range(1 if flush_seconds > 1 else 2, 12))  # each row once, in order
 

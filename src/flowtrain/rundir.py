@@ -1,6 +1,7 @@
 """The run directory: the contract between training and everything that reads a run (report, diagnose, lab).
 
-See docs/run-dir.md for the schema. Paths are named here once so no reader spells them differently.
+See docs/run-dir.md for the schema. Paths are named here once so no reader spells them differently; it lives
+outside train/ so that readers never import the trainer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from flowtrain import __version__
 from flowtrain.fsutil import atomic_write_text
-from flowtrain.train.runtime import allocator
 
 RUN_DIR_VERSION = 1
 
@@ -76,26 +76,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _cpu_kernels() -> str:
-    """Which reductions the microscope uses on the CPU: flowtrain's kernels and how they are called
-    ("built (extension)" or "built (ctypes)"), or torch's and why."""
-    from flowtrain import kernels
-
-    return f"built ({kernels.binding})" if kernels.library() is not None else f"torch ({kernels.build_error})"
-
-
-def _cpu_hooks() -> str:
-    """Which hooks along depth the microscope uses on the CPU: flowtrain's C++ hooks, or the Python ones and why
-    (a GPU or bf16 model, or monitoring off, never asks for the C++ ones)."""
-    from flowtrain import kernels
-
-    if kernels._hooks is not None:
-        return "C++ (flowhooks.cpp)"
-    if kernels.hooks_error:
-        return f"Python ({kernels.hooks_error})"
-    return "not built (no CPU float32 model monitored in this process)"
-
-
 def _optimizer_step(optimizer) -> str:
     """Whose kernel takes the optimizer step: flowtrain's observing Adam/AdamW, or torch's (and why)."""
     if optimizer is None:
@@ -108,9 +88,9 @@ def _optimizer_step(optimizer) -> str:
     return f"{name}: torch's {kind} step" + (f" ({note})" if note else "")
 
 
-def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard_checksum: str | None = None) -> None:
-    """Versions and machine facts, so a report can say what produced the numbers. `tensorboard_checksum`: which
-    record checksum the run's TensorBoard sink uses (TensorBoardSink.checksum), None without TensorBoard."""
+def write_env(run: RunDir, device: torch.device, optimizer=None, cpu_allocator: str = "default (not tuned)") -> None:
+    """Versions and machine facts, so a report can say what produced the numbers. `cpu_allocator`: what the
+    process did to its CPU allocator (train/runtime.py: allocator())."""
     env = {
         "run_dir_version": RUN_DIR_VERSION,
         "flowtrain_version": __version__,
@@ -120,11 +100,8 @@ def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard_che
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "num_threads": torch.get_num_threads(),
-        "cpu_kernels": _cpu_kernels(),
-        "cpu_hooks": _cpu_hooks(),
-        "cpu_allocator": allocator(),
+        "cpu_allocator": cpu_allocator,
         "optimizer_step": _optimizer_step(optimizer),
-        "tensorboard_checksum": tensorboard_checksum or "no TensorBoard files",
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
