@@ -202,6 +202,14 @@ def test_rows_are_written_in_groups_or_before_they_wait_too_long(
     assert recorder.steps == list(range(1 if flush_seconds > 1 else 2, 12))  # each row once, in order
 
 
+def test_a_window_of_steps_logs_them_and_saves_no_checkpoint(small_text, tmp_path):
+    """steps(until=N) runs steps 1..N (what flowtrain diagnose drives), checkpointing only at the interval."""
+    trainer = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.sample_tokens": 0})))
+    assert list(trainer.steps(until=3)) == [1, 2, 3]
+    assert [step for step, _ in _losses(trainer.run.root)] == [1, 2, 3]
+    assert not (trainer.run.root / "checkpoints").exists()
+
+
 def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):
     """Trainer.steps() is run_loop's loop: the same losses step by step; closing it early closes the sinks
     (metrics.jsonl holds the steps done, also those whose rows were still waiting for their group) and leaves no

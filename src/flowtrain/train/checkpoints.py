@@ -13,8 +13,9 @@ from flowtrain.train.step import TrainState
 
 
 class Checkpoints:
-    """Saves `state` (and the owners' keys) every `interval` steps and at the loop's last step; rank 0 prunes
-    to the newest `keep_last` plus the best evaluation's (`best_step()`)."""
+    """Saves `state` (and the owners' keys) every `interval` steps and at the run's last step (`end`: max_steps
+    or stop_after; None for a loop that only runs a window of steps); rank 0 prunes to the newest `keep_last`
+    plus the best evaluation's (`best_step()`)."""
 
     def __init__(
         self,
@@ -33,10 +34,10 @@ class Checkpoints:
         self.interval, self.keep_last, self.layout = interval, keep_last, layout
         self.tokenizer_json, self.config_yaml, self.best_step = tokenizer_json, config_yaml, best_step
 
-    def due(self, step: int, end: int) -> bool:
+    def due(self, step: int, end: int | None) -> bool:
         return step % self.interval == 0 or step == end
 
-    def maybe_save(self, step: int, end: int) -> Path | None:
+    def maybe_save(self, step: int, end: int | None) -> Path | None:
         return self.save() if self.due(step, end) else None
 
     def save(self) -> Path:

@@ -136,6 +136,7 @@ class Trainer:
         self.state.monitor = self.flow
         self.state.model = torch.compile(wrapped) if tc.compile else wrapped
         self.log: RunLog | None = None  # opened by steps()
+        self.final_eval: dict[str, float] = {}
 
     @property
     def step(self) -> int:
@@ -255,15 +256,15 @@ class Trainer:
 
     def steps(self, until: int | None = None) -> Iterator[int]:
         """The training loop one iteration at a time: yields the step number after each step, its logging, guard
-        action and side work (snapshot, eval, checkpoint). It ends at max_steps (or stop_after), or at step
-        `until` when given. The sinks open at the first next() and close when the loop ends or the generator is
-        closed; run_loop() is this plus the run's end."""
+        action and side work (snapshot, eval, checkpoint). It ends at max_steps (or stop_after) with a checkpoint,
+        or at step `until` when given: a window of steps, checkpointed only at train.checkpoint_interval. The
+        sinks open at the first next() and close when the loop ends or the generator is closed; run_loop() is
+        this plus the run's end."""
         tc, lc, state, parallel = self.cfg.train, self.cfg.log, self.state, self.parallel
-        if until is not None:
-            end = until
-        else:
-            end = tc.max_steps if self.stop_after is None else min(tc.max_steps, self.stop_after)
-        self.final_eval: dict[str, float] = {}
+        run_end = tc.max_steps if self.stop_after is None else min(tc.max_steps, self.stop_after)
+        end = run_end if until is None else until
+        checkpoint_end = run_end if until is None else None
+        self.final_eval = {}
         self.log = log = RunLog(
             self.cfg,
             self.run,
@@ -292,12 +293,12 @@ class Trainer:
                     timer.restart()
                     yield state.step
                     continue
-                if self.evaluation.due(state.step) or self.checkpoints.due(state.step, end):
+                if self.evaluation.due(state.step) or self.checkpoints.due(state.step, checkpoint_end):
                     rows.flush()  # metrics and flow records complete up to here (booked as step time)
                 with timer.paused():  # snapshots, evaluations, checkpoints: not step time
                     self.recovery.maybe_snapshot(out.verdict)
                     self.evaluation.maybe_eval(state.step, log.write_eval)
-                    if self.checkpoints.maybe_save(state.step, end):
+                    if self.checkpoints.maybe_save(state.step, checkpoint_end):
                         log.checkpointed()
                 yield state.step
             if state.step == tc.max_steps and tc.eval_full_at_end:
