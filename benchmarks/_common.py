@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from flowtrain.config import load_config
+from flowtrain.train.runtime import select_device, tune_cpu_allocator
 from flowtrain.train.step import train_step
 from flowtrain.train.trainer import Trainer
 
@@ -51,7 +52,8 @@ def summarize(samples: list[float]) -> str:
 def shakespeare_trainer(
     workdir: Path, name: str, overrides: list[str] = (), config: str = "shakespeare-char"
 ) -> Trainer:
-    """A Trainer for the shakespeare-char recipe writing under `workdir` (quiet: no console, no TensorBoard).
+    """A Trainer for the shakespeare-char recipe writing under `workdir` (quiet: no console, no TensorBoard), in a
+    process whose CPU allocator is tuned as the CLI tunes it (train.tune_allocator).
 
     Another `config` (e.g. gpt2-124m) keeps its own data sources (the built-in corpus).
     """
@@ -69,8 +71,10 @@ def shakespeare_trainer(
             *overrides,
         ],
     )
+    if cfg.train.tune_allocator and select_device(cfg.train.device).type == "cpu":
+        tune_cpu_allocator()  # as `flowtrain train` does: the Trainer itself changes nothing process-wide
     trainer = Trainer(cfg)
-    trainer.model.train()
+    trainer.state.model.train()
     return trainer
 
 
@@ -79,8 +83,7 @@ def time_steps(trainer: Trainer, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        out = train_step(trainer)
+        out = train_step(trainer.state)
         out.loss.item()  # waits for the device
-        trainer.step += 1
         times.append(time.perf_counter() - t0)
     return times

@@ -70,7 +70,8 @@ def main() -> None:
         loop = trainer.steps()
         for _ in range(args.warmup):
             next(loop)
-        monitor, depth = trainer.flow, trainer.flow.depth
+        monitor = trainer.state.monitor
+        depth = monitor.depth
         timed(monitor, "after_backward", "monitor.after_backward")
         timed(monitor, "after_step", "monitor.after_step")
         timed(monitor, "collect_all", "monitor.collect_all")
@@ -79,14 +80,11 @@ def main() -> None:
         timed(depth, "raw", "  depth.raw")
         timed(depth.attention, "stats", "    attention.stats (the sample)")
         timed(monitor.logits, "raw", "  logits.raw")
-        for owner, attribute, label in (
-            (trainer, "_write_rows", "trainer._write_rows (rows, records; in groups)"),
-            (getattr(trainer, "flow_writer", None), "write", "  flow.parquet"),
-            (trainer.guard, "observe_record", "  guard.observe_record"),
-        ):
-            if owner is not None and hasattr(owner, attribute):
-                timed(owner, attribute, label)
-        for sink in trainer.sinks:
+        log = trainer.log  # the loop's sinks, open since the first step
+        timed(log, "_write_rows", "run log: rows, records (in groups)")
+        timed(log.flow_writer, "write", "  flow.parquet")
+        timed(trainer.state.guard, "observe_record", "  guard.observe_record")
+        for sink in log.sinks:
             timed(sink, "write", f"sink: {type(sink).__name__}")
         started = time.perf_counter()
         for _ in range(args.steps):

@@ -57,7 +57,9 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 TRAIN_CHILD = """
 import json, resource, tempfile
 from flowtrain.config import load_config
+from flowtrain.train.runtime import tune_cpu_allocator
 from flowtrain.train.trainer import Trainer
+tune_cpu_allocator()  # as `flowtrain train` does on the CPU
 with tempfile.TemporaryDirectory() as out:
     cfg = load_config("default", ["data.dataset={path}", "train.max_steps={steps}", "schedule.warmup_steps=10",
                                   "train.eval_interval=100", "train.checkpoint_interval={steps}",

@@ -1,6 +1,8 @@
 """The `flowtrain` command through real subprocesses: the happy path and every bad input of issue 2."""
 
+import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -49,6 +51,9 @@ def test_prepare_train_sample(small_text, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "sample:" in proc.stdout
     run_dir = tmp_path / "runs" / "tiny"
+    if platform.libc_ver()[0] == "glibc":  # the command tunes the process (train.tune_allocator), not the Trainer
+        env = json.loads((run_dir / "env.json").read_text())
+        assert env["cpu_allocator"].startswith("glibc malloc: mmap threshold"), env["cpu_allocator"]
 
     a = run_cli("sample", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
     b = run_cli("sample", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
@@ -159,9 +164,12 @@ def test_diagnose_finds_exploding_flow(small_text, tmp_path):
 def test_diagnose_a_run_directory(small_text, tmp_path):
     proc = run_cli("train", *tiny_overrides(small_text, tmp_path, **{"train.max_steps": 4, "schedule.warmup_steps": 2}))
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("diagnose", tmp_path / "runs" / "tiny", "--steps", 1)
+    run_dir = tmp_path / "runs" / "tiny"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")}
+    proc = run_cli("diagnose", run_dir, "--steps", 1)
     assert proc.returncode == 0, proc.stderr
     assert "at step 4" in proc.stdout and "verdict:" in proc.stdout
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")} == before  # only read
     assert_user_error(run_cli("diagnose", tmp_path / "nothing-here"), "nothing-here")
 
 
@@ -184,3 +192,35 @@ def test_bpe_run_reports_bits_per_byte(small_text, tmp_path):
     assert meta  # the trained tokenizer travels with the checkpoint
     # bits per byte = loss / ln 2 / (bytes per token); BPE packs several bytes into a token
     assert 0 < last["val_bpb"] < last["val_loss"] / 0.6931
+
+
+def test_diagnose_runs_the_trainers_own_loop(small_text, tmp_path, monkeypatch):
+    """The steps diagnose observes are Trainer.steps()'s, and its records are the ones that loop writes."""
+    from flowtrain import cli
+    from flowtrain.train.trainer import Trainer
+
+    driven = []
+    real_steps = Trainer.steps
+
+    def steps(self, until=None):
+        for step in real_steps(self, until):
+            driven.append(step)
+            yield step
+
+    monkeypatch.setattr(Trainer, "steps", steps)
+    assert cli.main(["diagnose", *tiny_overrides(small_text, tmp_path), "--steps", "3", "--json"]) == 0
+    assert driven == [1, 2, 3]
+    assert not list((tmp_path / "runs").glob("*"))  # nothing written outside the scratch directory
+
+
+def test_a_trainer_built_in_user_code_leaves_the_process_alone(small_text, tmp_path):
+    """Only the command tunes the CPU allocator; Trainer(cfg) in a script changes nothing process-wide."""
+    code = (
+        "import sys; from flowtrain.config import load_config; from flowtrain.train import runtime; "
+        "from flowtrain.train.trainer import Trainer; Trainer(load_config('default', sys.argv[1:])); "
+        "print(runtime.allocator())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *tiny_overrides(small_text, tmp_path)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "default (not tuned)"

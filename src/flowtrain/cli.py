@@ -36,6 +36,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_process(cfg) -> None:
+    """Process-wide tuning is the command's business, never a library constructor's: on the CPU, keep freed
+    tensor memory in the process (train.tune_allocator; train/runtime.py: tune_cpu_allocator)."""
+    from flowtrain.train.runtime import select_device, tune_cpu_allocator
+
+    if cfg.train.tune_allocator and select_device(cfg.train.device).type == "cpu":
+        tune_cpu_allocator()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from flowtrain.config import load_config
     from flowtrain.train.trainer import Trainer, config_for_resume
@@ -47,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_for_resume(Path(args.resume), overrides)
     else:
         cfg = load_config(args.config, overrides)
+    _tune_process(cfg)
     trainer = Trainer(cfg, resume_dir=Path(args.resume) if args.resume else None, stop_after=args.stop_after)
     summary = trainer.run_loop()
     print(f"run directory: {summary.run_dir}")
@@ -95,21 +105,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    from flowtrain.config import load_config
     from flowtrain.lab import STUDIES, run_study
 
     if args.study not in STUDIES:
         raise FlowtrainError(f"unknown study {args.study!r}; choose one of: {', '.join(STUDIES)}")
+    _tune_process(load_config(None, []))  # the studies train with the default train settings
     run_study(args.study, quick=args.quick, data=args.data, out=args.out, echo=print)
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    """A few real training steps under the microscope (every statistic, every step), then the verdict."""
+    """A few real training steps under the microscope (every statistic, every step), then the verdict.
+
+    The steps are the trainer's own loop, writing into a scratch directory (a run directory given is only
+    read); the records come from the loop's `on_record`."""
     import tempfile
 
     from flowtrain.config import load_config
     from flowtrain.flow.diagnose import diagnose
-    from flowtrain.train.step import train_step
     from flowtrain.train.trainer import Trainer, config_for_resume
 
     rest, overrides = _split_overrides(args.items)
@@ -117,26 +131,26 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise FlowtrainError(f"diagnose takes one run directory (got {len(rest)}); overrides look like key=value")
     if args.steps < 1:
         raise FlowtrainError("--steps must be >= 1")
-    # watch everything, change nothing on disk: no guard actions, no sinks (the run loop is not used)
-    overrides += ["flow.enabled=true", "flow.interval=1", "guard.enabled=false", "log.console=false"]
+    # watch everything, act on nothing: no guard actions, no evaluations, no console or TensorBoard
+    never = 2**31 - 1
+    overrides += ["flow.enabled=true", "flow.interval=1", "guard.enabled=false", "log.console=false",
+                  "log.tensorboard=false", "log.wandb=false", f"train.eval_interval={never}",
+                  f"train.checkpoint_interval={never}", "train.eval_full_at_end=false"]  # fmt: skip
+    records: list = []
     with tempfile.TemporaryDirectory(prefix="flowtrain-diagnose-") as scratch:
         if rest:
             run_dir = Path(rest[0])
             cfg = config_for_resume(run_dir, overrides)
-            trainer = Trainer(cfg, resume_dir=run_dir)
+            _tune_process(cfg)
+            trainer = Trainer(cfg, resume_dir=run_dir, run_dir=Path(scratch) / "run", on_record=records.append)
             source = f"run {run_dir} at step {trainer.step}"
         else:
             cfg = load_config(args.config, [*overrides, f"train.out_dir={scratch}"])
-            trainer = Trainer(cfg)
+            _tune_process(cfg)
+            trainer = Trainer(cfg, on_record=records.append)
             source = f"config {args.config or 'default'} at initialization"
-        records = []
-        for _ in range(args.steps):
-            train_step(trainer)
-            trainer.step += 1
-            record = trainer.flow.collect(trainer.step)
-            if record is not None:
-                records.append(record)
-        trainer.flow.close()
+        for _ in trainer.steps(until=trainer.step + args.steps):
+            pass
     result = diagnose(records)
     if args.json:
         print(result.to_json())

@@ -23,7 +23,7 @@ def _state(tr):
     weights = {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
     opt = {
         i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-        for i, s in enumerate(tr.optimizer.state.values())
+        for i, s in enumerate(tr.state.optimizer.state.values())
     }
     return weights, opt
 
@@ -42,23 +42,20 @@ def test_nan_gradient_step_is_skipped_bitwise(small_text, tmp_path, implementati
     """NaN in one gradient at step k: no weight or optimizer-state change, the alert names the tensor."""
     tr = _trainer(small_text, tmp_path, **{"optim.implementation": implementation})
     for _ in range(5):
-        train_step(tr)
-        tr.step += 1
+        train_step(tr.state)
     before = _state(tr)
     target = dict(tr.raw_model.named_parameters())[_mlp_weight(tr)]
     handle = target.register_hook(lambda g: torch.full_like(g, float("nan")))
-    out = train_step(tr)
-    tr.step += 1
+    out = train_step(tr.state)
     handle.remove()
     assert out.verdict.action == "skip"
     (alert,) = [a for a in out.verdict.alerts if a.detector == "nonfinite"]
     assert _mlp_weight(tr) in alert.explanation
     _same(before, _state(tr))
     for _ in range(3):  # and training goes on normally
-        out = train_step(tr)
-        tr.step += 1
+        out = train_step(tr.state)
         assert out.verdict.action == "proceed" and torch.isfinite(out.loss)
-    assert tr.guard.skipped_steps == 1
+    assert tr.state.guard.skipped_steps == 1
 
 
 def _mlp_weight(tr):
@@ -83,7 +80,8 @@ def test_nan_run_finishes_and_records_the_skip(small_text, tmp_path):
 
 def _corrupt_batches(tr, first, last, vocab):
     """Batches the loader serves at positions [first, last) get uniformly random tokens (garbage data)."""
-    loader, real_next = tr.loader, tr.loader.next
+    loader = tr.state.loader.loaders[0]
+    real_next = loader.next
     rng = np.random.default_rng(0)
 
     def next_batch():
@@ -131,12 +129,12 @@ def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path)
 
 def test_repeated_failures_exhaust_the_budget_and_stop(small_text, tmp_path):
     tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "guard.max_rollbacks": 2, "guard.rollback_lr_factor": 0.5})
-    base = list(tr.scheduler.base_lrs)
+    base = list(tr.state.scheduler.base_lrs)
     _corrupt_batches(tr, first=90, last=10**9, vocab=tr.tokenizer.vocab_size)
     with pytest.raises(GuardStop, match="rollback budget|rollback\\(s\\)"):
         tr.run_loop()
     # the LR factor compounds over rollbacks, even when both return to the same snapshot
-    assert tr.lr_scale == 0.25 and tr.scheduler.base_lrs == [b * 0.25 for b in base]
+    assert tr.recovery.lr_scale == 0.25 and tr.state.scheduler.base_lrs == [b * 0.25 for b in base]
     run = tr.run.root
     actions = [(a["detector"], a["action"]) for a in read_jsonl(run / "alerts.jsonl")]
     assert actions.count(("guard", "rollback")) == 2 and actions[-1] == ("guard", "stop")
@@ -167,14 +165,13 @@ def test_no_false_alarm_on_healthy_runs(small_text, tmp_path):
 def test_device_side_skip_needs_no_host_decision(small_text, tmp_path):
     """The GPU path on CPU: the skip stays a device tensor handed to the fused optimizer as found_inf."""
     tr = _trainer(small_text, tmp_path, **{"optim.implementation": "fused"})
-    tr.guard.host_every_step = False  # as on CUDA
-    tr.host_checks_now = lambda: False  # and not a logging step: the host reads nothing
+    tr.state.guard.host_every_step = False  # as on CUDA
+    tr.state.host_check_every = 10**9  # and not a logging step: the host reads nothing
     for _ in range(3):
-        train_step(tr)
-        tr.step += 1
+        train_step(tr.state)
     before = _state(tr)
     handle = dict(tr.raw_model.named_parameters())[_mlp_weight(tr)].register_hook(lambda g: g * float("nan"))
-    out = train_step(tr)
+    out = train_step(tr.state)
     handle.remove()
     assert torch.is_tensor(out.verdict.skip) and bool(out.verdict.skip)
     assert out.verdict.action == "proceed" and not out.verdict.alerts  # no host judgement was made

@@ -18,28 +18,28 @@ from flowtrain.train.trainer import Trainer
 def main() -> None:
     out_dir, nan_step, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     trainer = Trainer(load_config("default", overrides))
-    rank = trainer.dist.rank
-    unscale, agree = trainer.unscale_gradients, trainer.agree
+    rank = trainer.parallel.rank
+    after_backward, agree = trainer.flow.after_backward, trainer.parallel.agree
     decisions = []
     poisoned = []
 
-    def unscale_then_poison() -> None:
-        unscale()
+    def poison_then_observe() -> None:  # called right after the step's gradients are complete
         if rank == 1 and trainer.step + 1 == nan_step and not poisoned:  # once (a rollback replays the step)
-            grad = trainer.params[3].grad
+            grad = trainer.state.named_params[3][1].grad
             grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
             grad.view(-1)[0] = float("nan")
             poisoned.append(True)
+        after_backward()
 
-    def agree_and_record(verdict):
-        verdict = agree(verdict)
+    def agree_and_record(verdict, guard, host_now):
+        verdict = agree(verdict, guard, host_now)
         skip = verdict.skip is not None and bool(verdict.skip)
         decisions.append({"step": trainer.step + 1, "action": verdict.action, "skip": skip})
         return verdict
 
-    trainer.unscale_gradients, trainer.agree = unscale_then_poison, agree_and_record
+    trainer.flow.after_backward, trainer.parallel.agree = poison_then_observe, agree_and_record
     summary = trainer.run_loop()
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.params]
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in trainer.state.named_params]
     weights = [p.detach().double().sum().item() for p in local]  # FSDP2: this rank's shards
     result = {"rank": rank, "steps": summary.steps, "decisions": decisions, "weights": weights}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))

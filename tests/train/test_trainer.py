@@ -34,6 +34,8 @@ def test_run_directory_contract(small_text, tmp_path):
     assert all(e["val_bpb"] > 0 and math.isclose(e["val_ppl"], math.exp(e["val_loss"])) for e in evals)
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()
     env = json.loads((run / "env.json").read_text())
+    assert not {"cpu_kernels", "cpu_hooks", "tensorboard_checksum"} & set(env)  # gone with the C++ and the patch
+    assert env["cpu_allocator"] and env["run_dir_version"] == 1
     assert env["optimizer_step"] == "AdamW: torch's fused step"
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
@@ -194,9 +196,17 @@ def test_rows_are_written_in_groups_or_before_they_wait_too_long(
     loop = trainer.steps()
     next(loop)
     recorder = _Recorder()
-    trainer.sinks.append(recorder)  # the loop's own list of sinks
+    trainer.log.sinks.append(recorder)  # the loop's own list of sinks
     assert [max(recorder.steps, default=0) for _ in loop] == latest
     assert recorder.steps == list(range(1 if flush_seconds > 1 else 2, 12))  # each row once, in order
+
+
+def test_a_window_of_steps_logs_them_and_saves_no_checkpoint(small_text, tmp_path):
+    """steps(until=N) runs steps 1..N (what flowtrain diagnose drives), checkpointing only at the interval."""
+    trainer = Trainer(load_config("default", tiny_overrides(small_text, tmp_path, **{"train.sample_tokens": 0})))
+    assert list(trainer.steps(until=3)) == [1, 2, 3]
+    assert [step for step, _ in _losses(trainer.run.root)] == [1, 2, 3]
+    assert not (trainer.run.root / "checkpoints").exists()
 
 
 def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):

@@ -18,8 +18,8 @@ import yaml
 
 from flowtrain.errors import DataError
 from flowtrain.flow.records import read_flow
+from flowtrain.rundir import RunDir
 from flowtrain.sinks.jsonl import read_jsonl
-from flowtrain.train.rundir import RunDir
 
 
 @dataclass

@@ -203,6 +203,81 @@ def agree_on_verdict(verdict, host_ran: bool, device: torch.device, guard=None):
     return verdict
 
 
+class DataParallel:
+    """Every collective the loop needs, in one place: who this process is, where collective tensors live, and the
+    few reductions a step makes. In one process (strategy none, or a 1-rank group) each is the trivial no-op."""
+
+    def __init__(self, ctx: DistContext, device: torch.device, padded_rows: bool = False):
+        self.ctx, self.device = ctx, device
+        # the GPU for nccl, the CPU for gloo
+        self.comm_device = device if device.type == "cuda" else torch.device("cpu")
+        self.padded_rows = padded_rows  # varlen loader: rows are padded, so real target counts differ by rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def enabled(self) -> bool:
+        return self.ctx.enabled
+
+    @property
+    def strategy(self) -> str:
+        return self.ctx.strategy
+
+    def grad_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's backward: DDP all-reduces only on the last one."""
+        return grad_sync(model, self.ctx, last)
+
+    def global_targets(self, local: int) -> int:
+        """Real targets in the whole global batch: the denominator of the step's mean loss."""
+        if self.world_size == 1:
+            return local
+        if self.padded_rows:
+            return global_count(local, self.comm_device)
+        return local * self.world_size  # random / packed rows are full: every rank has the same count
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of each rank's share of the step's mean loss."""
+        return all_reduce_sum(local) if self.world_size > 1 else local
+
+    def agree(self, verdict, guard, host_now: bool):
+        """The guard's decision, made identical on every rank (the strongest one wins)."""
+        if self.world_size == 1:
+            return verdict
+        host_ran = guard.cfg.enabled and (guard.host_every_step or host_now)
+        return agree_on_verdict(verdict, host_ran, self.comm_device, guard)
+
+    def broadcast_json(self, obj):
+        """Rank 0's JSON-able `obj` on every rank (itself in one process)."""
+        return broadcast_json(obj, self.comm_device) if self.enabled else obj
+
+    def barrier(self) -> None:
+        barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 does the work (e.g. prepares the shared data cache) before the others read its result."""
+        if self.enabled and not self.is_main:
+            barrier()
+        yield
+        if self.enabled and self.is_main:
+            barrier()
+
+    def shutdown(self) -> None:
+        if self.enabled:
+            barrier()
+            shutdown()
+
+
 class SlotLoaders:
     """This rank's micro-batch slots: slot i of every step is read by `make_loader(i)`, a BatchLoader built
     with rank=i, world_size=grad_accum, so the global batch does not depend on how many ranks share it.

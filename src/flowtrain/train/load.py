@@ -14,8 +14,8 @@ from flowtrain.config import RunConfig, build_config
 from flowtrain.data.tokenizers import tokenizer_from_json
 from flowtrain.errors import CheckpointError
 from flowtrain.model.gpt import GPT
+from flowtrain.rundir import RunDir
 from flowtrain.train import checkpoint as ckpt
-from flowtrain.train.rundir import RunDir
 
 
 @dataclass

@@ -49,8 +49,9 @@ def tune_cpu_allocator() -> str:
     one of them. Measured on shakespeare-char on a 2-core CPU: ~2,500-3,500 page faults a step, and the same
     steps with both thresholds raised (`mallopt`) take ~25 ms instead of ~30 ms, peak memory unchanged (436 MB):
     a step's allocations repeat, so the heap settles at the peak the run needs anyway. Process-wide and
-    idempotent; applied by the trainer on the CPU (`train.tune_allocator`). Returns what was done, for env.json;
-    with another C library nothing is changed, and the text says so."""
+    idempotent, so only the `flowtrain` command applies it (on the CPU, `train.tune_allocator`), never a library
+    constructor. Returns what was done, for env.json; with another C library nothing is changed, and the text
+    says so."""
     global _allocator
     if _allocator is not None:
         return _allocator

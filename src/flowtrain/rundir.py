@@ -1,6 +1,7 @@
 """The run directory: the contract between training and everything that reads a run (report, diagnose, lab).
 
-See docs/run-dir.md for the schema. Paths are named here once so no reader spells them differently.
+See docs/run-dir.md for the schema. Paths are named here once so no reader spells them differently; it lives
+outside train/ so that readers never import the trainer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from flowtrain import __version__
 from flowtrain.fsutil import atomic_write_text
-from flowtrain.train.runtime import allocator
 
 RUN_DIR_VERSION = 1
 
@@ -77,20 +77,16 @@ def _git_commit() -> str | None:
 
 
 def _optimizer_step(optimizer) -> str:
-    """Whose kernel takes the optimizer step: flowtrain's observing Adam/AdamW, or torch's (and why)."""
+    """Which torch implementation takes the optimizer step (fused, foreach or the for-loop)."""
     if optimizer is None:
         return "unknown"
-    name = type(optimizer).__name__
-    if getattr(optimizer, "observing", False):
-        return f"{name}: flowtrain's observing kernel (bit-identical to torch's fused step, checked)"
-    note = getattr(optimizer, "observing_note", "")
     kind = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), "for-loop")
-    return f"{name}: torch's {kind} step" + (f" ({note})" if note else "")
+    return f"{type(optimizer).__name__}: torch's {kind} step"
 
 
-def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard_checksum: str | None = None) -> None:
-    """Versions and machine facts, so a report can say what produced the numbers. `tensorboard_checksum`: which
-    record checksum the run's TensorBoard sink uses (TensorBoardSink.checksum), None without TensorBoard."""
+def write_env(run: RunDir, device: torch.device, optimizer=None, cpu_allocator: str = "default (not tuned)") -> None:
+    """Versions and machine facts, so a report can say what produced the numbers. `cpu_allocator`: what the
+    process did to its CPU allocator (train/runtime.py: allocator())."""
     env = {
         "run_dir_version": RUN_DIR_VERSION,
         "flowtrain_version": __version__,
@@ -100,7 +96,7 @@ def write_env(run: RunDir, device: torch.device, optimizer=None, tensorboard_che
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "num_threads": torch.get_num_threads(),
-        "cpu_allocator": allocator(),
+        "cpu_allocator": cpu_allocator,
         "optimizer_step": _optimizer_step(optimizer),
         "git_commit": _git_commit(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
