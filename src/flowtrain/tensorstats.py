@@ -67,7 +67,7 @@ def _stack(parts: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch
     if not parts:
         device = like[0].device if like else torch.device("cpu")
         return torch.zeros(0, dtype=torch.float32, device=device)
-    return torch.stack([p.float() for p in parts])
+    return torch.stack(parts).float()  # stack promotes mixed dtypes; one conversion for all
 
 
 def sums_of_squares(tensors: Sequence[torch.Tensor], shards_of: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -100,18 +100,21 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def sumsq_and_max_abs(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums_of_squares, max_abs) of the same tensors."""
     sq = sums_of_squares(tensors)
-    local = [_local(t) for t in tensors]
-    if local and local[0].device.type != "cpu":  # accelerators: one fused launch instead of one per tensor
+    local = [_local(t).detach() for t in tensors]
+    if not local:
+        return sq, _stack([], local)
+    if local[0].device.type != "cpu":  # accelerators: one fused launch instead of one per tensor
         mx = _stack(torch._foreach_norm(local, float("inf"), dtype=torch.float32), local)
         mx = torch.where(torch.isnan(sq), sq, mx)  # the fused inf-norm may drop a NaN; the sum of squares keeps it
-    else:
-        mx = _stack([max_abs_one(t) for t in local], local)
+    else:  # torch's CPU inf-norm is slow (docs/performance.md): max(max x, -min x) from one aminmax a tensor
+        lows, highs = zip(*(torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2 for t in local), strict=True)
+        mx = torch.maximum(_stack(highs, local), _stack(lows, local).neg())
     return sq, _full(mx, tensors, "max")
 
 
 def max_abs_one(t: torch.Tensor) -> torch.Tensor:
-    """max |x| of one tensor (float32 0-dim) as max(max x, -min x): one aminmax pass, the fastest on the CPU
-    (docs/performance.md); NaN propagates."""
+    """max |x| of one tensor (float32 0-dim) as max(max x, -min x): one aminmax pass (torch's CPU inf-norm is an
+    order of magnitude slower, docs/performance.md); NaN propagates."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=t.device)
     lo, hi = torch.aminmax(t.detach())

@@ -249,7 +249,7 @@ def test_hooks_are_silent_in_evaluation_and_removable():
     monitor = FlowMonitor(model, None, FlowConfig())
     with torch.no_grad():
         model(torch.randint(0, 17, (2, 8)))
-    assert all(v is None for v in monitor.depth.act_sumsq) and monitor.depth.act_count == [0] * 4
+    assert all(v is None for v in monitor.depth.act_norm) and monitor.depth.act_count == [0] * 4
     monitor.remove()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 

@@ -26,8 +26,9 @@ RAW_ROWS = ("resid_sumsq", "resid_seen", "act_sumsq", "act_count", "attn_entropy
 RAW_MAX_ROWS = ("act_max", "attn_max_logit")
 
 
-def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value if total is None else total + value
+def _hypot(total: torch.Tensor | None, norm: torch.Tensor) -> torch.Tensor:
+    """Running L2 norm over micro-batches: sqrt(total² + norm²)."""
+    return norm if total is None else torch.hypot(total, norm)
 
 
 class DepthProbe:
@@ -45,8 +46,8 @@ class DepthProbe:
         self._reset()
 
     def _reset(self) -> None:
-        self.resid_sumsq: list[torch.Tensor | None] = [None] * self.n
-        self.act_sumsq: list[torch.Tensor | None] = [None] * self.n
+        self.resid_norm: list[torch.Tensor | None] = [None] * self.n
+        self.act_norm: list[torch.Tensor | None] = [None] * self.n
         self.act_max: list[torch.Tensor | None] = [None] * self.n
         self.act_count = [0] * self.n
 
@@ -69,21 +70,18 @@ class DepthProbe:
     def _observe(self, index: int, h: torch.Tensor | None) -> None:
         if h is None or not torch.is_grad_enabled():  # evaluation and sampling are not training
             return
-        if self.cfg.activations:
-            with torch.no_grad():
-                d = h.detach()
-                sq = torch.linalg.vector_norm(d, dtype=torch.float32).square()
-                self.act_sumsq[index] = _add(self.act_sumsq[index], sq)
-                mx = tensorstats.max_abs_one(d)
-                prev = self.act_max[index]
-                self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
-                self.act_count[index] += d.numel()
+        if self.cfg.activations:  # on the detached tensor: no autograd graph, no no_grad() needed
+            d = h.detach()
+            self.act_norm[index] = _hypot(self.act_norm[index], torch.linalg.vector_norm(d, dtype=torch.float32))
+            mx, prev = tensorstats.max_abs_one(d), self.act_max[index]
+            self.act_max[index] = mx if prev is None else torch.maximum(prev, mx)
+            self.act_count[index] += d.numel()
         if self.cfg.residual and h.requires_grad:
             h.register_hook(self._grad_hooks[index])
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-        self.resid_sumsq[index] = _add(self.resid_sumsq[index], sq)
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+        self.resid_norm[index] = _hypot(self.resid_norm[index], norm)
 
     def raw(self, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
         """[8, L+1] float32 on `device` (rows RAW_ROWS + RAW_MAX_ROWS; zeros / -inf where nothing was seen),
@@ -95,15 +93,19 @@ class DepthProbe:
         attention = [None, *attention]  # h_0 has no attention
 
         def row(values: list, fill: torch.Tensor) -> torch.Tensor:
-            return torch.stack([fill if v is None else v.to(device).float().reshape(()) for v in values])
+            return torch.stack([fill if v is None else v for v in values]).to(device)
 
+        def seen(values: list) -> torch.Tensor:
+            return torch.tensor([v is not None for v in values], dtype=torch.float32).to(device)
+
+        entropy = [a[0] if a is not None else None for a in attention]
         rows = [
-            row(self.resid_sumsq, zero),
-            torch.tensor([v is not None for v in self.resid_sumsq], dtype=torch.float32).to(device),
-            row(self.act_sumsq, zero),
+            row(self.resid_norm, zero).square(),
+            seen(self.resid_norm),
+            row(self.act_norm, zero).square(),
             torch.tensor(self.act_count, dtype=torch.float32).to(device),
-            row([a[0] if a is not None else None for a in attention], zero),
-            torch.tensor([a is not None for a in attention], dtype=torch.float32).to(device),
+            row(entropy, zero),
+            seen(entropy),
             row(self.act_max, low),
             row([a[1] if a is not None else None for a in attention], low),
         ]

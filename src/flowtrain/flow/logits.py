@@ -34,10 +34,9 @@ class LogitsProbe:
         z = first_tensor(output)
         if z is None or not torch.is_grad_enabled():
             return
-        with torch.no_grad():
-            z = z.detach()
-            mx = tensorstats.max_abs_one(z)
-            lse = torch.logsumexp(z.float(), dim=-1).sum()
+        z = z.detach()  # no autograd graph, no no_grad() needed
+        mx = tensorstats.max_abs_one(z)
+        lse = torch.logsumexp(z.float(), dim=-1).sum()
         self.max_abs = mx if self.max_abs is None else torch.maximum(self.max_abs, mx)
         self.lse_sum = lse if self.lse_sum is None else self.lse_sum + lse
         self.rows += math.prod(z.shape[:-1])

@@ -208,8 +208,8 @@ class FlowMonitor:
             stats, self._pending = self._pending, None
             device = self.params.device
             if clip_stats is not None:
-                values = [torch.as_tensor(getattr(clip_stats, f)) for f in CLIP_FIELDS]
-                stats.clip = torch.stack([v.to(device).float().reshape(()) for v in values])
+                values = [getattr(clip_stats, f) for f in CLIP_FIELDS]
+                stats.clip = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
             if stats.monitored:
                 update_sumsq, adam_v_sum = self.params.after_step()
                 grads = stats.grads

@@ -74,6 +74,26 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+class Attend(nn.Module):
+    """The attention kernel, softmax(q k^T / sqrt(d)) v, via torch's scaled_dot_product_attention.
+
+    A parameter-free module of its own (no state-dict keys) so that anything observing the model with a
+    forward pre-hook sees the exact q and k it used, after QK-norm and RoPE; positional arguments for that
+    reason: (q, k, v, attn_mask, dropout_p, is_causal).
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection ([q; k; v] rows of `qkv.weight`).
 
@@ -94,6 +114,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+        self.attend = Attend()
 
     def _qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, n, width = x.shape
@@ -127,7 +148,7 @@ class CausalSelfAttention(nn.Module):
                     queries = torch.arange(start, start + n, device=x.device)
                     mask = keys[None, :] <= queries[:, None]
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = self.attend(q, k, v, mask, dropout, is_causal)
         return self.proj(y.transpose(1, 2).reshape(batch, n, width))
 
     def attention_logits(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
