@@ -1,10 +1,10 @@
 """Statistics along depth: the residual stream h_0 (input of the first block) .. h_L (output of the last block).
 
-Forward hooks on the blocks reduce each boundary's activation as the block returned it (sum of squares, max
-|x|) and register a gradient hook on it that reduces ||dL/dh_l||^2. Each micro-batch has its own activations,
-disjoint variables of the step's loss L = sum_m L_m, so the squared gradient norm of the whole step is the sum
-of the micro-batches' squared norms: adding them up gives exactly what one big batch of the same rows gives.
-Everything stays on the device until the monitor's one transfer.
+Forward hooks on the blocks reduce each boundary's activation as the block returned it (L2 norm, max |x|) and
+register a gradient hook on it that takes ||dL/dh_l||. Each micro-batch has its own activations, disjoint
+variables of the step's loss L = sum_m L_m, so the squared gradient norm of the whole step is the sum of the
+micro-batches' squared norms: combining them as sqrt(a² + b²) gives exactly what one big batch of the same
+rows gives. Everything stays on the device until the monitor's one transfer.
 """
 
 from __future__ import annotations
