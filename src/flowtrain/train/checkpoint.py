@@ -12,7 +12,7 @@ Layout of `checkpoints/step_000500/`:
 
 Layout "sharded" (train.checkpoint_format=sharded, for FSDP models too big to gather on one rank) replaces
 model.safetensors and optimizer.pt by `dcp/`, a torch.distributed.checkpoint directory written by every rank;
-it loads on any world size (DCP reshards). Its pickled parts are vetted first (see `_SafeReader`).
+it loads on any world size (DCP reshards). Its pickled parts are vetted first (checkpoint_dcp.py).
 
 Under DDP/FSDP every rank calls `save_checkpoint` (gathering is collective); rank 0 writes and renames, then a
 barrier, so nobody moves on before the checkpoint exists.
@@ -23,9 +23,7 @@ leaves either nothing or a complete checkpoint; `meta.json`'s hashes catch later
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from flowtrain import __version__
 from flowtrain.errors import CheckpointError
 from flowtrain.fsutil import atomic_directory, sha256_file
 from flowtrain.train import distributed as dist_util
+from flowtrain.train.checkpoint_dcp import load_sharded, save_sharded
 
 try:
     from torch.distributed.tensor import DTensor
@@ -85,7 +84,7 @@ def save_checkpoint(
     is_main = not distributed or torch.distributed.get_rank() == 0
     small = (step, rng, state, tokenizer_json, config_yaml)
     if layout == "sharded":
-        _save_sharded(final, target, optimizer, small, is_main, distributed)
+        save_sharded(final, target, optimizer, lambda tmp: _write_small(tmp, *small, layout="sharded"), is_main)
     elif _is_sharded(target):  # FSDP, gathered to rank 0 (collective), written as one file like any other
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -175,31 +174,6 @@ def _index_to_fqn(saved: dict[str, Any], template: dict[str, Any]) -> dict[str, 
     return {"state": {names[int(k)]: v for k, v in saved["state"].items()}, "param_groups": groups}
 
 
-def _save_sharded(final: Path, model: torch.nn.Module, optimizer, small: tuple, is_main: bool, distributed: bool):
-    """Every rank writes its shards into rank 0's temporary directory; rank 0 adds the small files, hashes
-    everything and renames. dcp.save returns on rank 0 only after all ranks' shards are written (it gathers
-    their write results before writing its .metadata)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    tensors = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    if not is_main:
-        tmp = Path(dist_util.broadcast_json(None, _comm_device()))
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp")))
-        return
-    with atomic_directory(final) as tmp:
-        if distributed:
-            dist_util.broadcast_json(str(tmp), _comm_device())
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp")))
-        _write_small(tmp, *small, layout="sharded")
-
-
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind torch.compile / DDP wrappers, so parameter names stay stable."""
     model = getattr(model, "_orig_mod", model)
@@ -280,7 +254,7 @@ def restore_model(ckpt: Checkpoint, model: torch.nn.Module) -> None:
     """
     target = _unwrap(model)
     if ckpt.layout == "sharded":
-        _load_sharded(ckpt, target, None)
+        load_sharded(ckpt, target, None)
         return
     try:
         saved = load_file(str(ckpt.path / "model.safetensors"), device="cpu")
@@ -336,7 +310,7 @@ def restore_optimizer(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, model:
         if ckpt.layout == "sharded":
             if target is None:
                 raise ValueError("a sharded checkpoint needs the model to restore the optimizer")
-            _load_sharded(ckpt, target, optimizer)
+            load_sharded(ckpt, target, optimizer)
             return
         state = torch.load(ckpt.path / "optimizer.pt", map_location="cpu", weights_only=True)
         if target is not None and _is_sharded(target):
@@ -357,106 +331,6 @@ def restore_optimizer(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, model:
             f"checkpoint {ckpt.path}: optimizer state cannot be loaded ({str(exc).splitlines()[0]}); "
             "was it written for another optimizer? set optim.name to the run's"
         ) from None
-
-
-def _load_sharded(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a DCP checkpoint (any world size, any strategy, 1 process included) into the live objects."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    if optimizer is None:
-        tensors = {"model": get_model_state_dict(model)}
-    else:
-        tensors = {"optim": get_optimizer_state_dict(model, optimizer)}
-    index = ckpt.path / "dcp" / ".metadata"
-    _vet_pickle(index.read_bytes() if index.is_file() else b"", str(index))  # before DCP touches it
-    try:
-        dcp.load(tensors, storage_reader=_SafeReader(str(ckpt.path / "dcp")), planner=_SafePlanner())
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path}: the sharded state does not fit this model/optimizer "
-            f"({str(exc).strip().splitlines()[-1][:200]}); use the run's own config"
-        ) from None
-    if optimizer is None:
-        set_model_state_dict(model, tensors["model"])
-    else:
-        set_optimizer_state_dict(model, optimizer, tensors["optim"])
-
-
-# DCP stores its index (.metadata) and non-tensor values with pickle. We never unpickle anything that could
-# run code: the index must name only these classes, and values must pass torch's weights_only unpickler.
-_DCP_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _VettingUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) not in _DCP_METADATA_GLOBALS and not is_dtype:
-            raise CheckpointError(f"DCP metadata refers to {module}.{name}, which a checkpoint index never needs")
-        return super().find_class(module, name)
-
-
-def _vet_pickle(data: bytes, what: str) -> None:
-    try:
-        _VettingUnpickler(io.BytesIO(data)).load()
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}; refusing to load it") from None
-    except Exception as exc:
-        raise CheckpointError(f"{what} is corrupt ({exc}); resume from an earlier checkpoint") from None
-
-
-def _dcp_classes():
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-
-    return DefaultLoadPlanner, FileSystemReader
-
-
-class _SafeReader(_dcp_classes()[1]):
-    """FileSystemReader whose .metadata is vetted by a restricted unpickler before torch reads it."""
-
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
-        _vet_pickle(path.read_bytes(), f"{path}")
-        return super().read_metadata(*args, **kwargs)
-
-
-class _SafePlanner(_dcp_classes()[0]):
-    """DefaultLoadPlanner that lets a non-tensor value through only if torch's weights_only unpickler takes it."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            torch.load(value, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"sharded checkpoint value {read_item.dest_index.fqn} is not plain data ({str(exc).splitlines()[0]})"
-            ) from None
-        value.seek(0)
-        super().load_bytes(read_item, value)
 
 
 def restore_rng(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
