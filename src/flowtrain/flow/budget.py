@@ -1,21 +1,19 @@
 """How often the microscope looks: a fixed interval, or `auto`, which keeps its cost within a share of the step.
 
-Why: what one monitored step costs depends on the model, the machine and the batch (on a 2-core CPU a tiny
-model pays ~5-10% for everything every step; a big model on a GPU pays well under 1%). `auto` measures it:
+Why: what one monitored step costs depends on the model, the machine and the batch (docs/performance.md has
+figures). `auto` measures it:
 the microscope times its own work (every hook, the passes before and after the optimizer step, collect()),
 the wall time between steps gives the step time without it, and the interval becomes the smallest N with
 cost / N <= budget * step time. The first `full_steps` steps are monitored every step (the start of training
 is where most gradient-flow trouble shows); the interval chosen then is checked a window (64 steps) later
 and re-chosen every `reprobe_steps` steps.
 
-The stopwatch does not see everything a monitored step costs: autograd calling into Python for the hooks,
-the caches the microscope's passes evict from under the training's own kernels. On a 2-core CPU that was
-between -0.2x and +0.5x of the stopwatch's figure (benchmarks/flow_overhead.py, on different days). So once
-the window holds monitored and unmonitored steps, the choice adds what the step times show beyond the
-stopwatch: median(monitored step) - median(other step) - the stopwatch's own difference, when positive. A
-choice of every step made without unmonitored steps to compare with (the stopwatch alone fits the budget) is
-tried as every other step for one window first, so the check sees both kinds (measured on shakespeare-char:
-the stopwatch booked 0.88 ms a step, under 3% of the step, while monitored steps took 1.1 ms more).
+The stopwatch does not see everything a monitored step costs (autograd calling into Python for the hooks, the
+caches the microscope's passes evict). So once the window holds monitored and unmonitored steps, the choice
+adds what the step times show beyond the stopwatch: median(monitored step) - median(other step) - the
+stopwatch's own difference, when positive. A choice of every step made without unmonitored steps to compare
+with is tried as every other step for one window first, so the check sees both kinds. What lands in the steps
+after a monitored one is not seen at all: the default budget (2%) leaves room for it (docs/performance.md).
 
 The choice depends on timings, so with `auto` which steps get per-tensor records can differ between two
 otherwise identical runs; training itself does not depend on it (monitoring only reads). Set an integer
@@ -94,9 +92,7 @@ class Interval:
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` of the step now running out of its step time: work the training loop does for several
         steps at once (the trainer writes its logged rows in groups), which would otherwise land in whichever
-        step it fell in: with a group every 10 steps and every other step monitored, always a monitored one,
-        and the check would count it as the microscope's (it chose every 2nd step on shakespeare-char where
-        every step measured 1.8% over monitoring off)."""
+        step it fell in, and under some intervals always in a monitored one."""
         if self._last_end is not None:
             self._last_end += seconds
 

@@ -46,9 +46,8 @@ def tune_cpu_allocator() -> str:
     Why: torch's CPU tensors come from glibc's malloc, which serves blocks above its mmap threshold (128 KiB,
     raised by itself up to 32 MiB) straight from the system and returns them on free; a training step frees and
     allocates the same activations again, so the next step touches fresh pages and the kernel zero-fills every
-    one of them. Measured on shakespeare-char on a 2-core CPU: ~2,500-3,500 page faults a step, and the same
-    steps with both thresholds raised (`mallopt`) take ~25 ms instead of ~30 ms, peak memory unchanged (436 MB):
-    a step's allocations repeat, so the heap settles at the peak the run needs anyway. Process-wide and
+    one of them (docs/performance.md: ~15% of a shakespeare-char step on the CPU). A step's allocations
+    repeat, so the heap settles at the peak the run needs anyway. Process-wide and
     idempotent, so only the `flowtrain` command applies it (on the CPU, `train.tune_allocator`), never a library
     constructor. Returns what was done, for env.json; with another C library nothing is changed, and the text
     says so."""
