@@ -84,7 +84,8 @@ class DepthProbe:
         self.resid_norm[index] = _hypot(self.resid_norm[index], norm)
 
     def raw(self, device: torch.device, sync: bool, backward_scale) -> torch.Tensor:
-        """[8, L+1] float32 on `device` (rows RAW_ROWS + RAW_MAX_ROWS; zeros / -inf where nothing was seen),
+        """[8, L+1] float32 on `device` (rows RAW_ROWS + RAW_MAX_ROWS; zeros / -inf where nothing was seen; host
+        values travel with non-blocking copies, so a monitored step never waits for the device),
         combined over the ranks of a data-parallel job with `sync`. Residual gradients are divided by
         `backward_scale` (a float or a device tensor), the factor the backward pass was scaled by."""
         zero = torch.zeros((), device=device)
@@ -96,22 +97,24 @@ class DepthProbe:
             return torch.stack([fill if v is None else v for v in values]).to(device)
 
         def seen(values: list) -> torch.Tensor:
-            return torch.tensor([v is not None for v in values], dtype=torch.float32).to(device)
+            return torch.tensor([v is not None for v in values], dtype=torch.float32).to(device, non_blocking=True)
 
         entropy = [a[0] if a is not None else None for a in attention]
         rows = [
             row(self.resid_norm, zero).square(),
             seen(self.resid_norm),
             row(self.act_norm, zero).square(),
-            torch.tensor(self.act_count, dtype=torch.float32).to(device),
+            torch.tensor(self.act_count, dtype=torch.float32).to(device, non_blocking=True),
             row(entropy, zero),
             seen(entropy),
             row(self.act_max, low),
             row([a[1] if a is not None else None for a in attention], low),
         ]
         raw = torch.stack(rows)
-        if not (isinstance(backward_scale, (int, float)) and backward_scale == 1):
-            raw[0] = raw[0] / torch.as_tensor(backward_scale, device=device).float() ** 2
+        if isinstance(backward_scale, torch.Tensor):  # the fp16 loss scale: on the device
+            raw[0] = raw[0] / backward_scale.to(device).float() ** 2
+        elif backward_scale != 1:
+            raw[0] = raw[0] / float(backward_scale) ** 2
         if sync:
             import torch.distributed as dist
 

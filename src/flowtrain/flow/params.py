@@ -53,7 +53,7 @@ class ParamStats:
         bad = self._nonfinite(grads, sq)
         if len(present) == len(self.params):
             return weight_sumsq, {"grad_sumsq": sq, "grad_max_abs": mx, "grad_nonfinite": bad, "clip_sumsq": sq}
-        index = torch.tensor(present, device=self.device)
+        index = torch.tensor(present).to(self.device, non_blocking=True)  # no wait for the device
         figures = {}
         for key, values in (("grad_sumsq", sq), ("grad_max_abs", mx), ("grad_nonfinite", bad)):
             figures[key] = self._nan().index_copy_(0, index, values)
@@ -89,7 +89,7 @@ class ParamStats:
         sums = tensorstats.sums_of_nonnegative(vs).to(self.device)
         if len(index) == len(self.params):
             return sums
-        return self._nan().index_copy_(0, torch.tensor(index, device=self.device), sums)
+        return self._nan().index_copy_(0, torch.tensor(index).to(self.device, non_blocking=True), sums)
 
     def histogram_samples(self, layers: list[str], values: int) -> dict[str, torch.Tensor]:
         """Per layer, an evenly strided sample of at most `values` gradient values (on the device)."""
