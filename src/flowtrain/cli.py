@@ -110,7 +110,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if args.study not in STUDIES:
         raise FlowtrainError(f"unknown study {args.study!r}; choose one of: {', '.join(STUDIES)}")
-    _tune_process(load_config(None, []))  # the studies train with the default train settings
+    _tune_process(load_config(None, ["train.device=cpu"]))  # the studies train on the CPU (lab/common.py)
     run_study(args.study, quick=args.quick, data=args.data, out=args.out, echo=print)
     return 0
 

@@ -23,7 +23,7 @@ class TrainConfig(Section):
     tune_allocator: bool = Field(
         True,
         description="on the CPU, keep freed tensor memory in the process (glibc malloc thresholds raised): no "
-        "page faults on every step's fresh activations (~15% faster steps measured on shakespeare-char). "
+        "page faults on every step's fresh activations (docs/performance.md). "
         "Process-wide: the flowtrain command applies it before training; a Trainer built in your code does not",
     )
     seed: int = 1337

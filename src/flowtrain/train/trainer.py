@@ -5,7 +5,7 @@ The step's math lives in train/step.py and sees only a TrainState; around it the
 Evaluation (train/evaluate.py), Checkpoints (train/checkpoints.py), Recovery (train/recovery.py), RunLog
 (train/run_log.py) and a RowBuffer (sinks/rows.py). Resume is exact on CPU: train/restore.py puts back the
 model, optimizer, schedule, loader position, clipper state and RNG state, the same way a rollback does.
-The trainer changes nothing process-wide (the CLI tunes the CPU allocator; train/runtime.py).
+The trainer does not tune the CPU allocator (the CLI does; train/runtime.py).
 """
 
 from __future__ import annotations
@@ -143,10 +143,6 @@ class Trainer:
         """Optimizer steps done."""
         return self.state.step
 
-    @property
-    def best_val_loss(self) -> float | None:
-        return self.evaluation.best_val_loss
-
     # ---- building ----------------------------------------------------------------------------------------
     def _open_data(self) -> None:
         """Prepare (or reuse) the token files; the tokenizer then decides the vocabulary."""
@@ -218,13 +214,6 @@ class Trainer:
             bytes_per_token=self.dataset.bytes_per_token("val"),
         )
 
-    def save_checkpoint(self) -> Path:
-        """A checkpoint of the run now (flow.parquet made complete up to it when the loop is running)."""
-        path = self.checkpoints.save()
-        if self.log is not None:
-            self.log.checkpointed()
-        return path
-
     def _act_on(self, verdict) -> bool:
         """Log the verdict's alerts and carry out rollback / stop. True when the step was rolled back."""
         log, step = self.log, self.state.step
@@ -258,8 +247,8 @@ class Trainer:
         """The training loop one iteration at a time: yields the step number after each step, its logging, guard
         action and side work (snapshot, eval, checkpoint). It ends at max_steps (or stop_after) with a checkpoint,
         or at step `until` when given: a window of steps, checkpointed only at train.checkpoint_interval. The
-        sinks open at the first next() and close when the loop ends or the generator is closed; run_loop() is
-        this plus the run's end."""
+        sinks open at the first next() and close when the loop ends or the generator is closed, and so do the
+        microscope's hooks: a trainer runs one loop. run_loop() is this plus the run's end."""
         tc, lc, state, parallel = self.cfg.train, self.cfg.log, self.state, self.parallel
         run_end = tc.max_steps if self.stop_after is None else min(tc.max_steps, self.stop_after)
         end = run_end if until is None else until
