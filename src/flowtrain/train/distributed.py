@@ -204,11 +204,12 @@ def agree_on_verdict(verdict, host_ran: bool, device: torch.device, guard=None):
 
 
 class DataParallel:
-    """Every collective the loop needs, in one place: who this process is, where collective tensors live, and the
-    few reductions a step makes. In one process (strategy none, or a 1-rank group) each is the trivial no-op."""
+    """The collectives of the loop's step, in one place: who this process is, where collective tensors live, and
+    the few reductions a step makes (checkpoints and the data streams make their own). In one process (strategy
+    none, or a 1-rank group) each is the trivial no-op."""
 
     def __init__(self, ctx: DistContext, device: torch.device, padded_rows: bool = False):
-        self.ctx, self.device = ctx, device
+        self.ctx = ctx
         # the GPU for nccl, the CPU for gloo
         self.comm_device = device if device.type == "cuda" else torch.device("cpu")
         self.padded_rows = padded_rows  # varlen loader: rows are padded, so real target counts differ by rank
