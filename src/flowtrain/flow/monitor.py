@@ -75,7 +75,7 @@ class StepStats:
     monitored: bool
     flow_interval: int = 1  # the interval this step was taken under
     flow_ms: float = 0.0  # the microscope's own time booked to this step
-    clip: torch.Tensor | None = None  # [4]: CLIP_FIELDS
+    clip: list | None = None  # CLIP_FIELDS' values as the clipper gave them (0-dim device tensors or numbers)
     weight_sumsq: torch.Tensor | None = None  # [n_tensors], before the step
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # ParamStats.before_step's gradient figures
     tensors: torch.Tensor | None = None  # [6, n_tensors]: params.RAW_ROWS
@@ -85,7 +85,7 @@ class StepStats:
 
     def on_device(self) -> dict[str, torch.Tensor]:
         """The tensors that travel to the host, by name."""
-        named = {"clip": self.clip, "tensors": self.tensors, "depth": self.depth, "logits": self.logits}
+        named = {"tensors": self.tensors, "depth": self.depth, "logits": self.logits}
         named.update({"hist:" + k: v for k, v in self.histograms.items()})
         return {k: v for k, v in named.items() if v is not None}
 
@@ -207,9 +207,8 @@ class FlowMonitor:
         with self.booked():
             stats, self._pending = self._pending, None
             device = self.params.device
-            if clip_stats is not None:
-                values = [getattr(clip_stats, f) for f in CLIP_FIELDS]
-                stats.clip = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+            if clip_stats is not None:  # kept as they are: collect() stacks every step's values at once
+                stats.clip = [getattr(clip_stats, f) for f in CLIP_FIELDS]
             if stats.monitored:
                 update_sumsq, adam_v_sum = self.params.after_step()
                 grads = stats.grads
@@ -284,15 +283,27 @@ class FlowMonitor:
         if self.params is None:
             return []
         with self.booked():
+            device = self.params.device
             parts = [(i, key, t) for i, stats in enumerate(ready) for key, t in stats.on_device().items()]
+            clipped = [i for i, stats in enumerate(ready) if stats.clip is not None]
+            if clipped:  # every step's clip values in one stack (mixed dtypes promote)
+                values = [v for i in clipped for v in ready[i].clip]
+                if all(isinstance(v, torch.Tensor) for v in values):
+                    clip = torch.stack([v.to(device) for v in values]).float()
+                else:
+                    clip = torch.tensor([float(v) for v in values], device=device)
+                parts.append((-1, "clip", clip))
             host: list[dict[str, np.ndarray]] = [{} for _ in ready]
-            if parts:  # one device->host transfer for all of them
-                device = self.params.device
-                flat = torch.cat([t.reshape(-1).float().to(device) for _, _, t in parts]).cpu().numpy()
-                offset = 0
-                for i, key, t in parts:
-                    host[i][key] = flat[offset : offset + t.numel()].reshape(t.shape)
-                    offset += t.numel()
+            flat = torch.cat([t.reshape(-1).float().to(device) for _, _, t in parts]).cpu().numpy() if parts else None
+            offset = 0
+            for i, key, t in parts:  # one device->host transfer for all of them
+                values = flat[offset : offset + t.numel()]
+                offset += t.numel()
+                if key == "clip":
+                    for j, row in zip(clipped, values.reshape(-1, len(CLIP_FIELDS)), strict=True):
+                        host[j]["clip"] = row
+                else:
+                    host[i][key] = values.reshape(t.shape)
             shift = 0 if step is None else step - ready[-1].step
             return [self._record(s.step + shift, h, s) for s, h in zip(ready, host, strict=True)]
 
