@@ -1,7 +1,9 @@
 """Crash-safe file writes: a reader never sees a file or directory that looks finished but is not.
 
 The pattern is always the same: write under a temporary name in the same directory, fsync the data, rename
-over the final name (atomic on POSIX), fsync the directory so the rename itself survives a power cut.
+over the final name (atomic on POSIX), fsync the directory so the rename itself survives a power cut. What
+appears gets the permissions the user's umask gives new files and directories (tempfile makes its temporaries
+private, 0600 / 0700, which would leave a shared run unreadable to colleagues).
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it, restored at once
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,6 +57,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -67,11 +83,16 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    mask = current_umask()
     try:
+        os.chmod(tmp, 0o777 & ~mask)
         yield tmp
-        for child in tmp.rglob("*"):
+        for child in tmp.rglob("*"):  # whatever wrote them (safetensors writes its files 0600)
             if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
                 fsync_file(child)
+            elif child.is_dir():
+                os.chmod(child, 0o777 & ~mask)
         fsync_dir(tmp)
         if final.exists():
             trash = final.with_name(f".{final.name}.old-{os.getpid()}")

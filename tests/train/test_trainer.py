@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -18,8 +20,16 @@ def _losses(run_dir):
 
 def test_run_directory_contract(small_text, tmp_path):
     cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"log.tensorboard": True}))
-    summary = Trainer(cfg).run_loop()
+    old_umask = os.umask(0o022)  # a shared machine's usual umask: what the run writes, colleagues can read
+    try:
+        summary = Trainer(cfg).run_loop()
+    finally:
+        os.umask(old_umask)
     run = summary.run_dir
+    checkpoint = run / "checkpoints" / "step_000020"
+    for path in (run / "config.yaml", run / "env.json", run / "summary.json", checkpoint / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
     assert summary.steps == 20
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))
