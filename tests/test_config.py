@@ -44,6 +44,9 @@ def test_overrides_are_typed():
             "'flow.interval' (got 0): Input should be greater than or equal to 1 or Input should be 'auto'",
         ),
         ("flow.interval=sometimes", "'flow.interval' (got 'sometimes')"),
+        ("train.run_name=../../x", "not a plain directory name"),
+        ("train.run_name=a/b", "train.run_name"),
+        ("train.run_name=..", "choose a name like my-run"),
     ],
 )
 def test_bad_config_fails_with_one_line(override, message):
@@ -90,3 +93,10 @@ def test_off_is_a_word_where_a_field_chooses_among_words(tmp_path):
     path.write_text("clip:\n  kind: yes\n")  # YAML's true: "on" is not one of clip.kind's choices
     with pytest.raises(ConfigError, match="clip.kind"):
         load_config(str(path))
+
+
+def test_a_single_source_needs_no_brackets():
+    cfg = load_config("shakespeare-char", ["data.sources=path/to/input.txt"])
+    assert cfg.data.sources == ["path/to/input.txt"]
+    assert load_config("shakespeare-char", ["data.sources=[a.txt,b.txt]"]).data.sources == ["a.txt", "b.txt"]
+

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flowtrain._base import Section
 
@@ -42,6 +42,12 @@ class DataConfig(Section):
         None,
         description="where `train` keeps datasets it prepares itself (default: $FLOWTRAIN_CACHE or ~/.cache/flowtrain)",
     )
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _one_source_is_a_list_of_one(cls, sources):
+        """`data.sources=path/to/file.txt` means the one source, as `[path/to/file.txt]` does."""
+        return [sources] if isinstance(sources, str) else sources
 
     @model_validator(mode="after")
     def _has_input(self) -> "DataConfig":

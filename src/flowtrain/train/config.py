@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flowtrain._base import Section
 
@@ -33,7 +33,7 @@ class TrainConfig(Section):
     checkpoint_interval: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best one")
     out_dir: str = Field("runs", description="parent directory of run directories")
-    run_name: str | None = Field(None, description="default: a timestamp")
+    run_name: str | None = Field(None, description="default: a timestamp; a plain directory name inside out_dir")
     sample_tokens: int = Field(200, ge=0, description="length of the sample printed at the end")
     parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",
@@ -48,6 +48,14 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="the device's matmul peak for MFU (default: known GPUs; unset on CPU = no MFU)"
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """A run lives inside out_dir: a name with a path in it would write somewhere else."""
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
+            raise ValueError(f"{name!r} is not a plain directory name; choose a name like my-run (no '/' or '..')")
+        return name
 
 
 class LogConfig(Section):
