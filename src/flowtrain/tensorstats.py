@@ -93,23 +93,28 @@ def global_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates."""
-    return sumsq_and_max_abs(tensors)[1]
+    """Per-tensor max |x| (the inf-norm), shape [len(tensors)]; NaN propagates on the CPU."""
+    return _max_abs(tensors, None)
 
 
 def sumsq_and_max_abs(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums_of_squares, max_abs) of the same tensors."""
+    """(sums_of_squares, max_abs) of the same tensors; NaN propagates to the maxima everywhere."""
     sq = sums_of_squares(tensors)
+    return sq, _max_abs(tensors, sq)
+
+
+def _max_abs(tensors: Sequence[torch.Tensor], sumsq: torch.Tensor | None) -> torch.Tensor:
     local = [_local(t).detach() for t in tensors]
     if not local:
-        return sq, _stack([], local)
+        return _stack([], local)
     if local[0].device.type != "cpu":  # accelerators: one fused launch instead of one per tensor
         mx = _stack(torch._foreach_norm(local, float("inf"), dtype=torch.float32), local)
-        mx = torch.where(torch.isnan(sq), sq, mx)  # the fused inf-norm may drop a NaN; the sum of squares keeps it
+        if sumsq is not None:  # the fused inf-norm may drop a NaN; the sum of squares keeps it
+            mx = torch.where(torch.isnan(sumsq), sumsq, mx)
     else:  # torch's CPU inf-norm is slow (docs/performance.md): max(max x, -min x) from one aminmax a tensor
         lows, highs = zip(*(torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2 for t in local), strict=True)
         mx = torch.maximum(_stack(highs, local), _stack(lows, local).neg())
-    return sq, _full(mx, tensors, "max")
+    return _full(mx, tensors, "max")
 
 
 def max_abs_one(t: torch.Tensor) -> torch.Tensor:
@@ -189,3 +194,12 @@ def sums_of_nonnegative(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     """Sum of squares of one (unsharded, e.g. activation-gradient) tensor, float32 0-dim."""
     return torch.linalg.vector_norm(t.detach(), 2, dtype=torch.float32) ** 2
+
+
+def all_reduce_sums_then_maxima(raw: torch.Tensor, summed_rows: int) -> None:
+    """In place over the default process group: the first `summed_rows` rows of `raw` add up over ranks, the
+    rest take the maximum (the probes' raw statistics: sums and counts, then maxima)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(raw[:summed_rows], op=dist.ReduceOp.SUM)
+    dist.all_reduce(raw[summed_rows:], op=dist.ReduceOp.MAX)

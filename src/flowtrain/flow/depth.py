@@ -116,10 +116,7 @@ class DepthProbe:
         elif backward_scale != 1:
             raw[0] = raw[0] / float(backward_scale) ** 2
         if sync:
-            import torch.distributed as dist
-
-            dist.all_reduce(raw[: len(RAW_ROWS)], op=dist.ReduceOp.SUM)
-            dist.all_reduce(raw[len(RAW_ROWS) :], op=dist.ReduceOp.MAX)
+            tensorstats.all_reduce_sums_then_maxima(raw, len(RAW_ROWS))
         self._reset()
         return raw
 

@@ -48,10 +48,7 @@ class LogitsProbe:
         mx = self.max_abs if self.max_abs is not None else torch.full((), float("-inf"), device=device)
         raw = torch.stack([lse.float().to(device), torch.full((), float(self.rows), device=device), mx.to(device)])
         if sync:
-            import torch.distributed as dist
-
-            dist.all_reduce(raw[:2], op=dist.ReduceOp.SUM)
-            dist.all_reduce(raw[2:], op=dist.ReduceOp.MAX)
+            tensorstats.all_reduce_sums_then_maxima(raw, 2)
         self._reset()
         return raw
 

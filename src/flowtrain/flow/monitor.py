@@ -134,7 +134,7 @@ class FlowMonitor:
         if not self.cfg.enabled:
             return
         self.params = ParamStats([p for _, p in named], optimizer, self.cfg.updates)
-        self._numels = self.params.numels.numpy().astype(np.float64)
+        self._numels = np.array([p.numel() for _, p in named], dtype=np.float64)  # whole tensors, also sharded
         self._layer_groups = LayerGroups(self.layers, self._numels)
         blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):

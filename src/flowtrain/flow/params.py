@@ -25,7 +25,6 @@ class ParamStats:
         self.params = list(params)
         self.optimizer = optimizer
         self.device = self.params[0].device if self.params else torch.device("cpu")
-        self.numels = torch.tensor([float(p.numel()) for p in self.params])  # whole tensors, also when sharded
         self._snapshot: list[torch.Tensor] | None = None
         if keep_updates:
             with torch.no_grad():  # this rank's pieces: foreach copies do not take DTensors
