@@ -151,7 +151,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             source = f"config {args.config or 'default'} at initialization"
         for _ in trainer.steps(until=trainer.step + args.steps):
             pass
-    result = diagnose(records)
+    from flowtrain.flow.health import Context
+
+    result = diagnose(records, cfg.guard, Context.of(cfg))
     if args.json:
         print(result.to_json())
     else:

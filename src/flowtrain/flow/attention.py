@@ -62,7 +62,7 @@ def _entropy_and_max(scores: torch.Tensor, dims: int) -> torch.Tensor:
     before the keys; masked keys are -inf. -sum p log p with log p clamped at -1e4: a masked key (p = 0, log p =
     -inf) adds 0, and no float32 p with log p below -104 differs from 0 anyway."""
     logp = torch.log_softmax(scores, dim=-1).clamp_min_(-1e4)
-    entropy = (torch.softmax(scores, dim=-1) * logp).sum(-1).flatten(-dims).mean(-1).neg()
+    entropy = (torch.softmax(scores, dim=-1) * logp).sum(-1).flatten(-dims).mean(-1).neg().clamp_min(0)  # rounding
     return torch.stack([entropy, scores.flatten(-dims - 1).amax(-1)], dim=-1)
 
 

@@ -85,7 +85,7 @@ def train_step(state: TrainState) -> StepOutput:
     state.monitor.after_backward()  # observe gradients (reads only)
     clip = state.clipper(state.named_params, grad_sumsq=state.monitor.grad_sumsq)  # gradient clipping
     host_now = state.host_checks_now()
-    verdict = state.guard.check(state.step + 1, step_loss, clip.grad_norm_preclip, host_now)
+    verdict = state.guard.check(state.step + 1, step_loss, clip.grad_norm_preclip, host_now, clip.clipped)
     verdict = parallel.agree(verdict, state.guard, host_now)  # one decision on every rank
     optimizer_step(state, skip=verdict.skip)  # AdamW → weight update (unless the guard says skip)
     state.scheduler.step()  # LR schedule

@@ -26,6 +26,7 @@ from flowtrain.data.prepare import dataset_for
 from flowtrain.data.tokenizers import tokenizer_from_json
 from flowtrain.errors import CheckpointError, ConfigError, DataError, GuardStop
 from flowtrain.flow.guard import Alert, Guard
+from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
 from flowtrain.fsutil import atomic_write_text
 from flowtrain.model.gpt import GPT
@@ -103,7 +104,7 @@ class Trainer:
             # world size; this rank runs its share of the slots
             loader=dist_util.SlotLoaders(self._slot_loader, ctx, tc.grad_accum, self.parallel.comm_device),
             clipper=GradClipper(cfg.clip),
-            guard=Guard(cfg.guard, named_params, host_every_step=not on_gpu),
+            guard=Guard(cfg.guard, named_params, host_every_step=not on_gpu, context=Context.of(cfg)),
             precision=self.precision,
             parallel=self.parallel,
             device=self.device,

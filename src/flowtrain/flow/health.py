@@ -1,0 +1,386 @@
+"""The health model: every judgment flowtrain makes about a run, in one place.
+
+The guard applies it online, `flowtrain diagnose` over its few steps, and the report and the lab show the
+verdicts it wrote, so the same numbers never get two verdicts. docs/guard.md lists each formula, threshold and
+where the threshold comes from (the literature, or our measurement on healthy and induced-failure runs).
+
+Two kinds of input:
+
+* per step: the loss, the pre-clip gradient norm and whether the clip bit (`step_findings`, `nonfinite`);
+* per monitored step: a `FlowSummary` of the microscope's record (per-layer update/weight ratios and gradient
+  norms, the residual-gradient and activation profile along depth, attention, output logits). Those are judged
+  on the median over a window of summaries (`judge_flow`), so one odd step is never a verdict.
+
+A finding has a severity: "critical" (the step cannot be used as it is), "warning" (something to fix) or
+"info" (worth knowing, nothing wrong: an event the clipper bounded, a clip that sets the step size).
+Suggestions are conditioned on the run's config (`Context`): nothing already set is ever suggested.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import Field
+
+from flowtrain._base import Section
+from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowRecord
+
+# the verdict a set of findings gets is its first kind in this order: causes before their symptoms
+PRIORITY = (
+    "nonfinite",
+    "lr_too_high",
+    "exploding",
+    "vanishing",
+    "lr_too_low",
+    "stalled",
+    "attention_logit_growth",
+    "attention_collapse",
+    "logit_divergence",
+    "loss_spike",
+    "divergence",
+    "grad_spike",
+    "clip_saturation",
+)
+SEVERITIES = ("info", "warning", "critical")
+
+
+class Thresholds(Section):
+    """Where each judgment draws its line (guard.* in the run config; docs/guard.md says where each comes from)."""
+
+    update_ratio_high: float = Field(2e-2, gt=0, description="median ||dW||/||W|| per step above this: LR too high")
+    update_ratio_low: float = Field(1e-6, gt=0, description="median ||dW||/||W|| per step below this: LR too low")
+    vanish_ratio: float = Field(1e-4, gt=0, description="||dL/dh_0|| / ||dL/dh_L|| below this: vanishing")
+    explode_ratio: float = Field(1e4, gt=1, description="||dL/dh_0|| / ||dL/dh_L|| above this: exploding")
+    signal_collapse: float = Field(1e-3, gt=0, description="rms(h_L) / rms(h_0) below this: the forward signal dies")
+    min_attn_entropy: float = Field(0.05, ge=0, description="nats; below this attention has collapsed")
+    max_attn_logit: float = Field(100.0, gt=0, description="max attention logit above this: logit growth")
+    max_logsumexp: float = Field(30.0, gt=0, description="|mean log Z| of the output logits above this: diverging")
+    flow_window: int = Field(5, ge=1, description="monitored steps whose medians one flow judgment uses")
+    clip_saturation: float = Field(0.95, gt=0, le=1, description="fraction of clipped steps that is saturation")
+    stall_window: int = Field(200, ge=10, description="a loss that does not fall over two such blocks has stalled")
+
+
+@dataclass
+class Context:
+    """What the run is set to, so suggestions never propose what is already there (unknown: suggest anything)."""
+
+    norm_placement: str | None = None
+    residual: bool | None = None
+    qk_norm: bool | None = None
+    z_loss: float | None = None
+    warmup_steps: int | None = None
+    clip_kind: str | None = None
+    init: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def of(cls, cfg) -> Context:
+        """From a RunConfig."""
+        m = cfg.model
+        return cls(m.norm_placement, m.residual, m.qk_norm, cfg.train.z_loss, cfg.schedule.warmup_steps,
+                   cfg.clip.kind, m.init, cfg.train.dtype)  # fmt: skip
+
+    def advise(self, *options: tuple[str, bool]) -> str:
+        """The options whose condition holds (True: not already set), joined; always ends with something to do."""
+        chosen = [text for text, applies in options if applies]
+        return "; ".join(chosen) if chosen else "lower optim.lr"
+
+    def not_set(self, value, wanted) -> bool:
+        return value is None or value != wanted
+
+
+@dataclass
+class Finding:
+    """One judgment: its kind, how bad, the numbers behind it (each with the threshold it crossed), what to do."""
+
+    kind: str
+    severity: str
+    explanation: str
+    suggestion: str
+    evidence: list[dict] = field(default_factory=list)  # {"metric", "value", "op", "threshold"}
+    where: str | None = None  # the tensor or layer it is about
+
+    def values(self) -> dict[str, float]:
+        """The evidence as name -> number (the alerts' `values`)."""
+        out = {e["metric"]: e["value"] for e in self.evidence}
+        out.update(
+            {f"{e['metric']}_threshold": e["threshold"] for e in self.evidence if e.get("threshold") is not None}
+        )
+        return out
+
+
+def evidence(metric: str, value: float, op: str | None = None, threshold: float | None = None) -> dict:
+    return {"metric": metric, "value": float(value), "op": op, "threshold": threshold}
+
+
+def verdict_of(findings: Sequence[Finding]) -> Finding | None:
+    """The finding that names the run's state: the first warning or critical one in PRIORITY order."""
+    serious = [f for f in findings if f.severity != "info"]
+    return min(serious, key=lambda f: PRIORITY.index(f.kind), default=None)
+
+
+# ---- per step -------------------------------------------------------------------------------------------------
+def nonfinite(loss: float, grad_norm: float, first_bad: str | None, ctx: Context) -> Finding | None:
+    """The loss or the gradient is NaN/Inf. `first_bad`: the first parameter whose gradient is non-finite, in the
+    order the backward pass produced them (from the output back), when the gradient is the problem."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    if not math.isfinite(loss):
+        where, what = None, f"the loss is {loss}: the forward pass overflowed or read bad data"
+    else:
+        where = first_bad
+        place = f", first in {first_bad} (backward order)" if first_bad else ""
+        what = f"the loss was finite ({loss:.6g}) but the gradient is not (norm {grad_norm}){place}"
+    return Finding(
+        "nonfinite",
+        "critical",
+        what,
+        ctx.advise(
+            ("lower optim.lr", True),
+            ("use train.dtype=bfloat16 rather than float16", ctx.dtype == "float16"),
+            ("add train.z_loss=1e-4", not ctx.z_loss),
+            ("turn clipping on (clip.kind=norm)", ctx.clip_kind == "off"),
+            ("check the data around this step", True),
+        ),
+        [evidence("loss", loss), evidence("grad_norm_preclip", grad_norm)],
+        where,
+    )
+
+
+def spike(kind: str, value: float, z: float, level: float, threshold: float, severity: str, ctx: Context) -> Finding:
+    """A robust z-score above the threshold (flow/windows.py RobustSpike)."""
+    what = "the training loss" if kind == "loss_spike" else "the pre-clip gradient norm"
+    if kind == "loss_spike":
+        advice = ctx.advise(("check the data around this step", True), ("lower optim.lr", True),
+                            ("lengthen schedule.warmup_steps", (ctx.warmup_steps or 0) < 100))  # fmt: skip
+    elif severity == "info":
+        advice = "nothing to do: the clip bounded this update; repeated spikes would be a warning"
+    else:
+        advice = ctx.advise(("lower optim.lr", True), ("lengthen schedule.warmup_steps", True),
+                            ("clip gradients (clip.kind=norm)", ctx.clip_kind == "off"))  # fmt: skip
+    metric = "loss" if kind == "loss_spike" else "grad_norm_preclip"
+    return Finding(
+        kind,
+        severity,
+        f"{what} jumped to {value:.4g}, {z:.1f} robust standard deviations above its recent level ({level:.4g})",
+        advice,
+        [evidence(metric, value), evidence("robust_z", z, ">", threshold), evidence("recent_level", level)],
+    )
+
+
+def divergence(rise: float, window: int, loss: float, threshold: float, ctx: Context) -> Finding:
+    return Finding(
+        "divergence",
+        "warning",
+        f"the loss has been rising for {window} steps (about {math.expm1(rise):.0%} over the window), now {loss:.4g}",
+        ctx.advise(("lower optim.lr", True), ("check that the data is not repeating or shifting", True)),
+        [evidence("log_loss_rise", rise, ">", threshold), evidence("window", window), evidence("loss", loss)],
+    )
+
+
+def stalled(change: float, window: int, loss: float, ctx: Context) -> Finding:
+    """`window`: the steps judged (two blocks of guard.stall_window)."""
+    return Finding(
+        "stalled",
+        "warning",
+        f"the loss has not fallen in {window} steps (fitted change {change:+.2%}, now {loss:.4g})",
+        ctx.advise(
+            ("raise optim.lr", True),
+            ("check for frozen or unused parameters", True),
+            ("loosen clipping (clip.max_norm)", ctx.clip_kind not in (None, "off")),
+        ),  # fmt: skip
+        [evidence("log_loss_change", change, ">", 0.0), evidence("window", window), evidence("loss", loss)],
+    )
+
+
+def clip_saturation(fraction: float, window: int, threshold: float) -> Finding:
+    return Finding(
+        "clip_saturation",
+        "info",
+        f"{fraction:.0%} of the last {window} steps were clipped: the clip, not the LR, sets the step size now",
+        "fine if intended; otherwise raise clip.max_norm or lower optim.lr so the schedule controls the step",
+        [evidence("clipped_fraction", fraction, ">=", threshold), evidence("window", window)],
+    )
+
+
+# ---- per monitored step ---------------------------------------------------------------------------------------
+@dataclass
+class FlowSummary:
+    """The numbers of one FlowRecord the health model judges (NaN where the record lacks them)."""
+
+    step: int
+    layers: list[str]
+    update_ratio: np.ndarray  # per layer ||dW||/||W||
+    grad_norm: np.ndarray  # per layer
+    first_nonfinite: str | None  # first tensor with a non-finite gradient, in backward order
+    resid_ratio: float  # ||dL/dh_0|| / ||dL/dh_L||
+    signal_ratio: float  # rms(h_L) / rms(h_0)
+    min_entropy: tuple[float, str | None]
+    max_attn_logit: tuple[float, str | None]
+    logsumexp: float
+    grad_norm_preclip: float
+    first_block: str | None = None  # the layer of the first block along depth (h_1)
+
+    @classmethod
+    def of(cls, rec: FlowRecord) -> FlowSummary:
+        nan = float("nan")
+        col = TENSOR_STATS.index
+        layers = list(rec.layer_names)
+        ratio = grad = np.full(len(layers), np.nan)
+        if rec.layer_stats is not None:
+            ratio = rec.layer_stats[:, col("update_ratio")].astype(np.float64)
+            grad = rec.layer_stats[:, col("grad_norm")].astype(np.float64)
+        first_bad = None
+        if rec.tensor_stats is not None:  # the backward pass reaches the output's tensors first
+            bad = rec.tensor_stats[:, col("grad_nonfinite")]
+            first_bad = next((n for n, c in zip(reversed(rec.tensor_names), bad[::-1], strict=True) if c > 0), None)
+        resid = signal = nan
+        entropy: tuple[float, str | None] = (nan, None)
+        logit: tuple[float, str | None] = (nan, None)
+        if rec.depth_stats is not None and len(rec.depth_stats) >= 2:
+            d = rec.depth_stats.astype(np.float64)
+            g, a = d[:, DEPTH_STATS.index("resid_grad_norm")], d[:, DEPTH_STATS.index("act_rms")]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                resid = float(g[0] / g[-1]) if g[-1] > 0 else nan
+                signal = float(a[-1] / a[0]) if a[0] > 0 else nan
+            names = list(rec.depth_layers)
+            entropy = _extreme(d[:, DEPTH_STATS.index("attn_entropy")], names, np.argmin)
+            logit = _extreme(d[:, DEPTH_STATS.index("attn_max_logit")], names, np.argmax)
+        first_block = rec.depth_layers[1] if len(rec.depth_layers) > 1 else None
+        return cls(rec.step, layers, ratio, grad, first_bad, resid, signal, entropy, logit,
+                   rec.scalars.get("logits_lse_mean", nan), rec.scalars.get("grad_norm_preclip", nan),
+                   first_block)  # fmt: skip
+
+
+def _extreme(values: np.ndarray, names: list[str], pick) -> tuple[float, str | None]:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return float("nan"), None
+    i = int(np.flatnonzero(finite)[pick(values[finite])])
+    return float(values[i]), names[i]
+
+
+def _median(values) -> float:
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(np.median(v)) if len(v) else float("nan")
+
+
+def _where(pairs: list[tuple[float, str | None]], pick) -> str | None:
+    named = [(v, n) for v, n in pairs if n is not None and math.isfinite(v)]
+    return pick(named, key=lambda t: t[0])[1] if named else None
+
+
+def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> list[Finding]:
+    """Every finding about a window of monitored steps, each on the median over the window (docs/guard.md)."""
+    if not window:
+        return []
+    found: list[Finding] = []
+    steps = f"steps {window[0].step}-{window[-1].step}" if len(window) > 1 else f"step {window[0].step}"
+    bad = next((s for s in window if s.first_nonfinite), None)
+    if bad is not None:
+        found.append(nonfinite(1.0, math.inf, bad.first_nonfinite, ctx))
+        found[-1].explanation = f"non-finite gradient values at step {bad.step}, first in {bad.first_nonfinite} " \
+            "(backward order)"  # fmt: skip
+    ratio = _median(float(np.nanmedian(s.update_ratio)) if np.isfinite(s.update_ratio).any() else None
+                    for s in window)  # fmt: skip
+    if ratio > th.update_ratio_high:
+        found.append(Finding(
+            "lr_too_high", "warning",
+            f"each step changes the weights by {ratio:.3g} of their norm (median over layers, {steps}); "
+            f"healthy training moves them ~1e-3 per step",
+            ctx.advise(("lower optim.lr (about 10x)", True), ("lengthen schedule.warmup_steps",
+                        (ctx.warmup_steps or 0) < 100)),
+            [evidence("median_update_ratio", ratio, ">", th.update_ratio_high)],
+        ))  # fmt: skip
+    resid = _median(s.resid_ratio for s in window)
+    if resid > th.explode_ratio:  # (the growth of the global norm over a few steps is no sign: healthy runs
+        found.append(Finding(     # grow it 10-40x within 5 steps early on, measured)
+            "exploding", "warning",
+            f"the residual-stream gradient grows {resid:.3g}x from the output back to the input ({steps}): "
+            "gradients explode with depth",
+            ctx.advise(("use a smaller init (model.init=scaled)", ctx.not_set(ctx.init, "scaled")),
+                       ("use pre-norm (model.norm_placement=pre)", ctx.not_set(ctx.norm_placement, "pre")),
+                       ("lower optim.lr", True), ("clip gradients (clip.kind=norm)", ctx.clip_kind == "off")),
+            [evidence("resid_grad_ratio_h0_hL", resid, ">", th.explode_ratio)],
+        ))  # fmt: skip
+    signal = _median(s.signal_ratio for s in window)
+    dead = _dead_layers(window)
+    input_side_dead = window[-1].first_block in dead and len(dead) < len(window[-1].layers)
+    if resid < th.vanish_ratio or signal < th.signal_collapse or input_side_dead:
+        ev = []
+        if resid < th.vanish_ratio:
+            ev.append(evidence("resid_grad_ratio_h0_hL", resid, "<", th.vanish_ratio))
+        if signal < th.signal_collapse:
+            ev.append(evidence("act_rms_ratio_hL_h0", signal, "<", th.signal_collapse))
+        parts = []
+        if resid < th.vanish_ratio:
+            parts.append(f"the gradient reaching the input is {resid:.3g}x the one at the output")
+        if signal < th.signal_collapse:
+            parts.append(f"the activations shrink to {signal:.3g}x of the embedding's by the last block")
+        if dead:
+            parts.append(f"{len(dead)} layer(s) get exactly zero gradient ({', '.join(dead[:3])}...)")
+        found.append(Finding(
+            "vanishing", "warning", f"{'; '.join(parts)} ({steps}): the signal vanishes with depth",
+            ctx.advise(("turn residual connections on (model.residual=true)", ctx.residual is not True),
+                       ("use pre-norm (model.norm_placement=pre)", ctx.not_set(ctx.norm_placement, "pre")),
+                       ("warm the LR up (schedule.warmup_steps)", not ctx.warmup_steps)), ev,
+        ))  # fmt: skip
+    elif dead:
+        found.append(Finding(
+            "stalled", "warning",
+            f"{', '.join(dead[:5])} receive(s) exactly zero gradient ({steps}): those weights never change",
+            "check for frozen, detached or unused parameters (a hook or a .detach() in the forward)",
+            [evidence("layers_without_gradient", len(dead), ">", 0)], dead[0],
+        ))  # fmt: skip
+    grads_flow = _median(float(np.nanmax(s.grad_norm)) if np.isfinite(s.grad_norm).any() else None for s in window)
+    if ratio < th.update_ratio_low and grads_flow > 0 and not dead:
+        found.append(Finding(
+            "lr_too_low", "warning",
+            f"each step changes the weights by only {ratio:.3g} of their norm (median over layers, {steps}): "
+            "they practically do not move",
+            "raise optim.lr (healthy training moves weights ~1e-3 of their norm per step)",
+            [evidence("median_update_ratio", ratio, "<", th.update_ratio_low)],
+        ))  # fmt: skip
+    logit = _median(s.max_attn_logit[0] for s in window)
+    if logit > th.max_attn_logit:
+        where = _where([s.max_attn_logit for s in window], max)
+        found.append(Finding(
+            "attention_logit_growth", "warning",
+            f"attention logits reached {logit:.3g} (in {where}); uncontrolled growth precedes attention collapse",
+            ctx.advise(("enable model.qk_norm=true", ctx.qk_norm is not True), ("lower optim.lr", True)),
+            [evidence("max_attn_logit", logit, ">", th.max_attn_logit)], where,
+        ))  # fmt: skip
+    entropy = _median(s.min_entropy[0] for s in window)
+    if entropy < th.min_attn_entropy:
+        where = _where([s.min_entropy for s in window], min)
+        found.append(Finding(
+            "attention_collapse", "warning",
+            f"attention in {where} has collapsed onto single tokens (entropy {entropy:.3g} nats)",
+            ctx.advise(("enable model.qk_norm=true", ctx.qk_norm is not True), ("lower optim.lr", True),
+                       ("lengthen schedule.warmup_steps", (ctx.warmup_steps or 0) < 100)),
+            [evidence("min_attn_entropy", entropy, "<", th.min_attn_entropy)], where,
+        ))  # fmt: skip
+    lse = _median(s.logsumexp for s in window)
+    if abs(lse) > th.max_logsumexp:
+        found.append(Finding(
+            "logit_divergence", "warning",
+            f"the output logits' log-sum-exp drifted to {lse:.3g}; the softmax is losing precision",
+            ctx.advise(("add a z-loss (train.z_loss=1e-4)", not ctx.z_loss), ("lower optim.lr", True)),
+            [evidence("mean_logsumexp", lse, "|>|", th.max_logsumexp)],
+        ))  # fmt: skip
+    return found
+
+
+def _dead_layers(window: Sequence[FlowSummary]) -> list[str]:
+    """Layers whose gradient is exactly zero in every summary of the window."""
+    last = window[-1]
+    zero = np.ones(len(last.layers), dtype=bool)
+    for s in window:
+        if s.layers != last.layers:
+            return []
+        zero &= s.grad_norm == 0
+    return [n for n, z in zip(last.layers, zero, strict=True) if z]
