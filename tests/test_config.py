@@ -99,4 +99,3 @@ def test_a_single_source_needs_no_brackets():
     cfg = load_config("shakespeare-char", ["data.sources=path/to/input.txt"])
     assert cfg.data.sources == ["path/to/input.txt"]
     assert load_config("shakespeare-char", ["data.sources=[a.txt,b.txt]"]).data.sources == ["a.txt", "b.txt"]
-

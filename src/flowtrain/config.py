@@ -24,6 +24,7 @@ from flowtrain.flow.guard import GuardConfig
 from flowtrain.model.config import ModelConfig
 from flowtrain.optim.config import ClipConfig, OptimConfig, ScheduleConfig
 from flowtrain.train.config import LogConfig, TrainConfig
+from flowtrain.train.faults import FaultConfig
 
 
 class RunConfig(Section):
@@ -38,6 +39,7 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -78,21 +77,17 @@ def test_nan_run_finishes_and_records_the_skip(small_text, tmp_path):
     assert json.loads((summary.run_dir / "summary.json").read_text())["skipped_steps"] == 1
 
 
-def _corrupt_batches(tr, first, last, vocab):
-    """Batches the loader serves at positions [first, last) get uniformly random tokens (garbage data)."""
-    loader = tr.state.loader.loaders[0]
-    real_next = loader.next
-    rng = np.random.default_rng(0)
+def _served(tr):
+    """The batch numbers the loader serves to training steps, recorded as they go (after the fault's transform)."""
+    loader, numbers = tr.state.loader, []
+    fault = loader.transform
 
-    def next_batch():
-        position = loader.step
-        batch = real_next()
-        if first <= position < last:
-            noise = torch.from_numpy(rng.integers(0, vocab, size=tuple(batch.targets.shape)))
-            batch.inputs, batch.targets = noise.clone(), noise.roll(-1, dims=1)
-        return batch
+    def record(batch, number):
+        numbers.append(number)
+        return fault(batch, number) if fault else batch
 
-    loader.next = next_batch
+    loader.transform = record
+    return numbers
 
 
 SPIKE_RUN = {
@@ -108,9 +103,8 @@ SPIKE_RUN = {
 def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path):
     clean = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "train.run_name": "clean"}).run_loop()
 
-    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "train.run_name": "spiky"})
-    _corrupt_batches(tr, first=100, last=106, vocab=tr.tokenizer.vocab_size)
-    spiky = tr.run_loop()
+    corrupt = {"fault.corrupt_data_from": 101, "fault.corrupt_data_batches": 6}
+    spiky = _trainer(small_text, tmp_path, **{**SPIKE_RUN, **corrupt, "train.run_name": "spiky"}).run_loop()
 
     alerts = read_jsonl(spiky.run_dir / "alerts.jsonl")
     spikes = [a for a in alerts if a["detector"] == "loss_spike"]
@@ -128,9 +122,10 @@ def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path)
 
 
 def test_repeated_failures_exhaust_the_budget_and_stop(small_text, tmp_path):
-    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, "guard.max_rollbacks": 2, "guard.rollback_lr_factor": 0.5})
+    endless = {"fault.corrupt_data_from": 91, "fault.corrupt_data_batches": 10**6}
+    tr = _trainer(small_text, tmp_path, **{**SPIKE_RUN, **endless, "guard.max_rollbacks": 2,
+                                           "guard.rollback_lr_factor": 0.5})  # fmt: skip
     base = list(tr.state.scheduler.base_lrs)
-    _corrupt_batches(tr, first=90, last=10**9, vocab=tr.tokenizer.vocab_size)
     with pytest.raises(GuardStop, match="rollback budget|rollback\\(s\\)"):
         tr.run_loop()
     # the LR factor compounds over rollbacks, even when both return to the same snapshot
@@ -142,6 +137,35 @@ def test_repeated_failures_exhaust_the_budget_and_stop(small_text, tmp_path):
     assert [s for s, _ in saved] == [80]  # what was saved is still there, and still loads
     ckpt.read_checkpoint(saved[0][1])
     assert not (run / "summary.json").exists()
+
+
+def test_rollbacks_into_one_corrupted_region_never_serve_a_skipped_batch_again(small_text, tmp_path):
+    """Four rollbacks into one burst of bad data: each skips past every batch served before it, so each corrupted
+    batch is trained on once at most, and the run ends as well as a clean one."""
+    run = {**SPIKE_RUN, "guard.rollback_extra_skip": 2, "guard.max_rollbacks": 4}
+    clean = _trainer(small_text, tmp_path, **{**run, "train.run_name": "clean"}).run_loop()
+    burst = {"fault.corrupt_data_from": 101, "fault.corrupt_data_batches": 10, "train.run_name": "burst"}
+    tr = _trainer(small_text, tmp_path, **{**run, **burst})
+    served = _served(tr)
+    summary = tr.run_loop()
+    assert summary.steps == 160
+    corrupted = [n for n in served if 101 <= n <= 110]
+    assert corrupted == [101, 104, 107, 110]  # served once each; the rest skipped by the rollbacks
+    rows = read_jsonl(summary.run_dir / "alerts.jsonl")
+    assert [r["values"]["to_step"] for r in rows if r["action"] == "rollback" and r["detector"] == "guard"] == [100] * 4
+    final = [read_jsonl(r.run_dir / "eval.jsonl")[-1]["val_loss"] for r in (clean, summary)]
+    assert abs(final[1] - final[0]) / final[0] < 0.05
+
+
+def test_a_rollback_in_the_first_steps_has_a_good_state_to_return_to(small_text, tmp_path):
+    early = {"guard.nonfinite": "rollback", "fault.nan_grad_step": 4, "train.max_steps": 12}
+    tr = _trainer(small_text, tmp_path, **early, **{"fault.nan_grad_tensor": "blocks.0.mlp.fc.weight"})
+    summary = tr.run_loop()
+    assert summary.steps == 12
+    rows = read_jsonl(summary.run_dir / "alerts.jsonl")
+    assert [(r["step"], r["detector"], r["action"]) for r in rows] == [(4, "nonfinite", "rollback"),
+                                                                       (4, "guard", "rollback")]  # fmt: skip
+    assert rows[1]["values"]["to_step"] == 0 and "blocks.0.mlp.fc.weight" in rows[0]["explanation"]
 
 
 def test_no_false_alarm_on_healthy_runs(small_text, tmp_path):

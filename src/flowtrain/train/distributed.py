@@ -292,9 +292,17 @@ class SlotLoaders:
         self.per_rank = local_grad_accum(grad_accum, ctx.world_size)
         self.first = ctx.rank * self.per_rank
         self.loaders = [make_loader(slot) for slot in range(self.first, self.first + self.per_rank)]
+        self.transform = None  # (batch, batch number) -> batch: fault injection's corrupted data (train/faults.py)
+
+    @property
+    def position(self) -> int:
+        """Steps' worth of batches served so far (every slot advances together), skipped ones included."""
+        return self.loaders[0].step
 
     def next_step(self) -> list:
-        return [loader.next() for loader in self.loaders]
+        number = self.position + 1  # 1-based: step N's batch in a run without rollbacks
+        batches = [loader.next() for loader in self.loaders]
+        return batches if self.transform is None else [self.transform(b, number) for b in batches]
 
     def skip_steps(self, steps: int) -> None:
         for loader in self.loaders:

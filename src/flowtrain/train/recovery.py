@@ -1,9 +1,11 @@
 """Recovery from a guard rollback: the last good state kept in memory, and the way back to one.
 
 Rolling back restores the newest good state (the snapshot, or the newest checkpoint on disk when there is no
-usable snapshot) through the same path as `--resume` (train/restore.py), then moves the data loader past the
-batches that led to the event (plus `guard.rollback_extra_skip` steps' worth) and scales the learning rate by
-`guard.rollback_lr_factor`, compounding over rollbacks.
+usable snapshot) through the same path as `--resume` (train/restore.py), then moves the data loader past every
+batch served before the event (plus `guard.rollback_extra_skip` steps' worth): the skipped batches accumulate
+over rollbacks, so a batch once skipped is never served again. The learning rate is scaled by
+`guard.rollback_lr_factor`, compounding over rollbacks. A first good state is kept when the loop starts, so a
+rollback in the first steps has somewhere to go.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class Recovery:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.lr_scale = saved.get("lr_scale", 1.0)
 
+    def start(self) -> None:
+        """The state the loop starts from is the first good one (step 0, or the resumed step)."""
+        if self.snapshot is None or self.snapshot.step != self.state.step:
+            self.snapshot = take_snapshot(self.state, self.owners)
+
     def maybe_snapshot(self, verdict: Verdict) -> None:
         """Keep the state as the last good one at snapshot steps whose verdict was a clean proceed."""
         every = self.cfg.snapshot_interval
@@ -49,6 +56,7 @@ class Recovery:
         state, guard = self.state, self.state.guard
         lr_scale_wanted = self.lr_scale * self.cfg.rollback_lr_factor
         rollbacks = guard.rollbacks
+        served = state.loader.position  # every batch up to the event's: none of them is served again
         source: ckpt.Checkpoint | Snapshot | None = self.snapshot
         if source is None or source.step >= event_step:
             latest = ckpt.latest_checkpoint(self.checkpoints)
@@ -60,12 +68,13 @@ class Recovery:
             source = ckpt.read_checkpoint(latest)
         restore(state, source, self.owners)  # also the LR scale that state was saved with
         guard.rollbacks = rollbacks + 1
-        # skip the data window that led to the event (and any extra), exactly as the loader would serve it
-        skip_steps = event_step - source.step + self.cfg.rollback_extra_skip
+        # skip the data that led to the event (and any extra), exactly as the loader would serve it
+        skip_steps = served + self.cfg.rollback_extra_skip - state.loader.position
         state.loader.skip_steps(skip_steps)
         self._scale_lr(lr_scale_wanted / self.lr_scale)
         return (
-            f"rolled back from step {event_step} to step {source.step}, skipped {skip_steps} steps of data"
+            f"rolled back from step {event_step} to step {source.step}, skipped {skip_steps} steps of data "
+            f"(to batch {state.loader.position + 1})"
             + (f", LR x{self.lr_scale:g} of the schedule" if self.lr_scale != 1.0 else "")
             + f" (rollback {guard.rollbacks} of {self.cfg.max_rollbacks})"
         )

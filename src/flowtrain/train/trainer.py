@@ -11,6 +11,7 @@ The trainer does not tune the CPU allocator (the CLI does; train/runtime.py).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from flowtrain.sinks.rows import RowBuffer, StepTimer
 from flowtrain.train import distributed as dist_util
 from flowtrain.train.checkpoints import Checkpoints
 from flowtrain.train.evaluate import Evaluation, evaluate
+from flowtrain.train.faults import attach_faults
 from flowtrain.train.recovery import Recovery
 from flowtrain.train.restore import find_resume_checkpoint, restore
 from flowtrain.train.run_log import Row, RunLog
@@ -135,6 +137,9 @@ class Trainer:
         )
         self.flow.backward_scale = self.parallel.world_size  # each rank's loss is scaled by it (train/step.py)
         self.state.monitor = self.flow
+        faults = attach_faults(cfg.fault, self.state, self.raw_model.layer_of, self.tokenizer.vocab_size)
+        if faults and self.parallel.is_main:
+            print(f"flowtrain: fault injection on: {'; '.join(faults)}", file=sys.stderr)
         self.state.model = torch.compile(wrapped) if tc.compile else wrapped
         self.log: RunLog | None = None  # opened by steps()
         self.final_eval: dict[str, float] = {}
@@ -228,12 +233,16 @@ class Trainer:
                 f"{guard.rollbacks} rollback(s) (budget guard.max_rollbacks={self.cfg.guard.max_rollbacks}); "
                 f"checkpoints in {self.run.checkpoints} are intact: lower optim.lr or check the data, then --resume"
             )
-            log.alert(Alert(step, "guard", "stop", {"rollbacks": float(guard.rollbacks)}, message, ""))
+            log.alert(Alert(step, "guard", "stop", {"rollbacks": float(guard.rollbacks)}, message, "", "critical"))
             raise GuardStop(message)
         if verdict.action == "rollback":
-            what = self.recovery.roll_back(step)
+            try:
+                what = self.recovery.roll_back(step)
+            except GuardStop as stop:
+                log.alert(Alert(step, "guard", "stop", {}, str(stop), "", "critical"))
+                raise
             log.mark_discarded_after(self.state.step)
-            log.alert(Alert(step, "guard", "rollback", {"to_step": float(self.state.step)}, what, ""))
+            log.alert(Alert(step, "guard", "rollback", {"to_step": float(self.state.step)}, what, "", "critical"))
             return True
         return False
 
@@ -267,6 +276,7 @@ class Trainer:
         )
         rows = RowBuffer(log.write_rows, lc.flush_rows, lc.flush_seconds, lc.interval)
         state.model.train()
+        self.recovery.start()
         timer = StepTimer()
         try:
             while state.step < end:
