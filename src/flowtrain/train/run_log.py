@@ -16,6 +16,7 @@ from flowtrain.flow.guard import Alert
 from flowtrain.flow.records import FlowParquetWriter
 from flowtrain.fsutil import atomic_write_text
 from flowtrain.rundir import RunDir, write_env
+from flowtrain.sinks.alerts import AlertFolder
 from flowtrain.sinks.console import ConsoleSink
 from flowtrain.sinks.jsonl import JsonlSink
 from flowtrain.train.runtime import allocator
@@ -63,6 +64,8 @@ class RunLog:
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.on_record = on_record
         self.run, self.tb, self.flow_writer = run, None, None
+        self.pending: list[Alert] = []  # written in step order at the next flush_alerts()
+        self.folder = AlertFolder(cfg.guard.spike_window)
         start_step = state.step
         if not state.parallel.is_main:
             self.metrics = self.alerts = self.evals = self.console = Silent()
@@ -125,6 +128,7 @@ class RunLog:
                 sink.write(row.step, scalars)
         for record in records[written:]:
             self.write_record(record)
+        self.flush_alerts()  # every record up to the last step is in: its alerts and the steps' are complete
 
     def _scalars(self, row: Row, numbers: list[float]) -> dict[str, Any]:
         """One step's metrics row; `numbers`: its loss and clipping figures on the host (see write_rows)."""
@@ -181,11 +185,21 @@ class RunLog:
         )
 
     def alert(self, alert: Alert) -> None:
-        self.alerts.write(alert.step, {k: v for k, v in alert.to_json().items() if k != "step"})
-        self.console.message(
-            f"[guard] step {alert.step}: {alert.detector} -> {alert.action}: {alert.explanation}. "
-            f"Try: {alert.suggestion}"
-        )
+        """Queue an alert; flush_alerts writes the queue in step order (sinks/alerts.py folds repeats)."""
+        self.pending.append(alert)
+
+    def flush_alerts(self, final: bool = False) -> None:
+        queued, self.pending = sorted(self.pending, key=lambda a: a.step), []
+        for alert in queued:
+            self._emit(*self.folder.add(alert.to_json()))
+        if final:
+            self._emit(*self.folder.close())
+
+    def _emit(self, rows: list[dict], lines: list[str]) -> None:
+        for row in rows:
+            self.alerts.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+        for line in lines:
+            self.console.message(line)
 
     def mark_discarded_after(self, step: int) -> None:
         """After a rollback to `step`: the undone steps' metrics and evaluations stay, flagged as discarded."""
@@ -193,6 +207,7 @@ class RunLog:
             sink.mark_discarded_after(step)
 
     def close(self) -> None:
+        self.flush_alerts(final=True)
         self.evals.close()
         for sink in self.sinks:
             sink.close()

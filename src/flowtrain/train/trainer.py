@@ -234,15 +234,18 @@ class Trainer:
                 f"checkpoints in {self.run.checkpoints} are intact: lower optim.lr or check the data, then --resume"
             )
             log.alert(Alert(step, "guard", "stop", {"rollbacks": float(guard.rollbacks)}, message, "", "critical"))
+            log.flush_alerts(final=True)
             raise GuardStop(message)
         if verdict.action == "rollback":
             try:
                 what = self.recovery.roll_back(step)
             except GuardStop as stop:
                 log.alert(Alert(step, "guard", "stop", {}, str(stop), "", "critical"))
+                log.flush_alerts(final=True)
                 raise
             log.mark_discarded_after(self.state.step)
             log.alert(Alert(step, "guard", "rollback", {"to_step": float(self.state.step)}, what, "", "critical"))
+            log.flush_alerts(final=True)  # the steps are rewound: every fold closes before them
             return True
         return False
 
