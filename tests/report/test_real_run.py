@@ -37,3 +37,15 @@ def test_report_of_a_real_run(small_text, tmp_path):
         assert run.layer_flow.names[0] == "embedding" and run.layer_flow.names[-1] == "head"
         assert run.depth_flow.names == ["h0", "h1", "h2"]
     assert "clip.max_norm = 1" in figures["grad_norm_clipping"]
+
+
+def test_the_report_opens_with_the_verdict_the_guard_wrote(small_text, tmp_path):
+    """A healthy run and one with an induced LR far too high: the top of the page says which is which."""
+    runs = []
+    for name, extra in (("calm", {}), ("hot", {"optim.lr": 10.0, "guard.loss_spike": "warn"})):
+        over = tiny_overrides(small_text, tmp_path, **{"train.max_steps": 30, "train.run_name": name, **extra})
+        runs.append(Trainer(load_config("default", over)).run_loop().run_dir)
+    html = build_report(runs, tmp_path / "report.html").read_text()
+    top = html[: html.index("<table")]
+    assert 'calm <strong class="v-healthy">HEALTHY</strong>' in top
+    assert 'class="v-lr_too_high">LR TOO HIGH</strong>' in top and "lower optim.lr" in top

@@ -51,6 +51,9 @@ class GuardConfig(Thresholds):
     spike_min_count: int = Field(32, ge=4, description="healthy steps needed before spikes are judged")
     spike_min_scale: float = Field(0.02, gt=0, description="floor of the robust std, in log units (~2%)")
     spike_recur: int = Field(3, ge=2, description="clipped gradient spikes within spike_window that make a warning")
+    grad_spike_factor: float = Field(
+        4.0, gt=1, description="a gradient spike below this multiple of the recent level is information"
+    )
     divergence_window: int = Field(300, ge=10)
     divergence_min_rise: float = Field(0.15, gt=0, description="fitted rise of log loss over the window")
     max_consecutive_skips: int = Field(10, ge=1, description="more skips in a row escalate to a rollback")
@@ -221,8 +224,11 @@ class Guard:
         if z is not None and z > cfg.spike_threshold:
             self.clip.spikes.append(step)
             recurring = self.clip.recent_spikes(step, cfg.spike_window) >= cfg.spike_recur
-            severity = "info" if clipped and not recurring else "warning"  # the clip bounded a one-off
             level = self.grad_window.median()
+            # healthy gradient norms have heavy tails (2x jumps at 8 sigma, measured); a one-off the clip bounded
+            # is information too
+            small = norm < cfg.grad_spike_factor * level
+            severity = "info" if small or (clipped and not recurring) else "warning"
             found.append(health.spike("grad_spike", norm, z, level, cfg.spike_threshold, severity, ctx))
         if (rise := self.trend.observe(loss)) is not None:
             found.append(health.divergence(rise, cfg.divergence_window, loss, cfg.divergence_min_rise, ctx))

@@ -384,3 +384,35 @@ def _dead_layers(window: Sequence[FlowSummary]) -> list[str]:
             return []
         zero &= s.grad_norm == 0
     return [n for n, z in zip(last.layers, zero, strict=True) if z]
+
+
+# ---- a whole run, from what it wrote -----------------------------------------------------------------------------
+def run_verdict(alerts: Sequence[dict]) -> dict:
+    """A run's verdict from its alerts.jsonl rows (the findings the guard wrote): the first kind in PRIORITY among
+    the warnings and critical findings, with how often and over which steps it fired, the actions taken, and the
+    kinds noted as information. The report and the lab show this, so they say what the guard said."""
+    seen: dict[str, dict] = {}
+    actions: dict[str, int] = {}
+    info: set[str] = set()
+    for row in alerts:
+        kind, step = row.get("detector", "?"), int(row.get("step", 0))
+        if kind == "guard":
+            actions[row.get("action", "?")] = actions.get(row.get("action", "?"), 0) + 1
+            continue
+        if row.get("severity") == "info" or kind not in PRIORITY:
+            info.add(kind)
+            continue
+        first, last = int(row.get("first_step", step)), int(row.get("last_step", step))
+        entry = seen.setdefault(kind, {"count": 0, "first_step": first, "last_step": last, "row": row})
+        entry["count"] += int(row.get("repeated", 1))
+        entry["first_step"], entry["last_step"] = min(entry["first_step"], first), max(entry["last_step"], last)
+    if not seen:
+        return {"verdict": "healthy", "actions": actions, "info": sorted(info),
+                "explanation": "no warning: no judgment of the health model fired", "suggestion": ""}  # fmt: skip
+    kind = min(seen, key=PRIORITY.index)
+    top = seen[kind]
+    return {
+        "verdict": kind, "count": top["count"], "first_step": top["first_step"], "last_step": top["last_step"],
+        "explanation": top["row"].get("explanation", ""), "suggestion": top["row"].get("suggestion", ""),
+        "also": [k for k in PRIORITY if k in seen and k != kind], "actions": actions, "info": sorted(info),
+    }  # fmt: skip

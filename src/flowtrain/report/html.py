@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from flowtrain.flow import health
 from flowtrain.report.load import RunData
 from flowtrain.report.plotting import ReportFigure, run_color
 
@@ -37,6 +38,7 @@ details{margin:.4rem 0}summary{cursor:pointer}
 nav a{margin-right:.8rem;font-size:.85rem}
 .act-warn{color:#8a6d00}.act-skip{color:#b35900}.act-rollback{color:#c62828;font-weight:600}
 .act-stop{color:#fff;background:#c62828;font-weight:600}
+.verdict strong{color:#c62828}.verdict strong.v-healthy{color:#2e7d32}.verdict strong.v-unjudged{color:#666}
 """
 
 
@@ -94,10 +96,39 @@ def run_label(i: int, run: RunData) -> str:
     return f'<span class="swatch" style="background:{run_color(i)}"></span>{esc(run.name)}'
 
 
+def verdict_text(run: RunData) -> tuple[str, str]:
+    """(verdict word, one plain sentence) from the run's alerts: what the guard's health model said."""
+    if run.alerts is None:
+        return "unjudged", "the guard was off for this run: no verdict"
+    v = health.run_verdict(run.alerts)
+    acted = ", ".join(f"{n} {a}" + ("s" if n > 1 else "") for a, n in sorted(v["actions"].items()))
+    acted = f" Guard actions: {acted}." if acted else ""
+    notes = f" Noted (information, nothing wrong): {', '.join(v['info'])}." if v["info"] else ""
+    if v["verdict"] == "healthy":
+        return "healthy", f"No warning from the health model.{acted}{notes}"
+    span = (
+        f"step {v['first_step']}" if v["first_step"] == v["last_step"] else f"steps {v['first_step']}–{v['last_step']}"
+    )
+    also = f" Also: {', '.join(v['also'])}." if v["also"] else ""
+    tip = f" Try: {v['suggestion']}." if v["suggestion"] else ""
+    return v["verdict"], f"{v['count']}× ({span}): {v['explanation']}.{tip}{also}{acted}{notes}"
+
+
+def verdicts(runs: list[RunData]) -> str:
+    """The runs' verdicts, at the top of the page."""
+    parts = []
+    for i, run in enumerate(runs):
+        word, text = verdict_text(run)
+        label = run_label(i, run) + " " if len(runs) > 1 else ""
+        parts.append(f'<p class="verdict">{label}<strong class="v-{esc(word)}">{esc(word.replace("_", " ").upper())}'
+                     f"</strong> — {esc(text)}</p>")  # fmt: skip
+    return "".join(parts)
+
+
 def summary_table(runs: list[RunData]) -> str:
     head = (
         "<tr><th>run</th><th>directory</th><th>steps</th><th>tokens</th><th>final train loss</th>"
-        "<th>best val loss</th><th>alerts</th><th>discarded steps</th><th>finished</th></tr>"
+        "<th>best val loss</th><th>verdict</th><th>alerts</th><th>discarded steps</th><th>finished</th></tr>"
     )
     rows = []
     for i, run in enumerate(runs):
@@ -117,9 +148,10 @@ def summary_table(runs: list[RunData]) -> str:
         rows.append(
             f"<tr><td>{run_label(i, run)}</td><td><code>{esc(run.path)}</code></td><td class=num>{last_step}</td>"
             f"<td class=num>{tok}</td><td class=num>{final_loss}</td><td class=num>{best}</td>"
-            f"<td class=num>{alerts}</td><td class=num>{len(run.discarded)}</td><td>{finished}</td></tr>"
+            f"<td>{esc(verdict_text(run)[0].replace('_', ' '))}</td><td class=num>{alerts}</td>"
+            f"<td class=num>{len(run.discarded)}</td><td>{finished}</td></tr>"
         )
-    return f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>'
+    return f'{verdicts(runs)}<div class="scroll"><table>{head}{"".join(rows)}</table></div>'
 
 
 def figure_html(item: ReportFigure, svg: str | None) -> str:
