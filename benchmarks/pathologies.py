@@ -110,8 +110,9 @@ def main() -> None:
             recovered = None
             if recoverable:
                 recovered = r["val_loss"] is not None and abs(r["val_loss"] - clean) / clean < 0.05 and not r["stopped"]
-            out["failures"][name] = {"expected": expected, "kinds": kinds, "first": first, "detected": expected in kinds,
-                                     "actions": actions, "recovered": recovered, **_brief(r)}  # fmt: skip
+            out["failures"][name] = {"expected": expected, "kinds": kinds, "first": first,
+                                     "detected": expected in kinds, "actions": actions, "recovered": recovered,
+                                     **_brief(r)}  # fmt: skip
             rec = "-" if recovered is None else f"{recovered} ({r['val_loss']:.4f} vs {clean:.4f})"
             print(f"{name:34s} {expected:22s} {first:30s} {'yes' if expected in kinds else 'NO':4s} "
                   f"{','.join(actions) or '-':22s} {rec}", flush=True)  # fmt: skip
