@@ -10,8 +10,9 @@ from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.prepare import dataset_for, prepare_dataset, token_dtype
 from flowtrain.data.tokenizers import ByteTokenizer
 from flowtrain.errors import DataError
+from tests.conftest import write_corpus
 
-from .conftest import SHAKESPEARE, make_docs, prepare
+from .conftest import make_docs, prepare
 
 
 def _split_docs(ds: TokenDataset, split: str) -> list[np.ndarray]:
@@ -45,8 +46,9 @@ def test_document_split_holds_every_document_once(byte_ds):
 
 
 def test_token_split_is_the_last_fraction_of_the_stream(tmp_path):
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    ds = prepare(tmp_path, [SHAKESPEARE], tokenizer="char", split_by="auto")
+    source = write_corpus(tmp_path / "one.txt", 120_000)
+    text = source.read_text(encoding="utf-8")
+    ds = prepare(tmp_path, [source], tokenizer="char", split_by="auto")
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     ids = np.array([lookup[c] for c in text])

@@ -23,7 +23,7 @@ from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.distributed import local_grad_accum, resolve_strategy
 from flowtrain.train.trainer import Trainer, config_for_resume
-from tests.conftest import SHAKESPEARE, tiny_overrides
+from tests.conftest import tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.distributed
 HELPER = Path(__file__).with_name("dist_nan_helper.py")
@@ -55,11 +55,8 @@ def _close(a: float, b: float, rel: float = REL) -> bool:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One reference run and one DDP and one FSDP2 run of 20 steps (checkpoints at 10 and 20)."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"reference corpus not found at {SHAKESPEARE}")
     tmp = tmp_path_factory.mktemp("dist")
-    text = tmp / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    text = write_corpus(tmp / "small.txt")
 
     def overrides(name, **extra):
         return tiny_overrides(text, tmp, **{"train.grad_accum": 2, "train.run_name": name, **extra})
