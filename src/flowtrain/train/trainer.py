@@ -110,7 +110,9 @@ class Trainer:
             scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, tc.max_steps, cfg.model.n_embd),
             # micro-batch slot i of every step is read by its own stream, so the global batch is the same on any
             # world size; this rank runs its share of the slots
-            loader=dist_util.SlotLoaders(self._slot_loader, ctx, tc.grad_accum, self.parallel.comm_device),
+            loader=dist_util.SlotLoaders(
+                self._slot_loader, ctx, tc.grad_accum, self.parallel.comm_device, tc.batch_size
+            ),
             clipper=GradClipper(cfg.clip),
             guard=Guard(cfg.guard, named_params, host_every_step=not on_gpu),
             precision=self.precision,
