@@ -65,20 +65,21 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(
                 f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_config_names())}"
             )
-        text = _read_text(path, "fix the path or its permissions")
+        text = read_text(path, "save it as UTF-8")
         source = str(path)
     tree = parse_yaml(text, source, "fix its syntax")
     tree.pop("base", None)
     return tree
 
 
-def _read_text(path: Path, fix: str) -> str:
+def read_text(path: Path, fix: str) -> str:
+    """A config file's text, or a ConfigError in one line: unreadable, or not UTF-8 (then `fix` says what to do)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); {fix}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); {fix}") from None
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); check the path and its permissions") from None
 
 
 def parse_yaml(text: str, source: str, fix: str) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def load_run_config(path: Path, overrides: list[str] | None = None, restore_from
     flowtrain writes every section, so a missing one means the file was cut short. A damaged file is named, with
     `restore_from` (a checkpoint's verified copy) as the fix where there is one."""
     fix = f"restore it from {restore_from}" if restore_from else "restore it from a checkpoint's config.yaml"
-    tree = parse_yaml(_read_text(path, fix), str(path), fix)
+    tree = parse_yaml(read_text(path, fix), str(path), fix)
     missing = [name for name in RunConfig.model_fields if name not in tree]
     if missing:
         raise ConfigError(f"{path} is incomplete (no {missing[0]}: section; truncated?); {fix}")

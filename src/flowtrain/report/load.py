@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from flowtrain.config import parse_yaml
+from flowtrain.config import parse_yaml, read_text
 from flowtrain.errors import DataError
 from flowtrain.flow.records import read_flow
 from flowtrain.rundir import RunDir
@@ -188,11 +188,7 @@ def load_run(path: str | Path) -> RunData:
     config: dict = {}
     if run.config.is_file():
         fix = "restore it from a checkpoint's config.yaml"
-        try:
-            text = run.config.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read {run.config} ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
-        config = parse_yaml(text, str(run.config), fix)
+        config = parse_yaml(read_text(run.config, fix), str(run.config), fix)
     else:
         missing["config.yaml"] = "config.yaml not found"
     env = _read_json(run.env) if run.env.is_file() else {}
