@@ -35,7 +35,11 @@ def test_overrides_are_typed():
         ("optim.lr=0", "optim.lr"),
         ("optim.lr=-1", "optim.lr"),
         ("model.n_embd=130", "not divisible by n_head"),
-        ("schedule.warmup_steps=5000", "longer than train.max_steps"),
+        ("optim.lr=.inf", "'optim.lr' (got inf): Input should be a finite number"),
+        ("optim.lr=.nan", "'optim.lr' (got nan)"),
+        ("optim.betas=[0.9,.nan]", "'optim.betas.1' (got nan): Input should be a finite number"),
+        ("clip.max_norm=inf", "'clip.max_norm' (got 'inf')"),
+        ("schedule.min_lr=-.inf", "schedule.min_lr"),
         ("train.batch_size=big", "train.batch_size"),
         ("optim.name=lion", "optim.name"),
         ("model.norm_placement=middle", "model.norm_placement"),
@@ -99,3 +103,45 @@ def test_a_single_source_needs_no_brackets():
     cfg = load_config("shakespeare-char", ["data.sources=path/to/input.txt"])
     assert cfg.data.sources == ["path/to/input.txt"]
     assert load_config("shakespeare-char", ["data.sources=[a.txt,b.txt]"]).data.sources == ["a.txt", "b.txt"]
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_a_bad_override_names_the_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  n_layer: many\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["optim.lr=3e-4"])
+    assert str(info.value).startswith(f"config {path}: invalid config value for 'model.n_layer'")
+    path.write_text("model:\n  n_layer: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["optim.lr=.inf"])
+    assert str(info.value).startswith("invalid config value for 'optim.lr'")  # the file is fine: not named
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text[: len(text) // 2], "is incomplete (no "),  # cut at a line end: valid YAML, sections gone
+        (lambda text: text[: text.index("n_head") + 3], "is not valid YAML"),  # cut mid-key
+        (lambda text: text.replace("model:", "model: [", 1), "is not valid YAML"),
+        (lambda text: "\xff\xfe" + text, "is not UTF-8 text"),
+        (lambda text: text.replace("n_layer: 4", "n_layer: four"), "invalid config value for 'model.n_layer'"),
+        (lambda text: "- just\n- a list\n", "must be a mapping of sections"),
+    ],
+)
+def test_a_damaged_run_config_is_named_with_where_to_restore_it_from(tmp_path, damage, message):
+    from flowtrain.config import load_run_config
+
+    good = load_config("default").to_yaml()
+    path = tmp_path / "config.yaml"
+    text = damage(good)
+    if text.startswith("\xff"):
+        path.write_bytes(b"\xff\xfe" + good.encode())
+    else:
+        path.write_text(text[: text.rindex("\n") + 1] if "incomplete" in message else text)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, restore_from=tmp_path / "checkpoints/step_000010/config.yaml")
+    line = str(info.value)
+    assert str(path) in line and message in line and "\n" not in line
+    assert line.endswith("restore it from " + str(tmp_path / "checkpoints/step_000010/config.yaml"))
+    path.write_text(good)
+    assert load_run_config(path, ["optim.lr=3e-4"]).optim.lr == 3e-4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowtrain.errors import ConfigError
+from flowtrain.errors import ConfigError, DivergedError
 from flowtrain.model.config import ModelConfig
 from flowtrain.model.gpt import GPT
 from flowtrain.sample import generate, restrict_logits
@@ -154,3 +154,13 @@ def test_generation_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         new = generate(model, [1, 2, 3], 15, temperature=0)
     assert len(new) == 15
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_diverged_model_is_a_user_error_not_a_crash(temperature):
+    """NaN weights give NaN logits: multinomial would raise a RuntimeError, greedy would pick garbage."""
+    model = model_for()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(DivergedError, match="logits are not finite"):
+        generate(model, [1, 2], 5, temperature=temperature)

@@ -13,9 +13,10 @@ def text_choices(annotation: Any) -> tuple[str, ...] | None:
 
 
 class Section(BaseModel):
-    """A config section. Unknown keys are errors, so a typo never silently falls back to a default."""
+    """A config section. Unknown keys are errors, so a typo never silently falls back to a default; a number
+    must be finite (optim.lr=.inf would train NaN weights to the end and exit 0)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

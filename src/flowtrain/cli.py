@@ -99,7 +99,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = runs[0] / "report.html"
     else:
         raise FlowtrainError("several run directories need -o REPORT.html (one report for all of them)")
-    written = build_report(runs, out, figures_dir=Path(args.figures) if args.figures else None)
+    figures = Path(args.figures) if args.figures else None
+    written = build_report(runs, out, figures_dir=figures, notice=lambda m: print(f"flowtrain: {m}", file=sys.stderr))
     print(f"report: {written}")
     return 0
 

@@ -43,11 +43,6 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.schedule.warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"schedule.warmup_steps={self.schedule.warmup_steps} is longer than "
-                f"train.max_steps={self.train.max_steps}; shorten the warmup or train longer"
-            )
         if self.schedule.kind != "inverse_sqrt" and self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}; lower min_lr")
         return self
@@ -72,18 +67,38 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(
                 f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_config_names())}"
             )
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {name_or_path}: {exc}") from None
+        text = read_text(path, "save it as UTF-8")
         source = str(path)
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source} must be a mapping of sections (model:, data:, ...), not {type(tree).__name__}")
+    tree = parse_yaml(text, source, "fix its syntax")
     tree.pop("base", None)
+    return tree
+
+
+def read_text(path: Path, fix: str) -> str:
+    """A config file's text, or a ConfigError in one line: unreadable, or not UTF-8 (then `fix` says what to do)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); check the path and its permissions") from None
+
+
+def parse_yaml(text: str, source: str, fix: str) -> dict[str, Any]:
+    """A YAML mapping of config sections, or a ConfigError in one line naming `source` and saying `fix`."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML ({problem}{where}); {fix}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"{source} must be a mapping of sections (model:, data:, ...), not {type(tree).__name__}; {fix}"
+        )
     return tree
 
 
@@ -202,8 +217,36 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_validation_error(exc)) from None
 
 
+def _build_naming_the_file(tree: dict[str, Any], overrides: list[str], source: str, fix: str = "") -> RunConfig:
+    """build_config of the file's tree with the overrides; an error the file alone has names the file."""
+    over = parse_overrides(overrides)
+    try:
+        return build_config(_merge(tree, over))
+    except ConfigError as exc:
+        if over:
+            try:
+                build_config(tree)
+            except ConfigError:
+                pass  # the file alone is invalid: name it
+            else:
+                raise  # the file is fine, an override is not: the message names the key
+        raise ConfigError(f"{source}: {exc}" + (f"; {fix}" if fix else "")) from None
+
+
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The config named (shipped name or YAML path; default: `default`), with overrides applied."""
     tree = _read_yaml(config or "default")
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return build_config(tree)
+    return _build_naming_the_file(tree, overrides or [], f"config {config or 'default'}")
+
+
+def load_run_config(path: Path, overrides: list[str] | None = None, restore_from: Path | None = None) -> RunConfig:
+    """The config a run directory or checkpoint recorded (`path`: its config.yaml), with overrides applied.
+
+    flowtrain writes every section, so a missing one means the file was cut short. A damaged file is named, with
+    `restore_from` (a checkpoint's verified copy) as the fix where there is one."""
+    fix = f"restore it from {restore_from}" if restore_from else "restore it from a checkpoint's config.yaml"
+    tree = parse_yaml(read_text(path, fix), str(path), fix)
+    missing = [name for name in RunConfig.model_fields if name not in tree]
+    if missing:
+        raise ConfigError(f"{path} is incomplete (no {missing[0]}: section; truncated?); {fix}")
+    return _build_naming_the_file(tree, overrides or [], str(path), fix)

@@ -22,6 +22,10 @@ class CheckpointError(FlowtrainError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
+class DivergedError(FlowtrainError):
+    """A model's outputs are not finite numbers: its weights diverged (NaN or inf)."""
+
+
 class GuardStop(FlowtrainError):
     """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -60,6 +61,27 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+
+def _finite(value, path: str, found: list[str]):
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def summary_json(summary: dict) -> str:
+    """summary.json's text, strict JSON: a non-finite number (a diverged run's NaN loss) is written as null and
+    its key listed under "nonfinite", so every JSON parser reads the file and the fact is not lost."""
+    found: list[str] = []
+    clean = _finite(summary, "", found)
+    if found:
+        clean["nonfinite"] = found
+    return json.dumps(clean, indent=1, allow_nan=False)
 
 
 def default_run_name() -> str:

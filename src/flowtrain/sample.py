@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flowtrain.errors import ConfigError
+from flowtrain.errors import ConfigError, DivergedError
 from flowtrain.model.gpt import GPT
 
 
@@ -102,6 +102,11 @@ def generate(
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator) -> int:
+    if not bool(torch.isfinite(logits).all()):  # NaN weights would pick garbage (greedy) or crash multinomial
+        raise DivergedError(
+            "the model's logits are not finite (its weights diverged to NaN or inf); sample an earlier checkpoint "
+            "(--checkpoint STEP) or retrain with a lower optim.lr"
+        )
     if temperature == 0:
         return int(torch.argmax(logits))
     logits = restrict_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)

@@ -8,8 +8,6 @@ from flowtrain.data.config import DataConfig
 from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.prepare import prepare_dataset
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-
 
 def make_docs(n: int = 40) -> list[str]:
     """Documents of varied lengths (some longer than a row of 32 tokens, some much shorter) with non-ASCII."""

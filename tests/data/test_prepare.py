@@ -1,6 +1,11 @@
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +15,9 @@ from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.prepare import dataset_for, prepare_dataset, token_dtype
 from flowtrain.data.tokenizers import ByteTokenizer
 from flowtrain.errors import DataError
+from tests.conftest import write_corpus
 
-from .conftest import SHAKESPEARE, make_docs, prepare
+from .conftest import make_docs, prepare
 
 
 def _split_docs(ds: TokenDataset, split: str) -> list[np.ndarray]:
@@ -45,8 +51,9 @@ def test_document_split_holds_every_document_once(byte_ds):
 
 
 def test_token_split_is_the_last_fraction_of_the_stream(tmp_path):
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    ds = prepare(tmp_path, [SHAKESPEARE], tokenizer="char", split_by="auto")
+    source = write_corpus(tmp_path / "one.txt", 120_000)
+    text = source.read_text(encoding="utf-8")
+    ds = prepare(tmp_path, [source], tokenizer="char", split_by="auto")
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     ids = np.array([lookup[c] for c in text])
@@ -94,6 +101,43 @@ def test_incomplete_or_truncated_dataset_refuses_to_open(tmp_path, byte_ds):
         TokenDataset.open(byte_ds.path)
     with pytest.raises(DataError, match="does not exist"):
         TokenDataset.open(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "tokenizer.json is corrupt (not UTF-8 text, byte "),
+        (b"{not json", "does not parse as JSON"),
+        (b'{"model": {"type": "BPE", "vocab": 3}}', "is not a valid Hugging Face tokenizer"),
+    ],
+)
+def test_a_corrupt_dataset_tokenizer_is_one_line(byte_ds, content, message):
+    (byte_ds.path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(DataError) as info:
+        TokenDataset.open(byte_ds.path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _prepare_under_a_file_size_limit(tmp_path: Path, limit: int) -> subprocess.CompletedProcess:
+    """`flowtrain prepare` in a process that may not write files bigger than `limit` bytes: the kernel answers its
+    writes as a full disk would (EFBIG here, ENOSPC there), on any machine and without root."""
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # report EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    text = write_corpus(tmp_path / "big.txt", 120_000)
+    cmd = [sys.executable, "-m", "flowtrain", "prepare", str(text), "--tokenizer", "char", "-o", str(tmp_path / "ds")]
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_writes, timeout=120)
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(tmp_path):
+    done = _prepare_under_a_file_size_limit(tmp_path, 50_000)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"flowtrain: error: no space left preparing the dataset {tmp_path / 'ds'} (File too large)")
+    assert "it needs up to about 0.5 MB while it is made" in line and "at a larger disk" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no dataset, no temporary directory
 
 
 def test_empty_corpus_is_a_data_error(tmp_path):

@@ -12,7 +12,7 @@ from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.records import read_flow
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train.trainer import Trainer
-from tests.conftest import SHAKESPEARE, tiny_overrides
+from tests.conftest import tiny_overrides, write_corpus
 
 
 class FakeTime:
@@ -86,10 +86,8 @@ def test_interval_config_accepts_auto_or_a_positive_integer():
             FlowConfig(interval=bad)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="reference corpus not available")
 def test_trainer_reports_the_interval_and_records_only_monitored_steps(tmp_path):
-    text = tmp_path / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    text = write_corpus(tmp_path / "small.txt", 20_000)
     extra = {"train.max_steps": 30, "flow.full_steps": 6, "flow.reprobe_steps": 8, "flow.budget": 0.0001}
     torch.set_num_threads(1)
     summary = Trainer(load_config("default", tiny_overrides(text, tmp_path, **extra))).run_loop()

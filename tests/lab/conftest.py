@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHAKESPEARE
+from tests.conftest import write_corpus
 
 
 @pytest.fixture(scope="session")
 def lab_data(tmp_path_factory) -> Path:
-    """The first 60 kB of Tiny Shakespeare (real text; byte tokens make it ~60k tokens)."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"reference corpus not found at {SHAKESPEARE}")
-    path = tmp_path_factory.mktemp("lab_data") / "small.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
-    return path
+    """60 kB of real text (tests/conftest.py: corpus_text; byte tokens make it ~60k tokens)."""
+    return write_corpus(tmp_path_factory.mktemp("lab_data") / "small.txt")
 
 
 @pytest.fixture(autouse=True)

@@ -91,6 +91,29 @@ def test_bad_run_dirs_name_the_path(tmp_path):
         load_run(bad)
 
 
+def test_damaged_lines_are_skipped_and_said_and_a_damaged_config_is_one_line(tmp_path):
+    run = write_run(tmp_path, name="damaged", flow=False, steps=10)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    lines[3] = b'{"step": 4, "loss": \xff\xfe}\n'  # not UTF-8
+    lines[5] = b"garbage\n"
+    (run / "metrics.jsonl").write_bytes(b"".join(lines) + b'{"step": 11, "lo')  # and a torn last line
+    (run / "alerts.jsonl").write_bytes(b"\x80\x81\n" + (run / "alerts.jsonl").read_bytes())
+    loaded = load_run(run)
+    assert list(loaded.metrics.step) == [1, 2, 3, 5, 7, 8, 9, 10] and len(loaded.alerts) == 2
+    assert loaded.notices == [
+        f"{run / 'metrics.jsonl'}: skipped 2 damaged line(s) (not UTF-8 JSON records)",
+        f"{run / 'alerts.jsonl'}: skipped 1 damaged line(s) (not UTF-8 JSON records)",
+    ]
+    (run / "config.yaml").write_bytes(b"\xff\xfe model: {}")
+    with pytest.raises(FlowtrainError, match="config.yaml .*restore it from a checkpoint's config.yaml") as info:
+        load_run(run)
+    assert "\n" not in str(info.value)
+    (run / "config.yaml").write_text("model: [unclosed\n  n_layer: 2\n")
+    with pytest.raises(FlowtrainError, match=r"config.yaml is not valid YAML \(.* at line 2\)") as info:
+        load_run(run)
+    assert "\n" not in str(info.value)
+
+
 def test_downsample_against_hand_written_buckets():
     rng = np.random.default_rng(0)
     x = np.arange(1, 1001, dtype=float)

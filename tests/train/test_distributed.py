@@ -21,9 +21,9 @@ from flowtrain.config import load_config
 from flowtrain.errors import CheckpointError, ConfigError
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train import checkpoint as ckpt
-from flowtrain.train.distributed import local_grad_accum, resolve_strategy
+from flowtrain.train.distributed import resolve_strategy, slot_layout
 from flowtrain.train.trainer import Trainer, config_for_resume
-from tests.conftest import SHAKESPEARE, tiny_overrides
+from tests.conftest import tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.distributed
 HELPER = Path(__file__).with_name("dist_nan_helper.py")
@@ -55,11 +55,8 @@ def _close(a: float, b: float, rel: float = REL) -> bool:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One reference run and one DDP and one FSDP2 run of 20 steps (checkpoints at 10 and 20)."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"reference corpus not found at {SHAKESPEARE}")
     tmp = tmp_path_factory.mktemp("dist")
-    text = tmp / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    text = write_corpus(tmp / "small.txt")
 
     def overrides(name, **extra):
         return tiny_overrides(text, tmp, **{"train.grad_accum": 2, "train.run_name": name, **extra})
@@ -177,6 +174,31 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, strategy, tmp_path):
         assert _close(a["loss"], b["loss"]) and _close(a["grad_norm_preclip"], b["grad_norm_preclip"]), (a, b)
 
 
+def test_more_ranks_than_micro_batches_share_each_one(runs, tmp_path):
+    """The default grad_accum=1 under torchrun --nproc_per_node 2: the two ranks share the one micro-batch, each
+    taking half of its rows. The numbers are one process's, and its checkpoint resumes in one process."""
+    extra = {"train.grad_accum": 1, "train.max_steps": 8, "train.checkpoint_interval": 4, "train.eval_interval": 4}
+
+    def overrides(name, parallel):
+        return tiny_overrides(runs["text"], tmp_path, **{**extra, "train.run_name": name, "train.parallel": parallel})
+
+    ref = _metrics(Trainer(load_config("default", overrides("one", "none"))).run_loop().run_dir)
+    _torchrun(["-m", "flowtrain", "train", *overrides("two", "ddp")], tmp_path)
+    run = tmp_path / "runs" / "two"
+    got = _metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for a, b in zip(ref, got, strict=True):
+        for key in ("loss", "grad_norm_preclip", "clip_coef"):
+            assert _close(a[key], b[key]), (a["step"], key, a[key], b[key])
+        assert a["tokens"] == b["tokens"]
+    loader = ckpt.read_checkpoint(run / "checkpoints" / "step_000004").state["loader"]
+    assert loader["world_size"] == 1 and loader["step"] == 4  # one stream: the 1-process format
+    shutil.rmtree(run / "checkpoints" / "step_000008")
+    Trainer(config_for_resume(run, ["train.parallel=none"]), resume_dir=run).run_loop()
+    for a, b in zip(ref[4:], _metrics(run)[4:], strict=True):
+        assert _close(a["loss"], b["loss"]), (a["step"], a["loss"], b["loss"])
+
+
 @pytest.mark.parametrize(("strategy", "action"), [("ddp", "skip"), ("ddp", "rollback"), ("fsdp", "rollback")])
 def test_nan_on_one_rank_makes_every_rank_act_alike(runs, strategy, action):
     """Rank 1 alone gets the NaN; with guard.nonfinite=skip every rank skips the step, with rollback every rank
@@ -237,11 +259,26 @@ def test_sharded_checkpoint_in_one_process_resumes_bitwise_and_vets_pickles(runs
     with pytest.raises(CheckpointError, match="os.system"):
         ckpt.restore_model(ckpt.read_checkpoint(c), trainer.raw_model)
 
+    # a damaged shard (checksum updated to match): DCP raises its CheckpointException, a BaseException that
+    # would escape `except Exception`; it arrives as one line
+    c = run / "checkpoints" / "step_000012"
+    shard = next((c / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 3 // 4])
+    meta = json.loads((c / "meta.json").read_text())
+    meta["sha256"][f"dcp/{shard.name}"] = ckpt.sha256_file(shard)
+    (c / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="the sharded state cannot be read .*resume from an earlier") as info:
+        ckpt.restore_optimizer(ckpt.read_checkpoint(c), trainer.state.optimizer, trainer.raw_model)
+    assert "\n" not in str(info.value)
 
-def test_grad_accum_must_divide_over_ranks_and_strategy_resolution():
-    assert local_grad_accum(8, 4) == 2
-    with pytest.raises(ConfigError, match=r"grad_accum=3 .* world size 2"):
-        local_grad_accum(3, 2)
+
+def test_slot_layout_splits_slots_or_rows_over_ranks_and_strategy_resolution():
+    assert slot_layout(8, 4, 16) == (2, 1)  # whole micro-batches per rank
+    assert slot_layout(1, 2, 16) == (1, 2) and slot_layout(2, 8, 16) == (1, 4)  # ranks share a micro-batch's rows
+    with pytest.raises(ConfigError, match=r"grad_accum=3 and the world size 2"):
+        slot_layout(3, 2, 16)
+    with pytest.raises(ConfigError, match=r"batch_size=6 .* 4 ranks"):
+        slot_layout(1, 4, 6)
     assert resolve_strategy("auto", 1) == "none" and resolve_strategy("auto", 2) == "ddp"
     assert resolve_strategy("fsdp", 1) == "fsdp"
     with pytest.raises(ConfigError, match="WORLD_SIZE=2"):

@@ -51,6 +51,10 @@ class TokenDataset:
             tok_text = (root / "tokenizer.json").read_text(encoding="utf-8")
         except OSError:
             raise DataError(f"incomplete dataset {root} (tokenizer.json missing); re-run prepare") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{root}/tokenizer.json is corrupt (not UTF-8 text, byte {exc.start}); re-run prepare"
+            ) from None
         tokenizer = tokenizer_from_json(tok_text, source=f"{root}/tokenizer.json")
         if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
             raise DataError(

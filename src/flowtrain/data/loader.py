@@ -39,6 +39,12 @@ class Batch:
     doc_ids: torch.Tensor | None  # int64 [B, T]: equal ids may attend to each other (block-diagonal mask)
     n_targets: int  # targets != IGNORE_INDEX (what the loss averages over)
 
+    def rows(self, which: slice) -> Batch:
+        """Some of the rows (ranks that share a micro-batch each take a slice of it)."""
+        targets = self.targets[which]
+        doc_ids = None if self.doc_ids is None else self.doc_ids[which]
+        return Batch(self.inputs[which], targets, doc_ids, int((targets != IGNORE_INDEX).sum()))
+
 
 def _make_batch(inputs: np.ndarray, targets: np.ndarray, doc_ids: np.ndarray | None) -> Batch:
     return Batch(

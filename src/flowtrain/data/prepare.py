@@ -14,6 +14,7 @@ memory stays flat in corpus size; the split is then a copy of contiguous runs of
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -69,7 +70,7 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Pa
         disable=not progress,
         file=sys.stderr,
     )
-    with open(scratch, "wb") as out:
+    with bar, open(scratch, "wb") as out:  # the bar is closed before any error is printed below it
         pending: list[str] = []
         pending_chars = 0
 
@@ -90,7 +91,6 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Pa
                 flush()
                 pending_chars = 0
         flush()
-    bar.close()
     return np.frombuffer(doc_tokens, dtype=np.int64), np.frombuffer(doc_bytes, dtype=np.int64)
 
 
@@ -178,6 +178,31 @@ def prepare_dataset(
     out = Path(out_dir).expanduser()
     _refuse_foreign(out)
     corpus = Corpus(cfg.sources, text_field=cfg.text_field, include=cfg.include, exclude=cfg.exclude)
+    try:
+        return _prepare(cfg, corpus, out, progress, replace, cache_key)
+    except OSError as exc:
+        error = _write_error(exc, out, corpus)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _write_error(exc: OSError, out: Path, corpus: Corpus) -> DataError | None:
+    """A full disk (or quota, or file-size limit) and an unwritable place are the user's to fix: one line."""
+    where = "data.cache_dir (train) or -o (prepare)"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        text = corpus.size_bytes()
+        return DataError(
+            f"no space left preparing the dataset {out} ({exc.strerror}); it needs up to about "
+            f"{4 * text / 1e6:.1f} MB while it is made (2-byte tokens, written twice) for {text / 1e6:.1f} MB of "
+            f"text: free some space or point {where} at a larger disk"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DataError(f"cannot write the dataset {out} ({exc.strerror}); point {where} at a writable directory")
+    return None  # anything else is not the user's to fix: keep the traceback
+
+
+def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace: bool, cache_key: str | None):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
 from pathlib import Path
 
 from matplotlib import rc_context
@@ -64,7 +65,8 @@ def render_html(runs: list[RunData], figures_dir: Path | None = None) -> str:
                         save_files(item.fig, figures_dir / item.key)
                 parts.append(h.figure_html(item, svg))
             sections.append((anchor, heading, "".join(parts)))
-    sections.insert(0, ("summary", "Runs", h.summary_table(runs)))
+    skipped = "".join(f'<p class="note">{h.esc(n)}</p>' for run in runs for n in run.notices)
+    sections.insert(0, ("summary", "Runs", h.summary_table(runs) + skipped))
     sections.append(("alerts", "Alerts and guard actions", h.alerts_section(runs)))
     sections.append(("config", "Config", h.config_section(runs)))
     sections.append(("environment", "Environment", h.environment_table(runs)))
@@ -79,11 +81,21 @@ def render_html(runs: list[RunData], figures_dir: Path | None = None) -> str:
     return h.page(title, sections, subtitle)
 
 
-def build_report(run_dirs: list[str | Path], out: str | Path, *, figures_dir: str | Path | None = None) -> Path:
-    """Read run directories, write the self-contained HTML report to `out` atomically; returns `out`."""
+def build_report(
+    run_dirs: list[str | Path],
+    out: str | Path,
+    *,
+    figures_dir: str | Path | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Path:
+    """Read run directories, write the self-contained HTML report to `out` atomically; returns `out`.
+    `notice` hears what was skipped while reading (damaged lines); the page says it too."""
     if not run_dirs:
         raise DataError("no run directory given; pass one or more runs/NAME directories")
     runs = [load_run(Path(d)) for d in run_dirs]
+    for line in (n for run in runs for n in run.notices):
+        if notice is not None:
+            notice(line)
     unique_names(runs)
     out = Path(out)
     if out.is_dir():

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import yaml
 
+from flowtrain.config import parse_yaml, read_text
 from flowtrain.errors import DataError
 from flowtrain.flow.records import read_flow
 from flowtrain.rundir import RunDir
-from flowtrain.sinks.jsonl import read_jsonl
 
 
 @dataclass
@@ -60,6 +59,7 @@ class RunData:
     depth_flow: FlowGrid | None
     summary: dict | None
     missing: dict[str, str] = field(default_factory=dict)  # file name -> why it is not shown
+    notices: list[str] = field(default_factory=list)  # what was skipped while reading (damaged lines)
 
 
 def _to_float(value) -> float:
@@ -131,6 +131,31 @@ def _grid(table, kind: str) -> FlowGrid | None:
     )
 
 
+def _read_records(path: Path, notices: list[str]) -> list[dict]:
+    """A JSONL file's records; damaged lines (not UTF-8, not JSON) are skipped and counted in `notices`. An
+    unterminated last line is a write a crash cut short, skipped silently as every reader does."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    records, bad = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+            bad += i < len(lines) - 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        notices.append(f"{path}: skipped {bad} damaged line(s) (not UTF-8 JSON records)")
+    return records
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -159,32 +184,30 @@ def load_run(path: str | Path) -> RunData:
             f"{path} is not a run directory (no config.yaml or metrics.jsonl); pass runs/NAME made by flowtrain train"
         )
     missing: dict[str, str] = {}
+    notices: list[str] = []
     config: dict = {}
     if run.config.is_file():
-        try:
-            loaded = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise DataError(f"{run.config} is not readable YAML ({exc}); restore it from a checkpoint") from None
-        config = loaded if isinstance(loaded, dict) else {}
+        fix = "restore it from a checkpoint's config.yaml"
+        config = parse_yaml(read_text(run.config, fix), str(run.config), fix)
     else:
         missing["config.yaml"] = "config.yaml not found"
     env = _read_json(run.env) if run.env.is_file() else {}
     if not env:
         missing["env.json"] = "env.json not found"
     if run.metrics.is_file():
-        metrics, discarded = columns_from_records(read_jsonl(run.metrics))
+        metrics, discarded = columns_from_records(_read_records(run.metrics, notices))
     else:
         missing["metrics.jsonl"] = "metrics.jsonl not found: the run logged no steps"
         metrics = discarded = Columns(np.zeros(0, np.int64), {})
     evals = None
     if run.evals.is_file():
-        evals = columns_from_records(read_jsonl(run.evals))[0]
+        evals = columns_from_records(_read_records(run.evals, notices))[0]
     if evals is None or not len(evals):
         evals = None
         missing["eval.jsonl"] = "no evaluations (eval.jsonl missing or empty)"
     alerts = None
     if run.alerts.is_file():
-        alerts = [a for a in read_jsonl(run.alerts) if isinstance(a, dict)]
+        alerts = _read_records(run.alerts, notices)
     else:
         missing["alerts.jsonl"] = "alerts.jsonl not found: the stability guard was off for this run"
     layer_flow = depth_flow = None
@@ -211,4 +234,5 @@ def load_run(path: str | Path) -> RunData:
         depth_flow=depth_flow,
         summary=summary,
         missing=missing,
+        notices=notices,
     )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from flowtrain.errors import CheckpointError
 from flowtrain.fsutil import atomic_directory
@@ -60,6 +61,8 @@ def load_sharded(ckpt, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         dcp.load(tensors, storage_reader=_SafeReader(str(ckpt.path / "dcp")), planner=_SafePlanner())
     except CheckpointError:
         raise
+    except CheckpointException as exc:  # a BaseException: DCP wraps what failed on every rank in it
+        raise _dcp_failure(ckpt.path, exc) from None
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {ckpt.path}: the sharded state does not fit this model/optimizer "
@@ -69,6 +72,21 @@ def load_sharded(ckpt, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         set_model_state_dict(model, tensors["model"])
     else:
         set_optimizer_state_dict(model, optimizer, tensors["optim"])
+
+
+def _dcp_failure(path: Path, exc: CheckpointException) -> CheckpointError:
+    """One line for what went wrong inside dcp.load: our own refusal (a vetted value) as it was, else the
+    first rank's error."""
+    causes = [cause for cause, _trace in exc.failures.values()]
+    ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
+    if ours is not None:
+        return CheckpointError(f"checkpoint {path}: {ours}; refusing to load it")
+    first = causes[0] if causes else exc
+    detail = (str(first).strip().splitlines() or [type(first).__name__])[-1].split(". ")[0][:200]
+    return CheckpointError(
+        f"checkpoint {path}: the sharded state cannot be read ({type(first).__name__}: {detail}); it is corrupt "
+        "or from another model: resume from an earlier checkpoint or use the run's own config"
+    )
 
 
 # DCP stores its index (.metadata) and non-tensor values with pickle. We never unpickle anything that could

@@ -38,7 +38,8 @@ class TrainConfig(Section):
     parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",
         description="data parallelism under torchrun: ddp, fsdp (FSDP2 fully_shard per block, then the root), "
-        "none; auto = ddp when WORLD_SIZE > 1. grad_accum stays global (divided over ranks)",
+        "none; auto = ddp when WORLD_SIZE > 1. grad_accum stays global: divided over ranks, or with fewer "
+        "micro-batches than ranks each one's rows split among them (docs/distributed.md)",
     )
     checkpoint_format: Literal["full", "sharded"] = Field(
         "full",

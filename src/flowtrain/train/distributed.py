@@ -7,8 +7,9 @@ with train.parallel=ddp|fsdp but no torchrun environment becomes a 1-process gro
 Why the numbers match one process (docs/distributed.md):
 * the global batch of a step is defined without reference to ranks: it is `grad_accum` micro-batches, micro-batch
   slot i read by its own BatchLoader stream (rank=i, world_size=grad_accum). Rank r runs the slots
-  r*a .. r*a+a-1 (a = grad_accum / world_size), so 1 process x 2 slots and 2 ranks x 1 slot read identical data,
-  and a checkpoint resumes on any world size that divides grad_accum;
+  r*a .. r*a+a-1 (a = grad_accum / world_size), so 1 process x 2 slots and 2 ranks x 1 slot read identical data;
+  with more ranks than slots, s = world_size / grad_accum ranks share a slot, each taking batch_size / s of its
+  rows. A checkpoint resumes on any world size that divides grad_accum or that grad_accum divides;
 * DDP and FSDP2 average gradients over ranks, so each rank's loss is scaled by world_size before backward;
 * reductions over sharded parameters complete over the mesh in flowtrain.tensorstats;
 * the guard's decision is agreed with an all-reduce (MAX), so no rank updates while another skips.
@@ -72,14 +73,27 @@ def resolve_strategy(parallel: str, world_size: int) -> str:
     return parallel
 
 
-def local_grad_accum(grad_accum: int, world_size: int) -> int:
-    """Micro-batches per rank so the global batch stays batch_size * grad_accum."""
-    if grad_accum % world_size:
+def slot_layout(grad_accum: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """(micro-batch slots per rank, ranks per slot) so the global batch stays batch_size * grad_accum rows.
+
+    More slots than ranks: each rank runs grad_accum / world_size whole slots. More ranks than slots (the
+    default grad_accum=1 under torchrun): world_size / grad_accum ranks share each slot, each taking an equal
+    slice of its rows."""
+    if grad_accum % world_size == 0:
+        return grad_accum // world_size, 1
+    if world_size % grad_accum == 0:
+        share = world_size // grad_accum
+        if batch_size % share == 0:
+            return 1, share
         raise ConfigError(
-            f"train.grad_accum={grad_accum} is not divisible by the world size {world_size}: the global batch is "
-            f"batch_size * grad_accum, split evenly over ranks; set train.grad_accum to a multiple of {world_size}"
+            f"train.batch_size={batch_size} cannot be split evenly over the {share} ranks that share each of the "
+            f"train.grad_accum={grad_accum} micro-batches; set train.batch_size to a multiple of {share}"
         )
-    return grad_accum // world_size
+    raise ConfigError(
+        f"train.grad_accum={grad_accum} and the world size {world_size} do not divide each other: the global batch "
+        f"is batch_size * grad_accum, split evenly over ranks; set train.grad_accum to a multiple or a divisor of "
+        f"{world_size}"
+    )
 
 
 def select_dist_device(requested: str, local_rank: int) -> torch.device:
@@ -281,16 +295,19 @@ class DataParallel:
 
 class SlotLoaders:
     """This rank's micro-batch slots: slot i of every step is read by `make_loader(i)`, a BatchLoader built
-    with rank=i, world_size=grad_accum, so the global batch does not depend on how many ranks share it.
+    with rank=i, world_size=grad_accum, so the global batch does not depend on how many ranks share it. With more
+    ranks than slots, the ranks sharing a slot each read it whole and keep their own slice of its rows.
 
     Their positions are saved for all slots (gathered from every rank: one dict for a single slot, the
-    1-process format, else a list in slot order), so any world size that divides grad_accum can resume.
+    1-process format, else a list in slot order), so any world size that fits grad_accum can resume.
     """
 
-    def __init__(self, make_loader, ctx: DistContext, grad_accum: int, comm_device: torch.device):
+    def __init__(self, make_loader, ctx: DistContext, grad_accum: int, comm_device: torch.device, batch_size: int):
         self.ctx, self.total, self.comm_device = ctx, grad_accum, comm_device
-        self.per_rank = local_grad_accum(grad_accum, ctx.world_size)
-        self.first = ctx.rank * self.per_rank
+        self.per_rank, self.share = slot_layout(grad_accum, ctx.world_size, batch_size)
+        self.first = ctx.rank // self.share * self.per_rank
+        rows = batch_size // self.share
+        self.rows = slice(ctx.rank % self.share * rows, (ctx.rank % self.share + 1) * rows)
         self.loaders = [make_loader(slot) for slot in range(self.first, self.first + self.per_rank)]
         self.transform = None  # (batch, batch number) -> batch: fault injection's corrupted data (train/faults.py)
 
@@ -302,7 +319,9 @@ class SlotLoaders:
     def next_step(self) -> list:
         number = self.position + 1  # 1-based: step N's batch in a run without rollbacks
         batches = [loader.next() for loader in self.loaders]
-        return batches if self.transform is None else [self.transform(b, number) for b in batches]
+        if self.transform is not None:
+            batches = [self.transform(b, number) for b in batches]
+        return batches if self.share == 1 else [b.rows(self.rows) for b in batches]
 
     def skip_steps(self, steps: int) -> None:
         for loader in self.loaders:
@@ -311,8 +330,8 @@ class SlotLoaders:
 
     def state_dict(self):
         mine = [loader.state_dict() for loader in self.loaders]
-        if self.ctx.enabled:
-            mine = [s for rank_states in gather_json(mine, self.comm_device) for s in rank_states]
+        if self.ctx.enabled:  # ranks sharing a slot hold the same position: keep one per slot
+            mine = [s for rank_states in gather_json(mine, self.comm_device) for s in rank_states][:: self.share]
         return mine[0] if len(mine) == 1 else mine
 
     def load_state_dict(self, saved) -> None:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from flowtrain.config import RunConfig, build_config
+from flowtrain.config import RunConfig, build_config, parse_yaml
 from flowtrain.data.tokenizers import tokenizer_from_json
 from flowtrain.errors import CheckpointError
 from flowtrain.model.gpt import GPT
@@ -39,8 +38,10 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
     if which == "latest":
         return found[-1][1]
     if which == "best":
-        state = json.loads((found[-1][1] / "state.json").read_text())
-        best = state.get("best_step")
+        try:
+            best = json.loads((found[-1][1] / "state.json").read_text(encoding="utf-8")).get("best_step")
+        except (OSError, ValueError, AttributeError):
+            raise CheckpointError(f"{found[-1][1]}/state.json is unreadable; give a step number instead") from None
         match = [p for s, p in found if s == best]
         return match[0] if match else found[-1][1]
     try:
@@ -55,7 +56,8 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
 
 def load_trained(path: Path, which: str = "latest", device: str | torch.device = "cpu") -> LoadedModel:
     c = ckpt.read_checkpoint(resolve_checkpoint(path, which))
-    cfg = build_config(yaml.safe_load(c.config_yaml) or {})
+    fix = "use another checkpoint (--checkpoint)"
+    cfg = build_config(parse_yaml(c.config_yaml, f"{c.path}/config.yaml", fix))
     model = GPT(cfg.model)
     ckpt.restore_model(c, model)
     model.to(device).eval()

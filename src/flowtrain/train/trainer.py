@@ -10,7 +10,6 @@ The trainer does not tune the CPU allocator (the CLI does; train/runtime.py).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from flowtrain.config import RunConfig, build_config
+from flowtrain.config import RunConfig, load_run_config
 from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.loader import BatchLoader, eval_batches
 from flowtrain.data.prepare import dataset_for
 from flowtrain.data.tokenizers import tokenizer_from_json
-from flowtrain.errors import CheckpointError, ConfigError, DataError, GuardStop
+from flowtrain.errors import CheckpointError, ConfigError, DataError, DivergedError, GuardStop
 from flowtrain.flow.guard import Alert, Guard
 from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
@@ -34,10 +32,12 @@ from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.optimizers import build_optimizer
 from flowtrain.optim.schedules import build_scheduler
-from flowtrain.rundir import RunDir, default_run_name
+from flowtrain.rundir import RunDir, default_run_name, summary_json
 from flowtrain.sample import generate
 from flowtrain.sinks.rows import RowBuffer, StepTimer
 from flowtrain.train import distributed as dist_util
+from flowtrain.train import preflight
+from flowtrain.train.checkpoint import latest_checkpoint
 from flowtrain.train.checkpoints import Checkpoints
 from flowtrain.train.evaluate import Evaluation, evaluate
 from flowtrain.train.faults import attach_faults
@@ -80,16 +80,24 @@ class Trainer:
         self.resume_from = None
         if resume_dir is not None:
             resume_dir, self.resume_from = find_resume_checkpoint(Path(resume_dir))
+        preflight.check_stop_after(stop_after, self.resume_from.step if self.resume_from else 0)
         self.cfg, self.stop_after, self.on_record = cfg, stop_after, on_record
         self.progress = cfg.log.console if progress is None else progress
         tc = cfg.train
+        warmup_notice = preflight.shorten_warmup(cfg)  # before the schedule is built
+        writes_to = Path(run_dir or resume_dir or tc.out_dir)
+        preflight.check_writable(writes_to)
         # distributed (torchrun): join the group first; the device is then cuda:LOCAL_RANK or cpu
         ctx, dist_device = dist_util.init_distributed(tc.parallel, tc.device)
+        if warmup_notice and ctx.is_main:
+            print(f"flowtrain: {warmup_notice}", file=sys.stderr)
         self.device = dist_device or select_device(tc.device)
         self.parallel = dist_util.DataParallel(ctx, self.device, padded_rows=cfg.data.loader == "varlen")
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
         self._open_data()
+        preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
+        preflight.check_free_space(writes_to, cfg, extra=len(self.tokenizer.to_json()))
 
         # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
@@ -104,7 +112,9 @@ class Trainer:
             scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, tc.max_steps, cfg.model.n_embd),
             # micro-batch slot i of every step is read by its own stream, so the global batch is the same on any
             # world size; this rank runs its share of the slots
-            loader=dist_util.SlotLoaders(self._slot_loader, ctx, tc.grad_accum, self.parallel.comm_device),
+            loader=dist_util.SlotLoaders(
+                self._slot_loader, ctx, tc.grad_accum, self.parallel.comm_device, tc.batch_size
+            ),
             clipper=GradClipper(cfg.clip),
             guard=Guard(cfg.guard, named_params, host_every_step=not on_gpu, context=Context.of(cfg)),
             precision=self.precision,
@@ -319,7 +329,7 @@ class Trainer:
         tc, final, step, parallel = self.cfg.train, self.final_eval, self.state.step, self.parallel
         text = ""
         if tc.sample_tokens and step == tc.max_steps and (parallel.is_main or parallel.strategy == "fsdp"):
-            text = self.sample_text()  # FSDP: every rank runs the (identical, seeded) generation; its forward
+            text = self._closing_sample()  # FSDP: every rank runs the (identical, seeded) generation; its forward
         text = text if parallel.is_main else ""  # all-gathers weights
         best = self.evaluation
         summary = RunSummary(self.run.root, step, final, best.best_val_loss, text)
@@ -333,8 +343,18 @@ class Trainer:
                 "skipped_steps": self.state.guard.skipped_steps,
                 "rollbacks": self.state.guard.rollbacks,
             }
-            atomic_write_text(self.run.summary, json.dumps(done, indent=1))
+            atomic_write_text(self.run.summary, summary_json(done))  # NaN / inf as null, listed
         return summary
+
+    def _closing_sample(self) -> str:
+        """The sample that ends a run; a diverged model has none, which is said rather than raised: the run is
+        over, and its summary must still be written."""
+        try:
+            return self.sample_text()
+        except DivergedError as exc:
+            if self.parallel.is_main:
+                print(f"flowtrain: no closing sample: {exc}", file=sys.stderr)
+            return ""
 
     @torch.no_grad()
     def sample_text(self, prompt: str = "", max_new_tokens: int | None = None, seed: int | None = None) -> str:
@@ -353,10 +373,8 @@ class Trainer:
 
 def config_for_resume(run_dir: Path, overrides: list[str]) -> RunConfig:
     """The resumed run's config: what the run directory says ran, with any overrides applied."""
-    from flowtrain.config import _merge, parse_overrides
-
     path = RunDir(Path(run_dir)).config
     if not path.is_file():
         raise CheckpointError(f"cannot resume {run_dir}: it has no config.yaml; is it a flowtrain run directory?")
-    tree = yaml.safe_load(path.read_text()) or {}
-    return build_config(_merge(tree, parse_overrides(overrides)))
+    latest = latest_checkpoint(RunDir(Path(run_dir)).checkpoints)
+    return load_run_config(path, overrides, restore_from=latest / "config.yaml" if latest else None)
