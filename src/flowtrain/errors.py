@@ -22,6 +22,10 @@ class CheckpointError(FlowtrainError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
+class RunDirError(FlowtrainError):
+    """The run directory cannot be written: another process holds it, or it is not writable."""
+
+
 class GuardStop(FlowtrainError):
     """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
 
