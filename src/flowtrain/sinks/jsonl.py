@@ -1,4 +1,6 @@
-"""metrics.jsonl: one JSON object per logged step, appended, flushed so a crash loses at most one line."""
+"""metrics.jsonl, eval.jsonl, alerts.jsonl: one JSON object per line, appended; flushed and fsynced every
+`flush_every` lines and on flush() (the loop calls it before every checkpoint: docs/run-dir.md). Readers and
+a resumed run skip lines a crash tore or that are not UTF-8 JSON."""
 
 from __future__ import annotations
 
