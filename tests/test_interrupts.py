@@ -52,7 +52,7 @@ def test_a_second_signal_exits_at_once():
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 130, (out, err)
     assert err.splitlines() == [
-        "flowtrain: SIGTERM: stopping after this step, with a checkpoint (SIGTERM again exits at once)",
+        "flowtrain: SIGTERM: stopping at the end of this step, with a checkpoint (SIGTERM again exits at once)",
         "flowtrain: SIGINT again: exiting at once; nothing was trained",
     ]
 
@@ -77,3 +77,25 @@ def test_under_torchrun_the_copy_of_a_signal_is_the_same_request():
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=10)
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+_ENDING = """
+import sys, time
+from flowtrain.interrupts import StopOnSignals
+
+with StopOnSignals(to_the_end=True):
+    pass
+print("work done", flush=True)
+time.sleep(1)  # the process ending (interpreter teardown can take this long with torch loaded)
+sys.exit(5)
+"""
+
+
+def test_a_signal_after_the_work_is_done_leaves_the_exit_code_alone():
+    """`flowtrain train` keeps its handlers to the end of the process: SIGTERM arriving while a finished run's
+    process exits does not turn its result into a death by signal."""
+    proc = subprocess.Popen([sys.executable, "-c", _ENDING], stdout=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout.readline() == "work done\n"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 5

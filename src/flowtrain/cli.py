@@ -47,10 +47,18 @@ def _tune_process(cfg) -> None:
         tune_cpu_allocator()
 
 
+def _owns_process() -> bool:
+    """Whether this CLI is the program (`flowtrain`, `python -m flowtrain`, `torchrun -m flowtrain`), not a
+    function some other code called: then process-wide settings may last until the process ends."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "flowtrain.__main__") or Path(sys.argv[0]).name == "flowtrain"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume); SIGTERM / SIGINT stop it after the step it is in, with a checkpoint (interrupts.py)."""
     from flowtrain.config import load_config
     from flowtrain.interrupts import Interrupted, StopOnSignals, exit_code, where_it_stands
+    from flowtrain.train.run_files import run_of
     from flowtrain.train.trainer import Trainer, config_for_resume
 
     rest, overrides = _split_overrides(args.items)
@@ -62,11 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     _tune_process(cfg)
     resume = Path(args.resume) if args.resume else None
-    stops = StopOnSignals()
+    stops = StopOnSignals(to_the_end=_owns_process())
     try:
         with stops:
-            if resume is not None:
-                stops.run_root = resume.parent.parent if resume.parent.name == "checkpoints" else resume
+            stops.run_root = run_of(resume) if resume is not None else None
             trainer = Trainer(cfg, resume_dir=resume, stop_after=args.stop_after)
             stops.trainer, stops.run_root = trainer, trainer.run.root
             summary = trainer.run_loop()

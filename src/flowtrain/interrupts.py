@@ -53,13 +53,17 @@ def where_it_stands(run_root: Path | None) -> str:
 
 
 class StopOnSignals:
-    """`with StopOnSignals() as stops:` installs the handlers (the old ones come back at the end); set
-    `stops.trainer` once the trainer exists and `stops.run_root` once its directory is known."""
+    """`with StopOnSignals() as stops:` installs the handlers; set `stops.trainer` once the trainer exists and
+    `stops.run_root` once its directory is known. At the end the old handlers come back, unless `to_the_end`
+    (the command is the whole process): then they stay, and a first signal after the work is done has nothing
+    left to stop and is ignored (the process is ending; its exit code stays the command's), a second still
+    exits at once."""
 
-    def __init__(self, under_torchrun: bool | None = None):
+    def __init__(self, under_torchrun: bool | None = None, to_the_end: bool = False):
         self.trainer = None
         self.run_root: Path | None = None
         self.first: tuple[int, float] | None = None  # (signal, when)
+        self.to_the_end, self.done = to_the_end, False
         if under_torchrun is None:
             under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         self.copy_window = _COPY_WINDOW_S if under_torchrun else 0.0
@@ -70,8 +74,10 @@ class StopOnSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self.done = True
+        if not self.to_the_end:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
 
     def _handle(self, signum: int, frame) -> None:
         name, now = signal.Signals(signum).name, time.monotonic()
@@ -81,7 +87,9 @@ class StopOnSignals:
             _say(f"{name} again: exiting at once; {where_it_stands(self.run_root)}")
             os._exit(128 + signum)
         self.first = (signum, now)
+        if self.done:
+            return  # the work is done and written: let the process end with its own exit code
         if self.trainer is not None and self.trainer.request_stop(name):
-            _say(f"{name}: stopping after this step, with a checkpoint ({name} again exits at once)")
+            _say(f"{name}: stopping at the end of this step, with a checkpoint ({name} again exits at once)")
             return
         raise Interrupted(signum)

@@ -69,6 +69,8 @@ def open_run_dir(
     root, held, failure = Path(run_dir) if run_dir is not None else run_of(resume_dir), None, None
     if parallel.is_main:
         try:
+            if continuing and not root.is_dir():
+                raise CheckpointError(f"cannot resume {resume_dir}: no such run directory")
             held = lock(root) if continuing else claim_fresh(root)
             if continuing:
                 clean_interrupted(RunDir(root))

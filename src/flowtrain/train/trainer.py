@@ -93,7 +93,7 @@ class Trainer:
         self.parallel = dist_util.DataParallel(ctx, self.device, padded_rows=cfg.data.loader == "varlen")
         self._lock: DirectoryLock | None = None  # rank 0's, on the run directory
         self.stop = StopRequest(self.parallel)
-        self._in_loop = False
+        self._in_loop = self._running = False
         try:
             self.run, self.resume_from = self._run_directory(run_dir, resume_dir)
             self._build(resume_dir is not None)
@@ -223,9 +223,9 @@ class Trainer:
         """Ask the loop to stop after the step it is in: it then writes a checkpoint (unless that step has one),
         puts every row on disk and ends, RunSummary.stopped = `reason` (a signal's name, e.g. "SIGTERM"). Safe
         to call from a signal handler (it only sets a flag). False when no loop is running to honour it (before
-        it starts, after it ends)."""
+        it starts, after it ends); during run_loop() True (after the last step the run finishes instead)."""
         self.stop.request(reason)
-        return self._in_loop
+        return self._in_loop or self._running
 
     def _peak_flops(self) -> float | None:
         if self.cfg.train.peak_tflops:
@@ -274,9 +274,13 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def run_loop(self) -> RunSummary:
         """Train to the end (max_steps, or stop_after): every iteration of steps(), then the run's summary."""
-        for _ in self.steps():
-            pass
-        return self._finish()
+        self._running = True  # a stop requested after the last step lets the run finish (its summary)
+        try:
+            for _ in self.steps():
+                pass
+            return self._finish()
+        finally:
+            self._running = False
 
     def steps(self, until: int | None = None) -> Iterator[int]:
         """The training loop one iteration at a time: yields the step number after each step, its logging, guard
