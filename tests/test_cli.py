@@ -224,3 +224,45 @@ def test_a_trainer_built_in_user_code_leaves_the_process_alone(small_text, tmp_p
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "default (not tuned)"
+
+
+def _user_namespaces() -> bool:
+    """Whether this machine lets an unprivileged process mount a tmpfs of its own (unshare -rm)."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path):
+    """A real full disk: the run directory on a 600 kB tmpfs holds the first checkpoint (~360 kB) but not the
+    second. Exit 2, one line saying how much space a checkpoint needs, the partial checkpoint removed and the
+    first one intact (checked inside the namespace, where the tmpfs lives)."""
+    if not _user_namespaces():
+        pytest.skip("needs `unshare -rm` (user namespaces) to mount a small tmpfs")
+    from tests.train import killing
+
+    text = killing.corpus(tmp_path / "corpus.txt", kb=20)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run = runs / "full"
+    check = (  # every file's hash against meta.json (what read_checkpoint checks), without importing torch
+        f"import hashlib, json, pathlib; p = pathlib.Path('{run}/checkpoints/step_000003'); "
+        "m = json.loads((p / 'meta.json').read_text()); "
+        "assert all(hashlib.sha256((p / n).read_bytes()).hexdigest() == h for n, h in m['sha256'].items())"
+    )
+    script = (
+        f'mount -t tmpfs -o size=600k none {runs} && "$@"; rc=$?; ls -A {run}/checkpoints; '
+        f'"{sys.executable}" -c "{check}" && echo intact; exit $rc'
+    )
+    args = killing.overrides(text, tmp_path, "full", **{"train.max_steps": 12})
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, "-m", "flowtrain", "train", *args],
+        capture_output=True,
+        text=True,
+        env=killing.env(),
+        timeout=300,
+    )
+    assert_user_error(proc, "no space left on the device for checkpoint step_000006", "it needs about 0.4 MB")
+    assert "the earlier checkpoints are intact" in proc.stderr and f"--resume {run}" in proc.stderr
+    assert proc.stdout.split() == ["step_000003", "intact"]

@@ -44,3 +44,40 @@ def test_a_failed_directory_leaves_nothing(tmp_path, umask):
         (tmp / "half").write_text("x")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+_HOLD = """
+import sys, time
+from flowtrain.fsutil import DirectoryLock
+DirectoryLock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_directory_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """Another process's lock is refused with its PID; kill -9 it and the OS has let go (never a stale lock)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from flowtrain.fsutil import DirectoryLock, Locked
+    from tests.train.killing import env
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env()
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Locked) as refused:
+            DirectoryLock.acquire(tmp_path)
+        assert refused.value.holder == f"PID {holder.pid} on {socket.gethostname()}"
+        assert not DirectoryLock.is_free(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert DirectoryLock.is_free(tmp_path)
+    mine = DirectoryLock.acquire(tmp_path)
+    assert (tmp_path / ".lock").read_text().startswith(f"PID {os.getpid()} ")
+    mine.release()

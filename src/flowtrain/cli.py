@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -45,8 +47,18 @@ def _tune_process(cfg) -> None:
         tune_cpu_allocator()
 
 
+def _owns_process() -> bool:
+    """Whether this CLI is the program (`flowtrain`, `python -m flowtrain`, `torchrun -m flowtrain`), not a
+    function some other code called: then process-wide settings may last until the process ends."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "flowtrain.__main__") or Path(sys.argv[0]).name == "flowtrain"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume); SIGTERM / SIGINT stop it after the step it is in, with a checkpoint (interrupts.py)."""
     from flowtrain.config import load_config
+    from flowtrain.interrupts import Interrupted, StopOnSignals, exit_code, where_it_stands
+    from flowtrain.train.run_files import run_of
     from flowtrain.train.trainer import Trainer, config_for_resume
 
     rest, overrides = _split_overrides(args.items)
@@ -57,9 +69,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
     _tune_process(cfg)
-    trainer = Trainer(cfg, resume_dir=Path(args.resume) if args.resume else None, stop_after=args.stop_after)
-    summary = trainer.run_loop()
+    resume = Path(args.resume) if args.resume else None
+    stops = StopOnSignals(to_the_end=_owns_process())
+    try:
+        with stops:
+            stops.run_root = run_of(resume) if resume is not None else None
+            trainer = Trainer(cfg, resume_dir=resume, stop_after=args.stop_after)
+            stops.trainer, stops.run_root = trainer, trainer.run.root
+            summary = trainer.run_loop()
+    except Interrupted as exc:
+        print(f"flowtrain: stopped by {exc.name}; {where_it_stands(stops.run_root)}", file=sys.stderr)
+        return exit_code(exc.signum)
     print(f"run directory: {summary.run_dir}")
+    if summary.stopped is not None:
+        signum = int(getattr(signal.Signals, summary.stopped, signal.SIGTERM))
+        if summary.checkpoint is None:
+            what = f"before its first step, nothing to save: flowtrain train --resume {summary.run_dir} starts it over"
+        else:
+            what = (
+                f"after step {summary.steps}, checkpoint {summary.checkpoint} holds it: "
+                f"flowtrain train --resume {summary.run_dir} continues from it"
+            )
+        print(f"flowtrain: stopped by {summary.stopped} {what}", file=sys.stderr)
+        return exit_code(signum)
     if summary.best_val_loss is not None:
         print(f"best val loss: {summary.best_val_loss:.4f}")
     if summary.sample:
@@ -279,9 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     except FlowtrainError as exc:
         print(f"flowtrain: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # 2: bad input; 3: the guard stopped training
-    except KeyboardInterrupt:
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
         print(
-            "flowtrain: interrupted (the last complete checkpoint is intact; --resume continues from it)",
+            f"flowtrain: error: no space left on the device{where}; free some space, then run the command again "
+            "(a training run continues with flowtrain train --resume RUN_DIR)",
             file=sys.stderr,
         )
+        return 2
+    except KeyboardInterrupt:  # `train` handles its signals itself (interrupts.py)
+        print("flowtrain: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,10 @@ class DivergedError(FlowtrainError):
     """A model's outputs are not finite numbers: its weights diverged (NaN or inf)."""
 
 
+class RunDirError(FlowtrainError):
+    """The run directory cannot be written: another process holds it, or it is not writable."""
+
+
 class GuardStop(FlowtrainError):
     """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
 

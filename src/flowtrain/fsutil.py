@@ -9,9 +9,12 @@ private, 0600 / 0700, which would leave a shared run unreadable to colleagues).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +116,77 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- one writer at a time ------------------------------------------------------------------------------------
+class Locked(Exception):
+    """Another process holds the lock; `holder` says who (as its lock file tells: "PID 1234 on host")."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+class DirectoryLock:
+    """An exclusive flock(2) on a lock file inside a directory, held until release() or the process ends: the
+    OS drops it however the process dies (kill -9 included), so a lock is never left stale. The file keeps
+    the holder's PID and host for the next one's message; it stays in place (removing it would race)."""
+
+    def __init__(self, path: Path, fd: int, made_directory: bool = False):
+        self.path, self._fd = path, fd
+        self.made_directory = made_directory  # acquire() created the directory
+
+    @classmethod
+    def acquire(cls, directory: Path, name: str = ".lock", create: bool = False) -> DirectoryLock:
+        """Lock `directory` (created first with `create`) or raise Locked naming the holder."""
+        path = Path(directory) / name
+        made = create and not path.parent.exists()
+        if made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # the umask applies
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise Locked(path, holder or "a process that is starting (PID not written yet)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return cls(path, fd, made)
+
+    @staticmethod
+    def is_free(directory: Path, name: str = ".lock") -> bool:
+        """Whether nobody holds the lock of `directory` now (False too when it has no lock file)."""
+        try:
+            fd = os.open(Path(directory) / name, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # also drops the lock just taken
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -20,6 +20,11 @@ from flowtrain import __version__
 from flowtrain.fsutil import atomic_write_text
 
 RUN_DIR_VERSION = 1
+LOCK_FILE = ".lock"  # flock'ed by the run's writer (train/run_files.py); holds its PID and host
+# Fields whose values depend on wall-clock time or on the process's history, not on the training: two runs of
+# one config (one of them interrupted and resumed, say) differ only in these (docs/run-dir.md). flow_interval
+# too while flow.interval=auto chooses it from timings.
+TIMING_FIELDS = frozenset({"tokens_per_s", "step_time_ms", "mfu", "mem_gb", "flow_ms", "flow_interval"})
 
 
 @dataclass(frozen=True)

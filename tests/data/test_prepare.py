@@ -186,6 +186,29 @@ def test_losing_a_race_keeps_the_complete_dataset(tmp_path, docs_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "ds"]
 
 
+def test_what_killed_prepares_left_in_the_cache_goes(tmp_path, docs_dir):
+    """A killed prepare leaves its temporary (up to the corpus' size and more); the next use of the cache
+    removes those whose writer is dead, and never one a live writer holds."""
+    import subprocess
+    import sys
+
+    from flowtrain.fsutil import DirectoryLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    datasets = tmp_path / "cache" / "datasets"
+    for name in (f"a.tmp-{dead_pid}", f"b.tmp-{dead_pid}", f"c.tmp-{dead_pid}", f"d.old-{os.getppid()}"):
+        (datasets / name).mkdir(parents=True)
+        (datasets / name / "all.scratch").write_bytes(b"\0" * 1000)
+    (datasets / f"b.tmp-{dead_pid}" / ".lock").write_text("")  # its writer died: the lock is free
+    live = DirectoryLock.acquire(datasets / f"c.tmp-{dead_pid}")  # a live writer (the PID does not matter)
+    out = dataset_for(DataConfig(sources=[str(docs_dir)], cache_dir=str(tmp_path / "cache")), progress=False)
+    assert sorted(p.name for p in datasets.iterdir()) == sorted(
+        [out.name, f"c.tmp-{dead_pid}", f"d.old-{os.getppid()}"]
+    )
+    live.release()
+
+
 def test_never_replaces_a_directory_that_is_not_a_dataset(tmp_path, docs_dir):
     with pytest.raises(DataError, match="exists and is not a dataset directory"):
         prepare_dataset(DataConfig(sources=[str(docs_dir)]), docs_dir, progress=False)

@@ -146,3 +146,10 @@ def test_diagnose_names_the_induced_pathology(small_text, tmp_path, overrides, e
     assert result["verdict"] == expected, (result["cause"], result["findings"])
     if expected != "healthy":
         assert result["evidence"] and all(e["threshold"] is not None for e in result["evidence"])
+
+
+def test_the_flow_window_survives_a_checkpoint_as_json():
+    a = summary(3, resid=math.nan, entropy=math.nan)
+    b = FlowSummary.from_json(json.loads(json.dumps(a.to_json(), allow_nan=False)))
+    assert b.layers == a.layers and b.step == 3 and math.isnan(b.resid_ratio) and math.isnan(b.min_entropy[0])
+    assert np.array_equal(b.update_ratio, a.update_ratio) and b.max_attn_logit == a.max_attn_logit

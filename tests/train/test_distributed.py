@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -359,3 +361,59 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs, tmp_path):
     assert [m["step"] for m in got] == list(range(1, 21))
     for a, b in zip(ref[10:], got[10:], strict=True):
         assert _close(a["loss"], b["loss"]) and _close(a["grad_norm_preclip"], b["grad_norm_preclip"]), (a, b)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc (Linux)")
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Preemption reaches ranks at different moments (here: only rank 1 gets SIGTERM): the ranks agree, all
+    stop after the same step, rank 0 writes that step's checkpoint, and the job exits 0."""
+    from tests.train import killing
+
+    text = killing.corpus(tmp_path / "corpus.txt", kb=20)
+    extra = {"train.grad_accum": 2, "train.parallel": "ddp", "train.max_steps": 2000}
+    extra.update({"train.checkpoint_interval": 5000, "train.eval_interval": 5000, "train.eval_full_at_end": False})
+    args = killing.overrides(text, tmp_path, "ddp", **extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    job = subprocess.Popen(
+        [*cmd, "-m", "flowtrain", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**killing.env(), "PYTHONWARNINGS": "ignore"},
+    )
+    run = tmp_path / "runs" / "ddp"
+    try:
+        killing.poll(job, lambda: killing.logged_steps(run) >= 3, timeout=180, every=0.01)
+        workers = {_rank_of(pid): pid for pid in _children(job.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+        out, err = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, err[-3000:]
+    stops = re.findall(r"flowtrain: stopped by SIGTERM after step (\d+), checkpoint (\S+) holds it", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # rank 1 (signalled) and rank 0 (agreed)
+    step = int(stops[0][0])
+    assert 3 <= step < 2000 and ckpt.read_checkpoint(stops[0][1]).step == step
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{step:06d}"]
+    assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == step and not (run / "summary.json").exists()

@@ -8,8 +8,10 @@ Layout of a dataset directory (format version FORMAT_VERSION):
     meta.json                   written last: counts, dtype, tokenizer fingerprint, sources, split, skipped
 
 The directory is built under `<out>.tmp-<pid>` and renamed into place only when complete, so an interrupted
-prepare never leaves something that looks like a dataset. Tokens stream through a scratch file on disk, so
-memory stays flat in corpus size; the split is then a copy of contiguous runs of documents.
+prepare never leaves something that looks like a dataset; what a killed one leaves is removed by the next
+prepare there (the writer holds a lock inside its temporary while it works: a free lock means it died).
+Tokens stream through a scratch file on disk, so memory stays flat in corpus size; the split is then a copy
+of contiguous runs of documents.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from array import array
@@ -30,7 +33,7 @@ from flowtrain.data.config import DataConfig
 from flowtrain.data.corpora import Corpus
 from flowtrain.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer_file
 from flowtrain.errors import DataError
-from flowtrain.fsutil import fsync_dir, write_synced
+from flowtrain.fsutil import DirectoryLock, fsync_dir, pid_alive, write_synced
 
 FORMAT_VERSION = 1
 _CHUNK_CHARS = 1 << 20  # documents are encoded in ~1 MB batches (lets BPE use all cores)
@@ -204,9 +207,11 @@ def _write_error(exc: OSError, out: Path, corpus: Corpus) -> DataError | None:
 
 def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace: bool, cache_key: str | None):
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out.parent, out.name)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    held = DirectoryLock.acquire(tmp)  # "alive" to remove_leftovers in other processes
     try:
         tokenizer = build_tokenizer(cfg, corpus)
         dtype = token_dtype(tokenizer.vocab_size, cfg.token_dtype)
@@ -248,12 +253,15 @@ def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         write_synced(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+        held.path.unlink()  # not part of the dataset; still held, and the PID in the name says "alive" meanwhile
         fsync_dir(tmp)
         if not _install(tmp, out, replace):
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        held.release()
     if progress:
         note = f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())} file(s)/record(s)" if skipped else ""
         print(
@@ -271,6 +279,23 @@ def _refuse_foreign(out: Path) -> None:
     """Replacing `out` deletes it, so it must be absent, empty, or a dataset directory (complete or not)."""
     if out.exists() and (not out.is_dir() or any(p.name not in _DATASET_FILES for p in out.iterdir())):
         raise DataError(f"{out} exists and is not a dataset directory; choose another output path")
+
+
+def remove_leftovers(parent: Path, name: str | None = None) -> list[str]:
+    """Remove the temporaries (`NAME.tmp-PID`, `NAME.old-PID`; any NAME when None) of prepares that died in
+    `parent`: one whose lock is free, or without a lock file, whose PID is gone from this machine. Returns
+    their names."""
+    pattern = re.compile(rf"^{re.escape(name) if name else '.+'}\.(tmp|old)-(\d+)$")
+    removed = []
+    for path in parent.iterdir() if parent.is_dir() else []:
+        m = pattern.match(path.name)
+        if not m or int(m.group(2)) == os.getpid() or not path.is_dir():
+            continue
+        has_lock = m.group(1) == "tmp" and (path / ".lock").exists()
+        if DirectoryLock.is_free(path) if has_lock else not pid_alive(int(m.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def _install(tmp: Path, out: Path, replace: bool) -> bool:
@@ -332,6 +357,7 @@ def dataset_for(cfg: DataConfig, *, progress: bool = True) -> Path:
         return Path(cfg.dataset).expanduser()
     key = cache_key(cfg)
     out = cache_root(cfg) / "datasets" / key[:24]
+    remove_leftovers(out.parent)  # of any dataset in the cache
     if (out / "meta.json").is_file():
         return out
     return prepare_dataset(cfg, out, progress=progress, replace=False, cache_key=key)

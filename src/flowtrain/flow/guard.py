@@ -274,6 +274,7 @@ class Guard:
             "trend": self.trend.state_dict(),
             "stall": self.stall.state_dict(),
             "clip": self.clip.state_dict(),
+            "flow": [summary.to_json() for summary in self.flow],
             "consecutive_skips": self.consecutive_skips,
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
@@ -286,6 +287,7 @@ class Guard:
         self.stall.load_state_dict(state.get("stall", {}))
         self.clip.load_state_dict(state.get("clip", {}))
         self.flow.clear()
+        self.flow.extend(FlowSummary.from_json(summary) for summary in state.get("flow", []))
         self.consecutive_skips = state["consecutive_skips"]
         self.skipped_steps = state["skipped_steps"]
         self.rollbacks = state["rollbacks"]

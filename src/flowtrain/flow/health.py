@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from flowtrain._base import Section
-from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowRecord
+from flowtrain.flow.summary import FlowSummary
 
 # the verdict a set of findings gets is its first kind in this order: causes before their symptoms
 PRIORITY = (
@@ -207,62 +207,6 @@ def clip_saturation(fraction: float, window: int, threshold: float) -> Finding:
 
 
 # ---- per monitored step ---------------------------------------------------------------------------------------
-@dataclass
-class FlowSummary:
-    """The numbers of one FlowRecord the health model judges (NaN where the record lacks them)."""
-
-    step: int
-    layers: list[str]
-    update_ratio: np.ndarray  # per layer ||dW||/||W||
-    grad_norm: np.ndarray  # per layer
-    first_nonfinite: str | None  # first tensor with a non-finite gradient, in backward order
-    resid_ratio: float  # ||dL/dh_0|| / ||dL/dh_L||
-    signal_ratio: float  # rms(h_L) / rms(h_0)
-    min_entropy: tuple[float, str | None]
-    max_attn_logit: tuple[float, str | None]
-    logsumexp: float
-    grad_norm_preclip: float
-    first_block: str | None = None  # the layer of the first block along depth (h_1)
-
-    @classmethod
-    def of(cls, rec: FlowRecord) -> FlowSummary:
-        nan = float("nan")
-        col = TENSOR_STATS.index
-        layers = list(rec.layer_names)
-        ratio = grad = np.full(len(layers), np.nan)
-        if rec.layer_stats is not None:
-            ratio = rec.layer_stats[:, col("update_ratio")].astype(np.float64)
-            grad = rec.layer_stats[:, col("grad_norm")].astype(np.float64)
-        first_bad = None
-        if rec.tensor_stats is not None:  # the backward pass reaches the output's tensors first
-            bad = rec.tensor_stats[:, col("grad_nonfinite")]
-            first_bad = next((n for n, c in zip(reversed(rec.tensor_names), bad[::-1], strict=True) if c > 0), None)
-        resid = signal = nan
-        entropy: tuple[float, str | None] = (nan, None)
-        logit: tuple[float, str | None] = (nan, None)
-        if rec.depth_stats is not None and len(rec.depth_stats) >= 2:
-            d = rec.depth_stats.astype(np.float64)
-            g, a = d[:, DEPTH_STATS.index("resid_grad_norm")], d[:, DEPTH_STATS.index("act_rms")]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                resid = float(g[0] / g[-1]) if g[-1] > 0 else nan
-                signal = float(a[-1] / a[0]) if a[0] > 0 else nan
-            names = list(rec.depth_layers)
-            entropy = _extreme(d[:, DEPTH_STATS.index("attn_entropy")], names, np.argmin)
-            logit = _extreme(d[:, DEPTH_STATS.index("attn_max_logit")], names, np.argmax)
-        first_block = rec.depth_layers[1] if len(rec.depth_layers) > 1 else None
-        return cls(rec.step, layers, ratio, grad, first_bad, resid, signal, entropy, logit,
-                   rec.scalars.get("logits_lse_mean", nan), rec.scalars.get("grad_norm_preclip", nan),
-                   first_block)  # fmt: skip
-
-
-def _extreme(values: np.ndarray, names: list[str], pick) -> tuple[float, str | None]:
-    finite = np.isfinite(values)
-    if not finite.any():
-        return float("nan"), None
-    i = int(np.flatnonzero(finite)[pick(values[finite])])
-    return float(values[i]), names[i]
-
-
 def _median(values) -> float:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     v = v[~np.isnan(v)]

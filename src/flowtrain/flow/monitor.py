@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -278,6 +279,15 @@ class FlowMonitor:
     def discard(self) -> None:
         """Forget the finished steps not collected (a data-parallel rank that writes nothing)."""
         self._ready.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to report what an uninterrupted one would: the clip rate's window (of the
+        steps collected so far; the trainer collects every step before a checkpoint)."""
+        return {"flow_clip_window": list(self._clipped)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self._clipped.clear()
+        self._clipped.extend(saved.get("flow_clip_window", []))
 
     def _collect(self, ready: list[StepStats], step: int | None) -> list[FlowRecord]:
         if self.params is None:

@@ -23,9 +23,12 @@ leaves either nothing or a complete checkpoint; `meta.json`'s hashes catch later
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +87,8 @@ def save_checkpoint(
     is_main = not distributed or torch.distributed.get_rank() == 0
     small = (step, rng, state, tokenizer_json, config_yaml)
     if layout == "sharded":
-        save_sharded(final, target, optimizer, lambda tmp: _write_small(tmp, *small, layout="sharded"), is_main)
+        with _full_disk_reported(final, target, optimizer):
+            save_sharded(final, target, optimizer, lambda tmp: _write_small(tmp, *small, layout="sharded"), is_main)
     elif _is_sharded(target):  # FSDP, gathered to rank 0 (collective), written as one file like any other
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -96,17 +100,70 @@ def save_checkpoint(
         model_state = get_model_state_dict(target, options=opts)
         optim_state = _fqn_to_index(get_optimizer_state_dict(target, optimizer, options=opts))
         if is_main:
-            with atomic_directory(final) as tmp:
+            with _full_disk_reported(final, target, optimizer), atomic_directory(final) as tmp:
                 save_file(_dedup_tied(target, model_state), str(tmp / "model.safetensors"))
                 torch.save(optim_state, tmp / "optimizer.pt")
                 _write_small(tmp, *small, layout="full")
     elif is_main:
-        with atomic_directory(final) as tmp:
+        with _full_disk_reported(final, target, optimizer), atomic_directory(final) as tmp:
             save_model(target, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             _write_small(tmp, *small, layout="full")
     dist_util.barrier()
     return final
+
+
+def size_estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """About how many bytes a checkpoint of `model` and `optimizer` takes: the tensors they save (a sharded
+    model's in full, a tied weight once) plus 64 kB for the small files."""
+    seen, total = set(), 64 << 10
+    tensors = list(model.state_dict().values())
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        try:
+            key = (t.data_ptr(), t.numel())  # tied weights share their storage
+        except RuntimeError:  # no storage to point at (a DTensor): count it
+            key = id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether a write failed for want of space (the OS's ENOSPC / EDQUOT, or torch.save's own words for a
+    short write), anywhere in the exception's chain."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(exc) for words in ("No space left", "unexpected pos", "file write failed")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _full_disk_reported(final: Path, model: torch.nn.Module, optimizer) -> Iterator[None]:
+    """A checkpoint that did not fit on the disk is one line (after atomic_directory removed its partial
+    temporary), saying how much it needs: the checkpoints before it are untouched."""
+    try:
+        yield
+    except Exception as exc:
+        need, free = size_estimate(model, optimizer), shutil.disk_usage(final.parent).free
+        if not _no_space(exc) and free >= need:
+            raise
+        mb, run = 1 << 20, final.parent.parent
+        then = (
+            f"the earlier checkpoints are intact: free some space (or lower train.keep_last), then continue with "
+            f"flowtrain train --resume {run}"
+            if list_checkpoints(final.parent)
+            else f"free some space, then flowtrain train --resume {run} starts it over"
+        )
+        raise CheckpointError(
+            f"no space left on the device for checkpoint {final.name} in {final.parent}: it needs about "
+            f"{need / mb:.1f} MB, {free / mb:.1f} MB are free; {then}"
+        ) from None
 
 
 def _write_small(tmp: Path, step: int, rng, state, tokenizer_json: str, config_yaml: str, layout: str) -> None:
@@ -180,15 +237,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoints (those with a meta.json), oldest first."""
+def checkpoint_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """Every checkpoints/step_N directory, complete or not, oldest first (temporaries are hidden names)."""
     found = []
     if Path(checkpoints).is_dir():
         for child in Path(checkpoints).iterdir():
             m = _STEP_DIR.match(child.name)
-            if m and (child / "meta.json").is_file():
+            if m and child.is_dir():
                 found.append((int(m.group(1)), child))
     return sorted(found)
+
+
+def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoints (those with a meta.json), oldest first."""
+    return [(step, path) for step, path in checkpoint_dirs(checkpoints) if (path / "meta.json").is_file()]
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -204,6 +266,14 @@ def prune_checkpoints(checkpoints: Path, keep_last: int, keep_steps: set[int]) -
             shutil.rmtree(path, ignore_errors=True)
 
 
+class UnusableCheckpoint(CheckpointError):
+    """A checkpoint that is incomplete or corrupt; `problem` says what, in a few words."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path} {problem}; resume from an earlier checkpoint")
+        self.problem = problem
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Verify a checkpoint directory (complete, uncorrupted) and read its small parts."""
     path = Path(path)
@@ -211,13 +281,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} does not exist; point at a run directory or checkpoints/step_N")
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json); resume from an earlier checkpoint")
+        raise UnusableCheckpoint(path, "is incomplete (no meta.json)")
     try:
         meta = json.loads(meta_path.read_text())
-        hashes = meta["sha256"]
+        hashes = dict(meta["sha256"])
         step = int(meta["step"])
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} has a corrupt meta.json; resume from an earlier checkpoint") from None
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+        raise UnusableCheckpoint(path, "has a corrupt meta.json") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {meta.get('format_version')}, this flowtrain reads "
@@ -226,18 +296,15 @@ def read_checkpoint(path: Path) -> Checkpoint:
     for name, digest in hashes.items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier checkpoint")
+            raise UnusableCheckpoint(path, f"is missing {name}")
         if sha256_file(file) != digest:
-            raise CheckpointError(
-                f"checkpoint {path}: {name} is truncated or corrupt (checksum mismatch); "
-                "resume from an earlier checkpoint"
-            )
+            raise UnusableCheckpoint(path, f"has a truncated or corrupt {name} (checksum mismatch)")
     try:
         state = json.loads((path / "state.json").read_text())
         tokenizer_json = (path / "tokenizer.json").read_text()
         config_yaml = (path / "config.yaml").read_text()
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); resume from an earlier checkpoint") from None
+        raise UnusableCheckpoint(path, f"cannot be read ({exc})") from None
     layout = meta.get("layout", "full")
     if layout not in ("full", "sharded"):
         raise CheckpointError(

@@ -37,9 +37,6 @@ class Checkpoints:
     def due(self, step: int, end: int | None) -> bool:
         return step % self.interval == 0 or step == end
 
-    def maybe_save(self, step: int, end: int | None) -> Path | None:
-        return self.save() if self.due(step, end) else None
-
     def save(self) -> Path:
         """A checkpoint of the state now; every rank takes part (sharded layouts write from every rank)."""
         state = self.state

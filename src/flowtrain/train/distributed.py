@@ -271,6 +271,14 @@ class DataParallel:
         host_ran = guard.cfg.enabled and (guard.host_every_step or host_now)
         return agree_on_verdict(verdict, host_ran, self.comm_device, guard)
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's `value` (one all-reduce; e.g. a stop requested by a signal to one rank)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def broadcast_json(self, obj):
         """Rank 0's JSON-able `obj` on every rank (itself in one process)."""
         return broadcast_json(obj, self.comm_device) if self.enabled else obj

@@ -12,13 +12,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from flowtrain.errors import CheckpointError
-from flowtrain.rundir import RunDir
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.runtime import rng_state, set_rng_state
 from flowtrain.train.step import TrainState
@@ -98,15 +95,3 @@ def restore(state: TrainState, source: ckpt.Checkpoint | Snapshot, owners: Seque
     state.step = source.step
     if state.monitor is not None:
         state.monitor.restart_at(state.step)
-
-
-def find_resume_checkpoint(path: Path) -> tuple[Path, ckpt.Checkpoint]:
-    """(run directory, checkpoint) for a run directory (its latest checkpoint) or a checkpoint directory."""
-    if path.parent.name == "checkpoints":
-        return path.parent.parent, ckpt.read_checkpoint(path)
-    if not path.is_dir():
-        raise CheckpointError(f"cannot resume {path}: no such run directory")
-    latest = ckpt.latest_checkpoint(RunDir(path).checkpoints)
-    if latest is None:
-        raise CheckpointError(f"cannot resume {path}: it has no complete checkpoint; start a new run instead")
-    return path, ckpt.read_checkpoint(latest)

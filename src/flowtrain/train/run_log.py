@@ -19,6 +19,7 @@ from flowtrain.rundir import RunDir, write_env
 from flowtrain.sinks.alerts import AlertFolder
 from flowtrain.sinks.console import ConsoleSink
 from flowtrain.sinks.jsonl import JsonlSink
+from flowtrain.train.run_files import cut_back
 from flowtrain.train.runtime import allocator
 from flowtrain.train.step import StepOutput, TrainState
 
@@ -55,7 +56,8 @@ class RunLog:
         *,
         flops_per_token: float,
         peak_flops: float | None,
-        resumed: bool,
+        continues: bool,
+        write_config: bool = True,
         progress: bool = True,
         on_record: Callable[[Any], None] | None = None,
     ):
@@ -72,11 +74,11 @@ class RunLog:
             self.sinks: list = [self.metrics]
             return
         run.root.mkdir(parents=True, exist_ok=True)
-        if not resumed:
+        if continues:  # a resumed (or restarted) run: its files hold the history up to its start, nothing later
+            redone = start_step == cfg.train.max_steps and cfg.train.eval_full_at_end
+            cut_back(run, start_step, final_eval_redone=redone)
+        if write_config:
             atomic_write_text(run.config, cfg.to_yaml())
-        else:
-            for path in (run.metrics, run.evals, run.alerts):
-                JsonlSink.truncate_after(path, start_step)
         self.metrics = JsonlSink(run.metrics, flush_every=max(1, 50 // cfg.log.interval))
         self.alerts = JsonlSink(run.alerts)
         self.evals = JsonlSink(run.evals)
@@ -87,7 +89,7 @@ class RunLog:
         if cfg.log.tensorboard:
             from flowtrain.sinks.tensorboard import TensorBoardSink
 
-            self.tb = TensorBoardSink(run.tensorboard, purge_step=start_step + 1 if start_step else None)
+            self.tb = TensorBoardSink(run.tensorboard, purge_step=start_step + 1 if continues else None)
             self.sinks.append(self.tb)
         write_env(run, self.device, state.optimizer, allocator())
         if cfg.log.wandb:
@@ -164,14 +166,19 @@ class RunLog:
         for alert in alerts:
             self.alert(alert)
 
-    def checkpointed(self) -> None:
-        """After a checkpoint: flow.parquet complete up to it (a run resumed from it keeps what is before)."""
+    def sync(self) -> None:
+        """Everything written so far on disk (flushed and fsynced) and flow.parquet complete up to the step, the
+        records not written yet included: the loop calls it before a checkpoint appears, so the run's files
+        always hold the whole history of its newest checkpoint (a run resumed from it keeps what is before)."""
         if self.flow_writer is not None:
             step = self.state.step
             for record in self.monitor.collect_all(step):
                 self.write_record(record)
             self.flow_writer.close()
             self.flow_writer = FlowParquetWriter(self.run.flow, keep_before_step=step + 1)
+        self.flush_alerts(final=True)  # folds close at every checkpoint: a run resumed from it folds the same
+        for sink in (self.metrics, self.evals, self.alerts):
+            sink.flush()
 
     # ---- evaluations, alerts, rollbacks --------------------------------------------------------------------
     def write_eval(self, step: int, result: dict[str, float]) -> None:

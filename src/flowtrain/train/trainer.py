@@ -3,13 +3,16 @@ checkpoints, logging and a closing sample hung around it.
 
 The step's math lives in train/step.py and sees only a TrainState; around it the loop calls small objects:
 Evaluation (train/evaluate.py), Checkpoints (train/checkpoints.py), Recovery (train/recovery.py), RunLog
-(train/run_log.py) and a RowBuffer (sinks/rows.py). Resume is exact on CPU: train/restore.py puts back the
-model, optimizer, schedule, loader position, clipper state and RNG state, the same way a rollback does.
-The trainer does not tune the CPU allocator (the CLI does; train/runtime.py).
+(train/run_log.py), a RowBuffer (sinks/rows.py) and a StopRequest (train/stopping.py). Resume is exact on CPU:
+train/restore.py puts back the model, optimizer, schedule, loader position, clipper state and RNG state, the
+same way a rollback does; train/run_files.py opens the run directory (one writer, interrupted writes cleaned
+up, the logs cut back to the checkpoint). The trainer does not tune the CPU allocator or install signal
+handlers (the CLI does; train/runtime.py, interrupts.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from flowtrain.errors import CheckpointError, ConfigError, DataError, DivergedEr
 from flowtrain.flow.guard import Alert, Guard
 from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
-from flowtrain.fsutil import atomic_write_text
+from flowtrain.fsutil import DirectoryLock, atomic_write_text
 from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.optimizers import build_optimizer
@@ -36,16 +39,17 @@ from flowtrain.rundir import RunDir, default_run_name, summary_json
 from flowtrain.sample import generate
 from flowtrain.sinks.rows import RowBuffer, StepTimer
 from flowtrain.train import distributed as dist_util
-from flowtrain.train import preflight
-from flowtrain.train.checkpoint import latest_checkpoint
+from flowtrain.train import preflight, run_files
+from flowtrain.train.checkpoint import Checkpoint, latest_checkpoint
 from flowtrain.train.checkpoints import Checkpoints
 from flowtrain.train.evaluate import Evaluation, evaluate
 from flowtrain.train.faults import attach_faults
 from flowtrain.train.recovery import Recovery
-from flowtrain.train.restore import find_resume_checkpoint, restore
+from flowtrain.train.restore import restore
 from flowtrain.train.run_log import Row, RunLog
 from flowtrain.train.runtime import seed_everything, select_device, select_precision
 from flowtrain.train.step import TrainState, train_step
+from flowtrain.train.stopping import StopRequest
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
 _KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -58,6 +62,8 @@ class RunSummary:
     final: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
     sample: str = ""
+    stopped: str | None = None  # why the loop ended early on request (request_stop's reason)
+    checkpoint: Path | None = None  # the newest checkpoint of the run's state: written, or resumed from
 
 
 class Trainer:
@@ -65,6 +71,8 @@ class Trainer:
 
     `run_dir`: write there instead of train.out_dir/run_name (or the resumed run's directory);
     `on_record`: called with each microscope record the loop writes (flowtrain diagnose collects them).
+    The trainer holds its run directory (a lock: one writer) from construction until run_loop() ends, or
+    close(); `request_stop()` ends the loop early with a checkpoint (the CLI calls it on SIGTERM / SIGINT).
     """
 
     def __init__(
@@ -77,27 +85,40 @@ class Trainer:
         run_dir: Path | None = None,
         on_record: Callable[[Any], None] | None = None,
     ):
-        self.resume_from = None
-        if resume_dir is not None:
-            resume_dir, self.resume_from = find_resume_checkpoint(Path(resume_dir))
-        preflight.check_stop_after(stop_after, self.resume_from.step if self.resume_from else 0)
         self.cfg, self.stop_after, self.on_record = cfg, stop_after, on_record
         self.progress = cfg.log.console if progress is None else progress
         tc = cfg.train
         warmup_notice = preflight.shorten_warmup(cfg)  # before the schedule is built
-        writes_to = Path(run_dir or resume_dir or tc.out_dir)
-        preflight.check_writable(writes_to)
+        self._writes_to = Path(run_dir or resume_dir or tc.out_dir)
+        preflight.check_writable(self._writes_to)
         # distributed (torchrun): join the group first; the device is then cuda:LOCAL_RANK or cpu
         ctx, dist_device = dist_util.init_distributed(tc.parallel, tc.device)
         if warmup_notice and ctx.is_main:
             print(f"flowtrain: {warmup_notice}", file=sys.stderr)
         self.device = dist_device or select_device(tc.device)
         self.parallel = dist_util.DataParallel(ctx, self.device, padded_rows=cfg.data.loader == "varlen")
+        self._lock: DirectoryLock | None = None  # rank 0's, on the run directory
+        self.stop = StopRequest(self.parallel)
+        self._in_loop = self._running = False
+        try:
+            self.run, self.resume_from = self._run_directory(run_dir, resume_dir)
+            preflight.check_stop_after(stop_after, self.resume_from.step if self.resume_from else 0)
+            self._build(resume_dir is not None)
+        except BaseException:
+            if self._lock is not None and resume_dir is None:  # a new run that never started leaves nothing
+                run_files.abandon_fresh(self._lock.path.parent, self._lock)
+            self.close()  # a trainer that failed to build lets go of the directory at once
+            raise
+
+    # ---- building ----------------------------------------------------------------------------------------
+    def _build(self, continues: bool) -> None:
+        """Every component, from the config; a resumed run's state then comes back from its checkpoint."""
+        cfg, tc, ctx = self.cfg, self.cfg.train, self.parallel.ctx
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
         self._open_data()
         preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
-        preflight.check_free_space(writes_to, cfg, extra=len(self.tokenizer.to_json()))
+        preflight.check_free_space(self._writes_to, cfg, extra=len(self.tokenizer.to_json()))
 
         # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
@@ -124,7 +145,6 @@ class Trainer:
             scaler=torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None,
             host_check_every=cfg.log.interval if on_gpu else 1,  # on GPU the guard's host checks wait for logging
         )
-        self.run = self._run_directory(run_dir, resume_dir)
         self.evaluation = Evaluation(self.evaluate, tc.eval_interval, tc.max_steps)
         self.recovery = Recovery(self.state, cfg.guard, self.run.checkpoints, others=[self.evaluation])
         self.checkpoints = Checkpoints(
@@ -138,14 +158,21 @@ class Trainer:
             config_yaml=cfg.to_yaml(),
             best_step=lambda: self.evaluation.best_step,
         )
+        self.continues = continues  # its files are cut back to the step it starts from
+        self.last_checkpoint: Path | None = None
         if self.resume_from is not None:
             restore(self.state, self.resume_from, self.recovery.owners)
+            self.last_checkpoint = self.resume_from.path
         # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
         flow_cfg = dist_util.flow_config_for(cfg.flow, ctx)
         self.flow = FlowMonitor(
             self.raw_model, optimizer, flow_cfg, start_step=self.state.step, sync=self.parallel.world_size > 1
         )
         self.flow.backward_scale = self.parallel.world_size  # each rank's loss is scaled by it (train/step.py)
+        # its clip-rate window goes into checkpoints too (not into rollbacks: a snapshot may precede its records)
+        self.checkpoints.owners = (*self.recovery.owners, self.flow)
+        if self.resume_from is not None:
+            self.flow.load_state_dict(self.resume_from.state)
         self.state.monitor = self.flow
         faults = attach_faults(cfg.fault, self.state, self.raw_model.layer_of, self.tokenizer.vocab_size)
         if faults and self.parallel.is_main:
@@ -159,7 +186,6 @@ class Trainer:
         """Optimizer steps done."""
         return self.state.step
 
-    # ---- building ----------------------------------------------------------------------------------------
     def _open_data(self) -> None:
         """Prepare (or reuse) the token files; the tokenizer then decides the vocabulary."""
         with self.parallel.main_first():  # rank 0 prepares the shared data cache
@@ -193,20 +219,27 @@ class Trainer:
             bucket_by_length=cfg.data.bucket_by_length,
         )
 
-    def _run_directory(self, run_dir: Path | None, resume_dir: Path | None) -> RunDir:
-        if run_dir is not None:
-            return RunDir(Path(run_dir))
-        if resume_dir is not None:
-            return RunDir(Path(resume_dir))
-        name = self.parallel.broadcast_json(self.cfg.train.run_name or default_run_name())  # a timestamp: rank 0's
-        run = RunDir(Path(self.cfg.train.out_dir) / name)
-        if run.root.exists() and any(run.root.iterdir()):
-            raise ConfigError(
-                f"run directory {run.root} already exists; resume it with --resume {run.root} "
-                "or choose another train.run_name"
-            )
-        self.parallel.barrier()  # every rank has looked before rank 0 creates it
-        return run
+    def _run_directory(self, run_dir: Path | None, resume_dir: Path | None) -> tuple[RunDir, Checkpoint | None]:
+        """The directory this run writes, locked (run_files.open_run_dir), and the checkpoint it resumes from."""
+        if run_dir is None and resume_dir is None:  # a timestamp by default: rank 0's
+            name = self.parallel.broadcast_json(self.cfg.train.run_name or default_run_name())
+            run_dir = Path(self.cfg.train.out_dir) / name
+        run, self._lock, resume_from = run_files.open_run_dir(self.parallel, run_dir, resume_dir)
+        return run, resume_from
+
+    def close(self) -> None:
+        """Let go of the run directory (its lock); run_loop() does it at the end, the OS when the process ends."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def request_stop(self, reason: str) -> bool:
+        """Ask the loop to stop after the step it is in: it then writes a checkpoint (unless that step has one),
+        puts every row on disk and ends, RunSummary.stopped = `reason` (a signal's name, e.g. "SIGTERM"). Safe
+        to call from a signal handler (it only sets a flag). False when no loop is running to honour it (before
+        it starts, after it ends); during run_loop() True (after the last step the run finishes instead)."""
+        self.stop.request(reason)
+        return self._in_loop or self._running
 
     def _peak_flops(self) -> float | None:
         if self.cfg.train.peak_tflops:
@@ -262,16 +295,21 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def run_loop(self) -> RunSummary:
         """Train to the end (max_steps, or stop_after): every iteration of steps(), then the run's summary."""
-        for _ in self.steps():
-            pass
-        return self._finish()
+        self._running = True  # a stop requested after the last step lets the run finish (its summary)
+        try:
+            for _ in self.steps():
+                pass
+            return self._finish()
+        finally:
+            self._running = False
 
     def steps(self, until: int | None = None) -> Iterator[int]:
         """The training loop one iteration at a time: yields the step number after each step, its logging, guard
         action and side work (snapshot, eval, checkpoint). It ends at max_steps (or stop_after) with a checkpoint,
-        or at step `until` when given: a window of steps, checkpointed only at train.checkpoint_interval. The
-        sinks open at the first next() and close when the loop ends or the generator is closed, and so do the
-        microscope's hooks: a trainer runs one loop. run_loop() is this plus the run's end."""
+        or at step `until` when given: a window of steps, checkpointed only at train.checkpoint_interval; or,
+        after request_stop(), after the step it is in, with a checkpoint. The sinks open at the first next() and
+        close when the loop ends or the generator is closed, and so do the microscope's hooks: a trainer runs
+        one loop. run_loop() is this plus the run's end."""
         tc, lc, state, parallel = self.cfg.train, self.cfg.log, self.state, self.parallel
         run_end = tc.max_steps if self.stop_after is None else min(tc.max_steps, self.stop_after)
         end = run_end if until is None else until
@@ -283,7 +321,8 @@ class Trainer:
             state,
             flops_per_token=self.raw_model.flops_per_token(),
             peak_flops=self._peak_flops(),
-            resumed=self.resume_from is not None,
+            continues=self.continues,
+            write_config=self.resume_from is None,
             progress=self.progress,
             on_record=self.on_record,
         )
@@ -291,8 +330,13 @@ class Trainer:
         state.model.train()
         self.recovery.start()
         timer = StepTimer()
+        self._in_loop = True
         try:
             while state.step < end:
+                if self.stop.agreed(state.host_check_every):
+                    if state.step > 0 and self.last_checkpoint_step != state.step:
+                        self._checkpoint(rows, log)
+                    break
                 lr = state.optimizer.param_groups[0]["lr"]
                 out = train_step(state)
                 acting = out.verdict.action in ("rollback", "stop")
@@ -306,44 +350,70 @@ class Trainer:
                     timer.restart()
                     yield state.step
                     continue
-                if self.evaluation.due(state.step) or self.checkpoints.due(state.step, checkpoint_end):
+                checkpoint_due = self.checkpoints.due(state.step, checkpoint_end)
+                if self.evaluation.due(state.step) or checkpoint_due:
                     rows.flush()  # metrics and flow records complete up to here (booked as step time)
                 with timer.paused():  # snapshots, evaluations, checkpoints: not step time
                     self.recovery.maybe_snapshot(out.verdict)
                     self.evaluation.maybe_eval(state.step, log.write_eval)
-                    if self.checkpoints.maybe_save(state.step, checkpoint_end):
-                        log.checkpointed()
+                    if checkpoint_due:
+                        self._checkpoint(rows, log)
                 yield state.step
             if state.step == tc.max_steps and tc.eval_full_at_end:
                 self.final_eval = final = self.evaluate(full=True)
                 log.evals.write(state.step, {f"{k}_full": v for k, v in final.items()})
+        except BaseException:
+            self._in_loop = False
+            with contextlib.suppress(Exception):  # the error in flight is the one to report, not a second one
+                self._close_log(rows, log)
+            self.close()  # the run is over: let go of its directory
+            raise
+        self._in_loop = False
+        self._close_log(rows, log)
+
+    def _close_log(self, rows: RowBuffer, log: RunLog) -> None:
+        """Whatever the loop logged before it ended (also by an error or close()), then the sinks and hooks."""
+        try:
+            rows.flush()
         finally:
-            try:
-                rows.flush()  # whatever the loop logged before it ended, also by an error or close()
-            finally:
-                log.close()
-                self.flow.close()
+            log.close()
+            self.flow.close()
+
+    @property
+    def last_checkpoint_step(self) -> int | None:
+        return None if self.last_checkpoint is None else int(self.last_checkpoint.name.split("_")[-1])
+
+    def _checkpoint(self, rows: RowBuffer, log: RunLog) -> None:
+        """A checkpoint of the state now, made visible only after every row up to it is on disk (log.sync)."""
+        rows.flush()
+        log.sync()
+        self.last_checkpoint = self.checkpoints.save()
 
     def _finish(self) -> RunSummary:
-        """After the loop: the sample text, summary.json (a finished run only) and the distributed teardown."""
+        """After the loop: the sample text, summary.json (a finished run only), the distributed teardown, and the
+        run directory let go."""
         tc, final, step, parallel = self.cfg.train, self.final_eval, self.state.step, self.parallel
-        text = ""
-        if tc.sample_tokens and step == tc.max_steps and (parallel.is_main or parallel.strategy == "fsdp"):
-            text = self._closing_sample()  # FSDP: every rank runs the (identical, seeded) generation; its forward
-        text = text if parallel.is_main else ""  # all-gathers weights
-        best = self.evaluation
-        summary = RunSummary(self.run.root, step, final, best.best_val_loss, text)
-        parallel.shutdown()
-        if step == tc.max_steps and parallel.is_main:
-            done = {
-                "steps": step,
-                "best_val_loss": best.best_val_loss,
-                "best_step": best.best_step,
-                "final_full_eval": final,
-                "skipped_steps": self.state.guard.skipped_steps,
-                "rollbacks": self.state.guard.rollbacks,
-            }
-            atomic_write_text(self.run.summary, summary_json(done))  # NaN / inf as null, listed
+        try:
+            text = ""
+            if tc.sample_tokens and step == tc.max_steps and (parallel.is_main or parallel.strategy == "fsdp"):
+                text = self._closing_sample()  # FSDP: every rank runs the (identical, seeded) generation; its
+            text = text if parallel.is_main else ""  # forward all-gathers weights
+            best = self.evaluation
+            stopped = self.stop.reason if step < tc.max_steps else None
+            summary = RunSummary(self.run.root, step, final, best.best_val_loss, text, stopped, self.last_checkpoint)
+            parallel.shutdown()
+            if step == tc.max_steps and parallel.is_main:
+                done = {
+                    "steps": step,
+                    "best_val_loss": best.best_val_loss,
+                    "best_step": best.best_step,
+                    "final_full_eval": final,
+                    "skipped_steps": self.state.guard.skipped_steps,
+                    "rollbacks": self.state.guard.rollbacks,
+                }
+                atomic_write_text(self.run.summary, summary_json(done))  # NaN / inf as null, listed
+        finally:
+            self.close()
         return summary
 
     def _closing_sample(self) -> str:
