@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from flowtrain.lab.common import LabContext, read_flow_kind, read_run, variant_config
+from flowtrain.lab.common import LabContext, read_flow_kind, variant_config
 from flowtrain.lab.figures import profile_figure
 from flowtrain.lab.probes import InitProfile, init_profile
 from flowtrain.lab.study import (
@@ -19,6 +19,7 @@ from flowtrain.lab.study import (
     Variant,
     ended_before_warmup,
     per_seed,
+    read_all,
     scale,
     seeded_overrides,
     settings_rows,
@@ -113,7 +114,7 @@ def norm_placement(ctx: LabContext) -> StudyOutcome:
     ]
     profiles = {p: probe(ctx, common, variants[2 * i], scale(ctx, 2, 8)) for i, p in enumerate(("pre", "post", "none"))}
     runs = train_all(ctx, common, variants)
-    records = {k: [read_run(d) for d in dirs] for k, dirs in runs.items()}
+    records = read_all(runs)
     ratios = per_seed(profiles, block_ratio)
     loss = final_losses(records)
     with np.errstate(invalid="ignore"):  # inf - inf: both runs diverged, the gap is undefined
@@ -209,7 +210,7 @@ def residuals(ctx: LabContext) -> StudyOutcome:
     profiles = {v.name: probe(ctx, common, v, scale(ctx, 2, 8)) for v in variants}
     runs = train_all(ctx, common, variants)
     ratio = per_seed(profiles, lambda p: depth_ratio(p.resid_grad_norm))
-    loss = final_losses({k: [read_run(d) for d in dirs] for k, dirs in runs.items()})
+    loss = final_losses(read_all(runs))
     trained = per_seed(runs, _trained_depth_ratio)
     findings = [
         Finding(
@@ -292,7 +293,7 @@ def init_schemes(ctx: LabContext) -> StudyOutcome:
     grad = per_seed(profiles, lambda p: p.resid_grad_norm[1] / p.resid_grad_norm[-1])
     flatness = {k: np.abs(np.log10(v)) for k, v in grad.items()}  # decades away from a flat profile
     top = per_seed(profiles, lambda p: p.act_rms[-1])
-    loss = final_losses({k: [read_run(d) for d in dirs] for k, dirs in runs.items()})
+    loss = final_losses(read_all(runs))
     others = [k for k in act if k != "scaled"]
     findings = [
         Finding(

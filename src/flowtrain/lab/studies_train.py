@@ -233,7 +233,7 @@ def clipping(ctx: LabContext) -> StudyOutcome:
             Finding(
                 f"{label} tames the spikes (fewer spikes, or a lower final loss than no clipping)",
                 f"{summary(k)}; share of steps clipped {fmt_seeds(rate[k], percent=True)}",
-                "per seed: fewer spikes than no-clip, or as many and a lower final loss",
+                "per seed: finite where no-clip diverged; else fewer spikes, or as many and a lower final loss",
                 [every_seed(f"{k} calmer than no-clip", calmer(k))],
                 not_judged=ended_before_warmup("ZClip", ctx.seeds, rec[k], zclip_warmup, finite_norms=True)
                 if k == "zclip"
