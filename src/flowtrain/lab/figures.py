@@ -34,7 +34,9 @@ def profile_figure(
     positions, with the tick labels of the longest.
     """
     out = ReportFigure(key=key, title=title, caption=caption)
-    fig, axes = new_figure(width=9.0, row_height=3.4)
+    label_len = max((len(t) for names in labels.values() for t in names), default=0)
+    # slanted tick labels take their length in height: the figure grows with them, the plot keeps its room
+    fig, axes = new_figure(width=9.0, row_height=3.0 + 0.045 * label_len)
     ax = axes[0, 0]
     longest: list[str] = []
     drawn = False

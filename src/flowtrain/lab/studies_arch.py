@@ -188,6 +188,9 @@ def _trained_depth_ratio(run_dir) -> float:
     return depth_ratio(np.nanmedian(tail, axis=1))
 
 
+TWINS = {"plain-residual": "plain-no-residual", "prenorm-residual": "prenorm-no-residual"}  # with -> without
+
+
 def residuals(ctx: LabContext) -> StudyOutcome:
     steps = scale(ctx, 30, 300)
     common = {
@@ -243,10 +246,7 @@ def residuals(ctx: LabContext) -> StudyOutcome:
             f"{fmt_seeds(loss['plain-no-residual'])} without skips; pre-norm {fmt_seeds(loss['prenorm-residual'])} "
             f"with vs {fmt_seeds(loss['prenorm-no-residual'])} without",
             "both with-skip losses below their no-skip twins'",
-            [
-                less("no norm, skips", loss["plain-residual"], "no skips", loss["plain-no-residual"]),
-                less("pre-norm, skips", loss["prenorm-residual"], "no skips", loss["prenorm-no-residual"]),
-            ],
+            [less(k, loss[k], twin, loss[twin]) for k, twin in TWINS.items()],
         ),
     ]
     return StudyOutcome(
