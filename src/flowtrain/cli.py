@@ -144,7 +144,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.study not in STUDIES:
         raise FlowtrainError(f"unknown study {args.study!r}; choose one of: {', '.join(STUDIES)}")
     _tune_process(load_config(None, ["train.device=cpu"]))  # the studies train on the CPU (lab/common.py)
-    run_study(args.study, quick=args.quick, data=args.data, out=args.out, echo=print)
+    run_study(args.study, quick=args.quick, seeds=args.seeds, data=args.data, out=args.out, echo=print)
     return 0
 
 
@@ -276,7 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         "their runs and one HTML report, and prints a verdict table computed from the measurements (docs/lab.md).",
     )
     lab.add_argument("study", metavar="STUDY", help="norm-placement, residuals, activations, clipping, warmup or init")
-    lab.add_argument("--quick", action="store_true", help="tiny settings, about a minute (for tests and a first look)")
+    lab.add_argument(
+        "--quick", action="store_true", help="tiny settings, about a minute; its verdicts are indicative only"
+    )
+    lab.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="train every variant under N seeds (default 3; 1 with --quick); holds / contradicted needs >= 3",
+    )
     lab.add_argument("--data", metavar="PATH", help="a text file or directory (default: the built-in Python corpus)")
     lab.add_argument("--out", metavar="DIR", help="where runs and report.html go (default: runs/lab/STUDY-TIME)")
     lab.set_defaults(func=cmd_lab)

@@ -1,9 +1,12 @@
 """The report on a real tiny training run (char-level Shakespeare excerpt, 2 layers, 30 steps)."""
 
+import html as html_lib
 import re
 
 from flowtrain.config import load_config
+from flowtrain.flow.records import read_flow
 from flowtrain.report import build_report, load_run
+from flowtrain.report.load import TIED_LABELS
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -36,6 +39,13 @@ def test_report_of_a_real_run(small_text, tmp_path):
     if has_flow:
         assert run.layer_flow.names[0] == "embedding" and run.layer_flow.names[-1] == "head"
         assert run.depth_flow.names == ["h0", "h1", "h2"]
+        # the default model ties its head to the embedding: the shared matrix is in "embedding", and "head"
+        # holds the final norm alone, which is what the figures' labels say
+        assert cfg.model.tie_embeddings and run.layer_flow.labels[0] == TIED_LABELS["embedding"]
+        table = read_flow(run_dir / "flow.parquet").to_pydict()
+        head = {n for n, k, lay in zip(table["name"], table["kind"], table["layer"]) if k == "tensor" and lay == "head"}
+        assert head and all(n.startswith("norm_f.") for n in head), head
+        assert html_lib.escape(TIED_LABELS["embedding"]) in figures["grad_flow_heatmap"]
     assert "clip.max_norm = 1" in figures["grad_norm_clipping"]
 
 

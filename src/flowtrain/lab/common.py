@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import yaml
 
 from flowtrain.config import RunConfig, load_config
 from flowtrain.errors import ConfigError, DataError
@@ -21,6 +22,7 @@ from flowtrain.flow.records import read_flow
 from flowtrain.sinks.jsonl import read_jsonl
 
 BUILTIN_DATA = ["python-stdlib", "python-docs"]
+BASE_SEED = 1337  # a study's seeds are BASE_SEED, BASE_SEED + 1, ...
 
 
 @dataclass
@@ -30,6 +32,7 @@ class LabContext:
     out_dir: Path
     quick: bool = False
     data: Path | None = None  # a text file or directory; None = the built-in Python corpus
+    seeds: list[int] = field(default_factory=lambda: [BASE_SEED])  # every variant trains once per seed
     progress: bool = False  # per-run progress bars (the CLI prints one line per variant instead)
     log: list[str] = field(default_factory=list)
 
@@ -56,7 +59,7 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
         "train.keep_last": 1,
         "train.sample_tokens": 0,
         "train.device": "cpu",
-        "train.seed": 1337,
+        "train.seed": BASE_SEED,
         "optim.lr": 3e-3,
         "schedule.kind": "cosine",
         "schedule.warmup_steps": 0,
@@ -77,6 +80,11 @@ def _yaml_value(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a YAML double-quoted string: 'off' must not become False
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The run directory of one variant under one seed."""
+    return f"{name}-seed{seed}"
 
 
 def variant_config(ctx: LabContext, name: str, overrides: list[str]) -> RunConfig:
@@ -119,6 +127,7 @@ class RunRecord:
     eval_steps: np.ndarray
     evals: dict[str, np.ndarray]
     alerts: list[dict]
+    config: dict = field(default_factory=dict)  # config.yaml: what actually ran
 
     def series(self, name: str) -> np.ndarray:
         if name not in self.metrics:
@@ -128,6 +137,27 @@ class RunRecord:
     def final_val_loss(self) -> float:
         values = self.evals.get("val_loss")
         return float(values[-1]) if values is not None and len(values) else math.nan
+
+    def steps_trained(self) -> int:
+        """Steps the run really trained: up to its first non-finite loss (divergence ends training in all but
+        name), else its last logged step."""
+        bad = np.flatnonzero(~np.isfinite(self.series("loss")))
+        if len(bad):
+            return int(self.steps[bad[0]]) - 1
+        return int(self.steps[-1]) if len(self.steps) else 0
+
+    def finite_grad_norms(self) -> int:
+        """Steps with a finite pre-clip gradient norm: what ZClip counts toward its warm-up."""
+        return int(np.isfinite(self.series("grad_norm_preclip")).sum())
+
+    def setting(self, dotted: str, default: object = None) -> object:
+        """One value of config.yaml by its dotted name (e.g. "clip.zclip_warmup")."""
+        node: object = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
 
 
 def _columns(records: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -149,7 +179,10 @@ def read_run(path: Path) -> RunRecord:
     steps, metrics = _columns(read_jsonl(metrics_path))
     eval_steps, evals = _columns(read_jsonl(path / "eval.jsonl")) if (path / "eval.jsonl").is_file() else ([], {})
     alerts = read_jsonl(path / "alerts.jsonl") if (path / "alerts.jsonl").is_file() else []
-    return RunRecord(path, steps, metrics, np.asarray(eval_steps, dtype=np.int64), evals, alerts)
+    config_path = path / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    eval_steps = np.asarray(eval_steps, dtype=np.int64)
+    return RunRecord(path, steps, metrics, eval_steps, evals, alerts, config if isinstance(config, dict) else {})
 
 
 @dataclass

@@ -43,6 +43,7 @@ class InitProfile:
     act_rms: np.ndarray  # per boundary
     loss: float
     per_batch_grad_norm: np.ndarray  # [batches, layers], for tests and spread
+    tied: bool = False  # the head shares the embedding's matrix (held by the "embedding" layer)
 
     def layer(self, name: str) -> int:
         return self.layers.index(name)
@@ -95,6 +96,7 @@ def init_profile(cfg: RunConfig, n_batches: int) -> InitProfile:
         act_rms=np.median(depth["act_rms"], axis=0),
         loss=float(np.median(losses)),
         per_batch_grad_norm=col["grad_norm"],
+        tied=bool(cfg.model.tie_embeddings),
     )
 
 

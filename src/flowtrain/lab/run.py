@@ -11,8 +11,9 @@ import contextlib
 import datetime as _dt
 import io
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +21,10 @@ import torch
 from flowtrain.errors import ConfigError, DataError
 from flowtrain.fsutil import atomic_write_text
 from flowtrain.lab import studies_arch, studies_train
-from flowtrain.lab.common import LabContext
+from flowtrain.lab.common import BASE_SEED, LabContext
 from flowtrain.lab.page import write_study_page
 from flowtrain.lab.study import StudyInfo, StudyOutcome
-from flowtrain.lab.verdicts import Finding, table
+from flowtrain.lab.verdicts import MIN_SEEDS, RULE, Finding, summary, table
 
 STUDIES: dict[str, StudyInfo] = {
     s.name: s
@@ -133,6 +134,8 @@ class StudyResult:
     run_dirs: list[Path]
     measurements: dict
     seconds: float
+    seeds: list[int] = field(default_factory=list)
+    quick: bool = False
 
 
 def default_out_dir(study: str) -> Path:
@@ -146,27 +149,69 @@ def _check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} is not empty; pass a new directory (or delete this one) so runs do not mix")
 
 
+def study_seeds(seeds: int | list[int] | None, quick: bool) -> list[int]:
+    """The seeds a study trains under: a count (BASE_SEED, BASE_SEED + 1, ...) or an explicit list. Default:
+    MIN_SEEDS for a full study, one for --quick (whose verdicts are indicative whatever the count)."""
+    if seeds is None:
+        seeds = 1 if quick else MIN_SEEDS
+    if isinstance(seeds, bool):
+        raise ConfigError(f"seeds {seeds!r}: pass a count (e.g. 3) or a list of integer seeds")
+    if not isinstance(seeds, int):
+        chosen = list(seeds)
+        if not chosen or not all(isinstance(s, int) and not isinstance(s, bool) for s in chosen):
+            raise ConfigError(f"seeds {seeds!r}: pass a count (e.g. 3) or a list of integer seeds")
+        if len(set(chosen)) != len(chosen):
+            raise ConfigError(f"seeds {chosen}: each seed once (a repeated seed repeats a run, not a sample)")
+        return chosen
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: a study needs at least 1 seed ({MIN_SEEDS} for verdicts)")
+    return [BASE_SEED + i for i in range(seeds)]
+
+
+def _plain(value):
+    """verdicts.json is strict JSON: non-finite numbers are written as the run directory's "nan" / "inf"."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
 def run_study(
     name: str,
     *,
     quick: bool = False,
+    seeds: int | list[int] | None = None,
     data: str | Path | None = None,
     out: str | Path | None = None,
     echo=None,
 ) -> StudyResult:
-    """Run one study end to end; `echo(line)` (e.g. print) receives progress lines and the verdict table."""
+    """Run one study end to end; `echo(line)` (e.g. print) receives progress lines and the verdict table.
+
+    seeds: how many seeds (or which) every variant trains under; default MIN_SEEDS, one with `quick`. Verdicts
+    other than "indicative" need a full study and at least MIN_SEEDS seeds (lab/verdicts.py).
+    """
     if name not in STUDIES:
         raise ConfigError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
     if data is not None and not Path(data).exists():
         raise DataError(f"--data {data} does not exist; pass a text file or a directory of text files")
+    chosen = study_seeds(seeds, quick)
     info = STUDIES[name]
     out_dir = Path(out) if out is not None else default_out_dir(name)
     _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = echo or (lambda line: None)
-    ctx = LabContext(out_dir=out_dir, quick=quick, data=Path(data) if data is not None else None)
-    say(f"flowtrain lab {name}{' (quick)' if quick else ''}: {info.title}")
-    say(f"runs and report in {out_dir}")
+    ctx = LabContext(out_dir=out_dir, quick=quick, data=Path(data) if data is not None else None, seeds=chosen)
+    indicative = quick or len(chosen) < MIN_SEEDS
+    mode = " (quick: indicative only)" if quick else " (indicative only: fewer than 3 seeds)" if indicative else ""
+    say(f"flowtrain lab {name}{mode}: {info.title}")
+    say(f"seeds {', '.join(map(str, chosen))}; runs and report in {out_dir}")
     started = time.perf_counter()
     threads = torch.get_num_threads()
     console = io.StringIO()  # whatever the runs print (data preparation) goes to lab.log, not the terminal
@@ -177,32 +222,36 @@ def run_study(
     finally:
         torch.set_num_threads(threads)
         atomic_write_text(out_dir / "lab.log", console.getvalue())
+    for finding in outcome.findings:
+        finding.indicative = quick  # fewer than MIN_SEEDS seeds makes a finding indicative by itself
     report = write_study_page(
         out_dir / "report.html",
-        title=f"flowtrain lab: {name}",
+        title=f"flowtrain lab: {name}" + (" (quick, indicative)" if quick else ""),
         paragraphs=[info.title + ".", *info.paragraphs],
         reference=info.reference,
-        settings=outcome.settings,
+        settings=[*outcome.settings, ("seeds", ", ".join(map(str, chosen)))],
         findings=outcome.findings,
         figures=outcome.figures,
-        run_dirs=outcome.run_dirs,
+        run_dirs=outcome.first_seed_runs,
+        quick=quick,
+        seeds=chosen,
     )
     seconds = time.perf_counter() - started
     verdicts = {
         "study": name,
         "quick": quick,
+        "indicative": indicative,
+        "seeds": chosen,
+        "rule": RULE,
         "seconds": round(seconds, 1),
+        "summary": summary(outcome.findings, quick, chosen),
         "findings": [f.to_json() for f in outcome.findings],
         "measurements": outcome.measurements,
-        "runs": [str(d) for d in outcome.run_dirs],
+        "runs": {k: [str(d) for d in dirs] for k, dirs in outcome.runs.items()},
     }
-    atomic_write_text(out_dir / "verdicts.json", json.dumps(verdicts, indent=1, default=_json_default))
-    say(table(outcome.findings))
+    atomic_write_text(out_dir / "verdicts.json", json.dumps(_plain(verdicts), indent=1, allow_nan=False))
+    say(table(outcome.findings, quick, chosen))
     say(f"report: {report}  ({seconds:.0f} s)")
-    return StudyResult(name, out_dir, report, outcome.findings, outcome.run_dirs, outcome.measurements, seconds)
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    return StudyResult(
+        name, out_dir, report, outcome.findings, outcome.run_dirs, outcome.measurements, seconds, chosen, quick
+    )

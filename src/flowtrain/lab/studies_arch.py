@@ -1,7 +1,8 @@
 """Studies of the architecture at initialization and in training: norm placement, residuals, init schemes.
 
-Fresh-init profiles come from lab/probes.py (the run's own initial weights, median over a few real batches);
-training outcomes come from each run's directory. Every Finding states the numbers and the test applied.
+Fresh-init profiles come from lab/probes.py (each seed's own initial weights, median over a few real batches);
+training outcomes come from each run's directory. Every number is measured once per seed, and every Finding
+states the numbers and the comparisons its verdict rests on (lab/verdicts.py).
 """
 
 from __future__ import annotations
@@ -10,19 +11,31 @@ import math
 
 import numpy as np
 
-from flowtrain.lab.common import LabContext, read_flow_kind, read_run, tiny_overrides, variant_config
+from flowtrain.lab.common import LabContext, read_flow_kind, variant_config
 from flowtrain.lab.figures import profile_figure
 from flowtrain.lab.probes import InitProfile, init_profile
-from flowtrain.lab.study import GUARD_WARN_ONLY, StudyOutcome, Variant, scale, settings_rows, train_all
-from flowtrain.lab.verdicts import Finding, fmt
+from flowtrain.lab.study import (
+    StudyOutcome,
+    Variant,
+    ended_before_warmup,
+    per_seed,
+    read_all,
+    scale,
+    seeded_overrides,
+    settings_rows,
+    train_all,
+)
+from flowtrain.lab.verdicts import Finding, above, below, diverged_high, fmt_seeds, less, more
+from flowtrain.report.load import layer_labels
 
-# A training loss difference below this many nats is within run-to-run noise at this size: "no difference".
-LOSS_TOLERANCE = 0.02
 
-
-def probe(ctx: LabContext, common: dict, variant: Variant, n_batches: int) -> InitProfile:
-    settings = {**GUARD_WARN_ONLY, **common, **variant.settings}
-    return init_profile(variant_config(ctx, variant.name, tiny_overrides(ctx, **settings)), n_batches)
+def probe(ctx: LabContext, common: dict, variant: Variant, n_batches: int) -> list[InitProfile]:
+    """The variant's initial gradient flow under every seed of the study."""
+    out = []
+    for seed in ctx.seeds:
+        cfg = variant_config(ctx, variant.name, seeded_overrides(ctx, common, variant, seed))
+        out.append(init_profile(cfg, n_batches))
+    return out
 
 
 def block_ratio(p: InitProfile) -> float:
@@ -36,43 +49,44 @@ def depth_ratio(resid: np.ndarray) -> float:
     return float(resid[0] / resid[-1]) if resid[-1] > 0 else math.nan
 
 
-def final_loss(run_dir) -> float:
-    return read_run(run_dir).final_val_loss()
+def final_losses(records: dict[str, list]) -> dict[str, np.ndarray]:
+    """Final val loss per variant and seed; a diverged run (no finite loss) counts as +inf, worse than any."""
+    return {k: diverged_high([r.final_val_loss() for r in recs]) for k, recs in records.items()}
 
 
-def worse(a: float, b: float) -> bool:
-    """a is a worse (higher) loss than b by more than the noise tolerance; NaN (diverged) counts as worse."""
-    if not math.isfinite(a):
-        return math.isfinite(b)
-    return math.isfinite(b) and a > b + LOSS_TOLERANCE
+def seeds_of(values: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """name -> per-seed numbers as plain lists (verdicts.json)."""
+    return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in values.items()}
 
 
-def _init_figures(profiles: dict[str, InitProfile], what: str) -> list:
+def _init_figures(profiles: dict[str, list[InitProfile]], what: str) -> list:
+    first = {k: ps[0] for k, ps in profiles.items()}
     return [
         profile_figure(
             "lab_init_layer_grad_norm",
             "Per-layer gradient norm at initialization",
-            f"L2 norm of each layer's gradient with the initial weights ({what}), median over the probe batches. "
-            "Parameters are grouped into embedding, block.i and head.",
-            {k: p.layers for k, p in profiles.items()},
-            {k: p.grad_norm for k, p in profiles.items()},
+            f"L2 norm of each layer's gradient with the initial weights ({what}), median over the probe batches, "
+            "one line per seed. Parameters are grouped into embedding, block.i and head; with tied weights the "
+            "embedding layer holds the matrix shared with the output head and the head only the final norm.",
+            {k: layer_labels(p.layers, p.tied) for k, p in first.items()},
+            {k: [p.grad_norm for p in ps] for k, ps in profiles.items()},
             "gradient L2 norm",
         ),
         profile_figure(
             "lab_init_residual_gradient",
             "Residual-stream gradient along depth at initialization",
             "||dL/dh_l|| at each block boundary (h_0 enters the first block, h_L leaves the last), median over the "
-            "probe batches. A line falling toward h_0 is a vanishing gradient; rising toward h_0, an exploding one.",
-            {k: p.depth for k, p in profiles.items()},
-            {k: p.resid_grad_norm for k, p in profiles.items()},
+            "probe batches, one line per seed. A line falling toward h_0 is a vanishing gradient.",
+            {k: p.depth for k, p in first.items()},
+            {k: [p.resid_grad_norm for p in ps] for k, ps in profiles.items()},
             "||dL/dh_l||",
         ),
         profile_figure(
             "lab_init_activation_rms",
             "Activation RMS along depth at initialization",
-            "RMS of the residual stream h_l at each block boundary with the initial weights.",
-            {k: p.depth for k, p in profiles.items()},
-            {k: p.act_rms for k, p in profiles.items()},
+            "RMS of the residual stream h_l at each block boundary with the initial weights, one line per seed.",
+            {k: p.depth for k, p in first.items()},
+            {k: [p.act_rms for p in ps] for k, ps in profiles.items()},
             "RMS(h_l)",
         ),
     ]
@@ -100,42 +114,52 @@ def norm_placement(ctx: LabContext) -> StudyOutcome:
     ]
     profiles = {p: probe(ctx, common, variants[2 * i], scale(ctx, 2, 8)) for i, p in enumerate(("pre", "post", "none"))}
     runs = train_all(ctx, common, variants)
-    ratios = {p: block_ratio(prof) for p, prof in profiles.items()}
-    loss = {v.name: final_loss(runs[v.name]) for v in variants}
-    gap = {p: loss[f"{p}-no-warmup"] - loss[f"{p}-warmup"] for p in ("pre", "post", "none")}
+    records = read_all(runs)
+    ratios = per_seed(profiles, block_ratio)
+    loss = final_losses(records)
+    with np.errstate(invalid="ignore"):  # inf - inf: both runs diverged, the gap is undefined
+        gap = {p: loss[f"{p}-no-warmup"] - loss[f"{p}-warmup"] for p in ("pre", "post", "none")}
+    cut = {p: ended_before_warmup(f"{p}-warmup", ctx.seeds, records[f"{p}-warmup"], warmup) for p in ("pre", "post")}
+    pre_blocks = [
+        fmt_seeds([p.grad_norm[i] for p in profiles["pre"]], log=True)
+        for i, n in enumerate(profiles["pre"][0].layers)
+        if n.startswith("block.")
+    ]
     findings = [
         Finding(
             "At initialization post-norm's gradient grows toward the output more than pre-norm's "
             "(Xiong et al. 2020, Fig. 3)",
-            f"last/first block gradient norm: post-norm {fmt(ratios['post'])}, pre-norm {fmt(ratios['pre'])}",
-            "held if post-norm's ratio > pre-norm's",
-            ratios["post"] > ratios["pre"],
+            f"last/first block gradient norm: post-norm {fmt_seeds(ratios['post'], log=True)}, pre-norm "
+            f"{fmt_seeds(ratios['pre'], log=True)}",
+            "post-norm's ratio above pre-norm's (log10)",
+            [more("post-norm", ratios["post"], "pre-norm", ratios["pre"], log=True)],
         ),
         Finding(
             "Pre-norm's per-block gradient norms are roughly uniform in depth at initialization",
-            f"last/first block ratio {fmt(ratios['pre'])}; per block "
-            + ", ".join(fmt(v) for v, n in zip(profiles["pre"].grad_norm, profiles["pre"].layers) if "block" in n),
-            "held if 0.5 <= ratio <= 2",
-            0.5 <= ratios["pre"] <= 2,
+            f"last/first block ratio {fmt_seeds(ratios['pre'], log=True)}; per block " + ", ".join(pre_blocks),
+            "ratio above 0.5 and below 2 (log10)",
+            [above("pre-norm", ratios["pre"], 0.5, log=True), below("pre-norm", ratios["pre"], 2, log=True)],
         ),
         Finding(
             "Post-norm needs learning-rate warmup: without it the final loss is worse",
-            f"final val loss post-norm: no warmup {fmt(loss['post-no-warmup'])}, warmup {fmt(loss['post-warmup'])}",
-            f"held if no-warmup is higher by more than {LOSS_TOLERANCE} nats",
-            worse(loss["post-no-warmup"], loss["post-warmup"]),
+            f"final val loss post-norm: no warmup {fmt_seeds(loss['post-no-warmup'])}, warmup "
+            f"{fmt_seeds(loss['post-warmup'])}",
+            "no-warmup's loss above warmup's",
+            [more("no warmup", loss["post-no-warmup"], "warmup", loss["post-warmup"])],
+            not_judged=cut["post"],
         ),
         Finding(
             "Pre-norm depends less on warmup than post-norm (smaller no-warmup minus warmup loss gap)",
-            f"gap (no warmup - warmup): pre-norm {fmt(gap['pre'])}, post-norm {fmt(gap['post'])} nats",
-            "held if pre-norm's gap < post-norm's gap",
-            bool(gap["pre"] < gap["post"]) if all(math.isfinite(g) for g in gap.values()) else False,
+            f"gap (no warmup - warmup): pre-norm {fmt_seeds(gap['pre'])}, post-norm {fmt_seeds(gap['post'])} nats",
+            "pre-norm's gap below post-norm's",
+            [less("pre-norm gap", gap["pre"], "post-norm gap", gap["post"])],
+            not_judged=cut["pre"] or cut["post"],
         ),
         Finding(
             "Without any normalization (same init), training reaches this loss",
-            f"final val loss no norm: no warmup {fmt(loss['none-no-warmup'])}, warmup {fmt(loss['none-warmup'])}; "
-            f"init last/first block ratio {fmt(ratios['none'])}",
+            f"final val loss no norm: no warmup {fmt_seeds(loss['none-no-warmup'])}, warmup "
+            f"{fmt_seeds(loss['none-warmup'])}; init last/first block ratio {fmt_seeds(ratios['none'], log=True)}",
             "reported only",
-            None,
         ),
     ]
     return StudyOutcome(
@@ -144,13 +168,27 @@ def norm_placement(ctx: LabContext) -> StudyOutcome:
             {f"{p}-norm" if p != "none" else "no norm": prof for p, prof in profiles.items()},
             "one per placement; warmup does not change the initial weights",
         ),
-        run_dirs=[runs[v.name] for v in variants],
+        runs=runs,
         settings=settings_rows(common, variants),
-        measurements={"init_block_ratio": ratios, "final_val_loss": loss, "warmup_gap": gap},
+        measurements={
+            "init_block_ratio": seeds_of(ratios),
+            "final_val_loss": seeds_of(loss),
+            "warmup_gap": seeds_of(gap),
+        },
     )
 
 
 # ---- residual connections -----------------------------------------------------------------------------------
+
+
+def _trained_depth_ratio(run_dir) -> float:
+    """||dL/dh_0|| / ||dL/dh_L|| after training: median over the last tenth of the monitored steps."""
+    depth = read_flow_kind(run_dir, "depth")
+    tail = depth.stats["resid_grad_norm"][:, -max(1, len(depth.steps) // 10) :]
+    return depth_ratio(np.nanmedian(tail, axis=1))
+
+
+TWINS = {"plain-residual": "plain-no-residual", "prenorm-residual": "prenorm-no-residual"}  # with -> without
 
 
 def residuals(ctx: LabContext) -> StudyOutcome:
@@ -174,52 +212,53 @@ def residuals(ctx: LabContext) -> StudyOutcome:
     ]
     profiles = {v.name: probe(ctx, common, v, scale(ctx, 2, 8)) for v in variants}
     runs = train_all(ctx, common, variants)
-    ratio = {k: depth_ratio(p.resid_grad_norm) for k, p in profiles.items()}
-    loss = {k: final_loss(d) for k, d in runs.items()}
-    trained = {}
-    for k, d in runs.items():
-        depth = read_flow_kind(d, "depth")
-        tail = depth.stats["resid_grad_norm"][:, -max(1, len(depth.steps) // 10) :]
-        trained[k] = depth_ratio(np.nanmedian(tail, axis=1))
+    ratio = per_seed(profiles, lambda p: depth_ratio(p.resid_grad_norm))
+    loss = final_losses(read_all(runs))
+    trained = per_seed(runs, _trained_depth_ratio)
     findings = [
         Finding(
             "Without residual connections the gradient vanishes with depth: at the first block it is orders of "
             "magnitude below the last (He et al. 2016)",
-            f"||dL/dh_0|| / ||dL/dh_L|| at init, no norm, 12 blocks: without skips {fmt(ratio['plain-no-residual'])}",
-            "held if below 1e-2",
-            ratio["plain-no-residual"] < 1e-2,
+            "||dL/dh_0|| / ||dL/dh_L|| at init, no norm, 12 blocks: without skips "
+            + fmt_seeds(ratio["plain-no-residual"], log=True),
+            "ratio below 1e-2 (log10)",
+            [below("no-skip ratio", ratio["plain-no-residual"], 1e-2, log=True)],
         ),
         Finding(
             "With residual connections the gradient reaches the first block undiminished",
-            f"same ratio with skips: {fmt(ratio['plain-residual'])}",
-            "held if at least 0.1",
-            ratio["plain-residual"] >= 0.1,
+            f"same ratio with skips: {fmt_seeds(ratio['plain-residual'], log=True)}",
+            "ratio above 0.1 (log10)",
+            [above("with-skip ratio", ratio["plain-residual"], 0.1, log=True)],
         ),
         Finding(
             "Removing the skips from a pre-norm GPT also makes its gradient vanish",
-            f"ratio at init, pre-norm: without skips {fmt(ratio['prenorm-no-residual'])}, with skips "
-            f"{fmt(ratio['prenorm-residual'])}; after training (median of the last tenth of steps): without "
-            f"{fmt(trained['prenorm-no-residual'])}, with {fmt(trained['prenorm-residual'])}",
-            "held if the no-skip ratio at init is below 1e-2 (each block's LayerNorm divides the backward signal "
-            "by its input's RMS, which can keep it from vanishing)",
-            ratio["prenorm-no-residual"] < 1e-2,
+            f"ratio at init, pre-norm: without skips {fmt_seeds(ratio['prenorm-no-residual'], log=True)}, with "
+            f"skips {fmt_seeds(ratio['prenorm-residual'], log=True)}; after training (median of the last tenth of "
+            f"steps): without {fmt_seeds(trained['prenorm-no-residual'], log=True)}, with "
+            f"{fmt_seeds(trained['prenorm-residual'], log=True)}",
+            "the no-skip ratio at init below 1e-2 (log10; each block's LayerNorm divides the backward signal by "
+            "its input's RMS, which can keep it from vanishing)",
+            [below("no-skip ratio", ratio["prenorm-no-residual"], 1e-2, log=True)],
         ),
         Finding(
             "Residual connections train deep stacks better (lower final loss)",
-            f"final val loss: no norm {fmt(loss['plain-residual'])} with vs {fmt(loss['plain-no-residual'])} "
-            f"without skips; pre-norm {fmt(loss['prenorm-residual'])} with vs {fmt(loss['prenorm-no-residual'])} "
-            "without",
-            f"held if both with-skip runs are lower by more than {LOSS_TOLERANCE} nats",
-            worse(loss["plain-no-residual"], loss["plain-residual"])
-            and worse(loss["prenorm-no-residual"], loss["prenorm-residual"]),
+            f"final val loss: no norm {fmt_seeds(loss['plain-residual'])} with vs "
+            f"{fmt_seeds(loss['plain-no-residual'])} without skips; pre-norm {fmt_seeds(loss['prenorm-residual'])} "
+            f"with vs {fmt_seeds(loss['prenorm-no-residual'])} without",
+            "both with-skip losses below their no-skip twins'",
+            [less(k, loss[k], twin, loss[twin]) for k, twin in TWINS.items()],
         ),
     ]
     return StudyOutcome(
         findings=findings,
         figures=_init_figures(profiles, "one per variant"),
-        run_dirs=[runs[v.name] for v in variants],
+        runs=runs,
         settings=settings_rows(common, variants),
-        measurements={"init_depth_ratio": ratio, "trained_depth_ratio": trained, "final_val_loss": loss},
+        measurements={
+            "init_depth_ratio": seeds_of(ratio),
+            "trained_depth_ratio": seeds_of(trained),
+            "final_val_loss": seeds_of(loss),
+        },
     )
 
 
@@ -250,43 +289,48 @@ def init_schemes(ctx: LabContext) -> StudyOutcome:
     ]
     profiles = {v.name: probe(ctx, common, v, scale(ctx, 2, 8)) for v in variants}
     runs = train_all(ctx, common, variants)
-    act = {k: growth(p.act_rms) for k, p in profiles.items()}
-    grad = {k: float(p.resid_grad_norm[1] / p.resid_grad_norm[-1]) for k, p in profiles.items()}
-    top = {k: float(p.act_rms[-1]) for k, p in profiles.items()}
-    loss = {k: final_loss(d) for k, d in runs.items()}
+    act = per_seed(profiles, lambda p: growth(p.act_rms))
+    grad = per_seed(profiles, lambda p: p.resid_grad_norm[1] / p.resid_grad_norm[-1])
+    flatness = {k: np.abs(np.log10(v)) for k, v in grad.items()}  # decades away from a flat profile
+    top = per_seed(profiles, lambda p: p.act_rms[-1])
+    loss = final_losses(read_all(runs))
     others = [k for k in act if k != "scaled"]
     findings = [
         Finding(
             "Scaled residual init (GPT-2: output projections / sqrt(2L)) keeps the residual stream's RMS nearly "
             "flat with depth, flatter than the other schemes",
-            "RMS growth h_L/h_1 at init: " + ", ".join(f"{k} {fmt(v)}" for k, v in act.items()),
-            "held if scaled has the smallest growth",
-            all(act["scaled"] < act[k] for k in others),
+            "RMS growth h_L/h_1 at init: " + ", ".join(f"{k} {fmt_seeds(v, log=True)}" for k, v in act.items()),
+            "scaled's growth below each other scheme's (log10)",
+            [less("scaled", act["scaled"], k, act[k], log=True) for k in others],
         ),
         Finding(
             "Larger-variance inits (Xavier, He) make activations grow faster with depth than N(0, 0.02)",
-            "RMS at the top h_L: " + ", ".join(f"{k} {fmt(v)}" for k, v in top.items()),
-            "held if both Xavier's and He's RMS growth h_L/h_1 exceed normal's",
-            act["xavier"] > act["normal"] and act["he"] > act["normal"],
+            "RMS at the top h_L: " + ", ".join(f"{k} {fmt_seeds(v, log=True)}" for k, v in top.items()),
+            "Xavier's and He's RMS growth h_L/h_1 above normal's (log10)",
+            [more(k, act[k], "normal", act["normal"], log=True) for k in ("xavier", "he")],
         ),
         Finding(
             "The gradient grows toward the input as activations grow; scaled init keeps it flattest",
             "residual gradient ratio ||dL/dh_1|| / ||dL/dh_L|| at init: "
-            + ", ".join(f"{k} {fmt(v)}" for k, v in grad.items()),
-            "held if scaled's ratio is the closest to 1 (in log terms)",
-            all(abs(math.log(grad["scaled"])) < abs(math.log(grad[k])) for k in others),
+            + ", ".join(f"{k} {fmt_seeds(v, log=True)}" for k, v in grad.items()),
+            "scaled's |log10 ratio| (decades from flat) below each other scheme's",
+            [less("scaled", flatness["scaled"], k, flatness[k]) for k in others],
         ),
         Finding(
             "Final loss after training with each init",
-            ", ".join(f"{k} {fmt(v)}" for k, v in loss.items()),
+            ", ".join(f"{k} {fmt_seeds(v)}" for k, v in loss.items()),
             "reported only",
-            None,
         ),
     ]
     return StudyOutcome(
         findings=findings,
         figures=_init_figures(profiles, "one per scheme"),
-        run_dirs=[runs[v.name] for v in variants],
+        runs=runs,
         settings=settings_rows(common, variants),
-        measurements={"act_growth": act, "grad_ratio": grad, "top_act_rms": top, "final_val_loss": loss},
+        measurements={
+            "act_growth": seeds_of(act),
+            "grad_ratio": seeds_of(grad),
+            "top_act_rms": seeds_of(top),
+            "final_val_loss": seeds_of(loss),
+        },
     )

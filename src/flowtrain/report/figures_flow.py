@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.patches import Patch
 
 from flowtrain.report.load import FlowGrid, RunData
 from flowtrain.report.plotting import (
@@ -16,6 +17,7 @@ from flowtrain.report.plotting import (
     MAX_LAYER_POINTS,
     ReportFigure,
     downsample_rows,
+    legend_outside,
     mpl_text,
     new_figure,
     run_color,
@@ -28,6 +30,41 @@ PHASE_STYLES = {"start": ":", "middle": "--", "end": "-"}
 def chosen_steps(steps: np.ndarray) -> dict[str, int]:
     """The first, middle and last monitored step (fewer distinct ones on very short runs)."""
     return {"start": int(steps[0]), "middle": int(steps[len(steps) // 2]), "end": int(steps[-1])}
+
+
+def _span(steps: np.ndarray) -> str:
+    if len(steps) == 1:
+        return f"step {int(steps[0])} only"
+    return f"{len(steps)} monitored steps from {int(steps[0])} to {int(steps[-1])}"
+
+
+def compared_steps(kept: list[tuple[int, RunData]], attr: str, out: ReportFigure) -> dict[str, dict[str, int]]:
+    """Per run (by name), the steps its start / middle / end show. Several runs are compared at the same steps:
+    the first, middle and last of the steps they all monitored; a note says so when their own steps differ, and
+    says that the columns compare different steps when the runs share none."""
+    grids = [(run.name, getattr(run, attr).steps) for _, run in kept]
+    own = {name: chosen_steps(steps) for name, steps in grids}
+    if len(grids) < 2:
+        return own
+    common = grids[0][1]
+    for _, steps in grids[1:]:
+        common = np.intersect1d(common, steps)
+    same = all(np.array_equal(steps, grids[0][1]) for _, steps in grids[1:])
+    if same:
+        return own
+    spans = "; ".join(f"{name}: {_span(steps)}" for name, steps in grids)
+    if not len(common):
+        out.notes.append(
+            f"The runs share no monitored step ({spans}), so each shows its own first, middle and last step: "
+            "the same column compares different steps."
+        )
+        return own
+    shared = chosen_steps(common)
+    out.notes.append(
+        f"The runs monitored different steps ({spans}); all are shown at steps they share "
+        f"({', '.join(str(s) for s in dict.fromkeys(shared.values()))}), so each column compares the same step."
+    )
+    return {name: shared for name, _ in grids}
 
 
 def _with_flow(runs: list[RunData], out: ReportFigure, attr: str, stat: str | None) -> list[tuple[int, RunData]]:
@@ -67,7 +104,8 @@ def heatmap_figure(runs: list[RunData]) -> ReportFigure:
         caption=(
             "log10 of each layer's gradient L2 norm (all of the layer's parameters together) at every monitored "
             f"step; long runs are averaged (in log space) into at most {MAX_HEATMAP_COLUMNS} step buckets. One "
-            "colour scale for all runs; grey cells are non-finite or missing."
+            "colour scale and one step axis for all runs; grey cells are non-finite or missing, white is past a "
+            "run's last step. With tied weights the embedding row holds the matrix shared with the output head."
         ),
     )
     kept = _with_flow(runs, out, "layer_flow", "grad_norm")
@@ -79,9 +117,10 @@ def heatmap_figure(runs: list[RunData]) -> ReportFigure:
     if vmax <= vmin:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     n_layers = max(len(run.layer_flow.names) for _, run in kept)
-    fig, axes = new_figure(len(kept), 1, row_height=max(2.2, 0.8 + 0.16 * n_layers))
+    fig, axes = new_figure(len(kept), 1, row_height=max(2.2, 0.8 + 0.16 * n_layers), sharex=True)
     cmap = colormaps["magma"].with_extremes(bad="#bdbdbd")
     image = None
+    span = [np.inf, -np.inf]
     for row, (i, run) in enumerate(kept):
         ax, grid = axes[row, 0], run.layer_flow
         mat, centres = downsample_rows(logs[i], grid.steps, MAX_HEATMAP_COLUMNS)
@@ -95,10 +134,12 @@ def heatmap_figure(runs: list[RunData]) -> ReportFigure:
             vmax=vmax,
             extent=(centres[0] - half, centres[-1] + half, len(grid.names) - 0.5, -0.5),
         )
+        span = [min(span[0], centres[0] - half), max(span[1], centres[-1] + half)]
         ax.grid(False)
-        _layer_ticks(ax, grid.names)
+        _layer_ticks(ax, grid.labels)
         ax.set_title(mpl_text(run.name), loc="left", color=run_color(i))
-        ax.set_xlabel("step")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_xlim(*span)  # shared: every run's row on one step axis, the longest run setting its length
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="log10 grad norm", shrink=0.9)
     out.fig = fig
     return out
@@ -110,8 +151,9 @@ def residual_profile_figure(runs: list[RunData]) -> ReportFigure:
         title="Residual-stream gradient along depth",
         caption=(
             "||dL/dh_l||, the gradient norm of the residual stream at each block boundary (h_0 enters the first "
-            "block, h_L leaves the last), at the first, middle and last monitored step (dotted, dashed, solid). "
-            "Falling towards h_0: gradients vanish on the way down; rising: they explode."
+            "block, h_L leaves the last), at the first, middle and last monitored step (dotted, dashed, solid); "
+            "several runs at the first, middle and last step they all monitored. Falling towards h_0: gradients "
+            "vanish on the way down; rising: they explode."
         ),
     )
     kept = _with_flow(runs, out, "depth_flow", "resid_grad_norm")
@@ -120,10 +162,11 @@ def residual_profile_figure(runs: list[RunData]) -> ReportFigure:
     fig, axes = new_figure(row_height=3.2)
     ax = axes[0, 0]
     longest: list[str] = []
+    phases = compared_steps(kept, "depth_flow", out)
     for i, run in kept:
         grid = run.depth_flow
         mat = grid.stats["resid_grad_norm"]
-        for phase, step in chosen_steps(grid.steps).items():
+        for phase, step in phases[run.name].items():
             col = int(np.searchsorted(grid.steps, step))
             ax.plot(
                 np.arange(len(grid.names)),
@@ -140,7 +183,7 @@ def residual_profile_figure(runs: list[RunData]) -> ReportFigure:
     ax.set_yscale("log")
     ax.set_xlabel("block boundary (depth)")
     ax.set_ylabel("residual grad L2 norm")
-    ax.legend(loc="upper left", ncol=1 if len(kept) == 1 else 2)
+    legend_outside(ax)
     out.fig = fig
     return out
 
@@ -152,31 +195,44 @@ def grad_bars_figure(runs: list[RunData]) -> ReportFigure:
         caption=(
             "The classic gradient-flow bar chart, per layer at the first, middle and last monitored step: max |g| "
             "over the layer's gradient entries (light bar) and the gradient's RMS, sqrt(mean g^2) over all its "
-            "entries (dark bar), log scale. RMS stands in for mean |g|, which is not recorded (RMS >= mean |g|)."
+            "entries (dark bar), log scale; several runs at the steps they all monitored. RMS stands in for mean "
+            "|g|, which is not recorded (RMS >= mean |g|). With tied weights the embedding bar holds the matrix "
+            "shared with the output head, and the head bar only the final norm."
         ),
     )
     kept = _with_flow(runs, out, "layer_flow", "grad_rms")
     if not kept:
         return out
     n_layers = max(len(run.layer_flow.names) for _, run in kept)
-    fig, axes = new_figure(len(kept), 3, row_height=2.4 + 0.05 * n_layers, sharey=True)
+    longest = max(len(label) for _, run in kept for label in run.layer_flow.labels)
+    # rotated tick labels take their length in height: rows grow with them, so the bars keep their room
+    fig, axes = new_figure(len(kept), 3, row_height=1.9 + 0.05 * n_layers + 0.055 * longest, sharey=True)
+    phases = compared_steps(kept, "layer_flow", out)
     for row, (i, run) in enumerate(kept):
         grid, color = run.layer_flow, run_color(i)
         rms, mx = grid.stats["grad_rms"], grid.stats.get("grad_max_abs")
         x = np.arange(len(grid.names))
-        for col, (phase, step) in enumerate(chosen_steps(grid.steps).items()):
+        for col, (phase, step) in enumerate(phases[run.name].items()):
             ax = axes[row, col]
             j = int(np.searchsorted(grid.steps, step))
             if mx is not None:
-                ax.bar(x, np.nan_to_num(mx[:, j], nan=0.0, posinf=0.0), color=color, alpha=0.3, label="max |g|")
-            ax.bar(x, np.nan_to_num(rms[:, j], nan=0.0, posinf=0.0), color=color, alpha=0.9, width=0.5, label="RMS g")
+                ax.bar(x, np.nan_to_num(mx[:, j], nan=0.0, posinf=0.0), color=color, alpha=0.3)
+            ax.bar(x, np.nan_to_num(rms[:, j], nan=0.0, posinf=0.0), color=color, alpha=0.9, width=0.5)
             ax.set_yscale("log")
             ax.set_title(f"{mpl_text(run.name)}: {phase} (step {step})", fontsize=9, loc="left")
             every = max(1, int(np.ceil(len(x) / 16)))
-            ax.set_xticks(x[::every], [mpl_text(n) for n in grid.names[::every]], rotation=60, fontsize=7)
+            ticks = [mpl_text(n) for n in grid.labels[::every]]
+            ax.set_xticks(x[::every], ticks, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
             if col == 0:
                 ax.set_ylabel("|gradient|")
-                ax.legend(loc="upper right", fontsize=7)
+    # one legend for all panels, outside them, in grey: light and dark mean the same in every run's colour
+    keys = (
+        [(Patch(color="0.35", alpha=0.3), "max |g|")]
+        if any("grad_max_abs" in r.layer_flow.stats for _, r in kept)
+        else []
+    )
+    keys.append((Patch(color="0.35", alpha=0.9), "RMS g"))
+    fig.legend([k for k, _ in keys], [v for _, v in keys], loc="outside right upper", fontsize=7)
     out.fig = fig
     return out
 
@@ -202,10 +258,12 @@ def _per_run_lines(runs, out, attr, panels, *, row_height=2.8) -> ReportFigure:
     kept = _with_flow(runs, out, attr, panels[0][0])
     if not kept:
         return out
-    fig, axes = new_figure(len(kept), len(panels), row_height=row_height)
+    # one step axis for every panel: runs of different lengths line up step for step
+    fig, axes = new_figure(len(kept), len(panels), row_height=row_height, sharex=True)
     for row, (i, run) in enumerate(kept):
         grid: FlowGrid = getattr(run, attr)
-        labels = grid.names if attr == "layer_flow" else [f"{n} ({l})" for n, l in zip(grid.names, grid.layers)]
+        labels = grid.labels if attr == "layer_flow" else [f"{n} ({l})" for n, l in zip(grid.names, grid.layers)]
+        drawn = []
         for col, (stat, ylabel, log, ref) in enumerate(panels):
             ax = axes[row, col]
             mat = grid.stats.get(stat)
@@ -225,7 +283,9 @@ def _per_run_lines(runs, out, attr, panels, *, row_height=2.8) -> ReportFigure:
                 ax.axhline(ref, color="#d62728", linestyle="--", linewidth=1.2, label=f"reference {ref:g}")
             ax.set_ylabel(ylabel)
             ax.set_title(mpl_text(run.name), loc="left", color=run_color(i), fontsize=9)
-            ax.legend(loc="upper left", fontsize=6.5, ncol=2)
+            drawn.append(ax)
+        if drawn:  # the row's panels share their layer colours: one legend, right of the last panel
+            legend_outside(drawn[-1], fontsize=6.5)
     out.fig = fig
     return out
 

@@ -7,7 +7,8 @@ import numpy as np
 from flowtrain.report.load import RunData
 from flowtrain.report.plotting import (
     ReportFigure,
-    add_action_legend,
+    action_entries,
+    legend_outside,
     mark_alerts,
     mpl_text,
     new_figure,
@@ -100,8 +101,7 @@ def loss_figure(runs: list[RunData], x_axis: str) -> ReportFigure:
         return out
     ax.set_xlabel("tokens" if by_tokens else "step")
     ax.set_ylabel("loss (nats / token)")
-    ax.legend(loc="upper right")
-    add_action_legend(ax, actions, loc="upper center")
+    legend_outside(ax, extra=action_entries(actions))
     out.fig = fig
     return out
 
@@ -126,7 +126,7 @@ def lr_figure(runs: list[RunData]) -> ReportFigure:
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax.legend(loc="upper right")
+    legend_outside(ax)
     out.fig = fig
     return out
 
@@ -214,10 +214,10 @@ def grad_norm_figure(runs: list[RunData]) -> ReportFigure:
         return out
     top.set_yscale("log")
     top.set_ylabel("grad L2 norm")
-    top.legend(loc="upper right", ncol=2 if len(runs) > 1 else 1)
+    legend_outside(top)
     bottom.set_ylim(-0.03, 1.03)
     bottom.set_ylabel("clip rate")
     bottom.set_xlabel("step")
-    bottom.legend(loc="upper right")
+    legend_outside(bottom)
     out.fig = fig
     return out

@@ -43,6 +43,28 @@ class FlowGrid:
     layers: list[str]  # the layer each row belongs to (for 'depth' rows h_l: the block that produced it)
     steps: np.ndarray  # sorted unique steps
     stats: dict[str, np.ndarray]  # stat -> float64 [len(names), len(steps)], NaN where absent
+    labels: list[str] = field(default_factory=list)  # what figures print for each row (default: its name)
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self.labels = list(self.names)
+
+
+# With weight tying the embedding matrix is also the output head's weight: the parameter is counted once, in the
+# embedding layer, and the head layer keeps only the final norm. Figures say so, or a reader would take the
+# "head" bars for the unembedding's gradient and the "embedding" ones for the input side alone.
+TIED_LABELS = {"embedding": "embedding (tied: emb + head)", "head": "head (final norm only)"}
+
+
+def ties_embeddings(config: dict) -> bool:
+    """config.yaml says the model shares its embedding with its output head (flowtrain's model.tie_embeddings)."""
+    model = config.get("model")
+    return isinstance(model, dict) and model.get("tie_embeddings") is True
+
+
+def layer_labels(names: list[str], tied: bool) -> list[str]:
+    """Per-layer names as figures print them: with tied weights, the layers that hold the shared matrix say so."""
+    return [TIED_LABELS.get(n, n) for n in names] if tied else list(names)
 
 
 @dataclass
@@ -214,6 +236,8 @@ def load_run(path: str | Path) -> RunData:
     if run.flow.is_file():
         table = read_flow(run.flow)
         layer_flow, depth_flow = _grid(table, "layer"), _grid(table, "depth")
+        if layer_flow is not None:
+            layer_flow.labels = layer_labels(layer_flow.names, ties_embeddings(config))
         if layer_flow is None:
             missing["flow.parquet:layer"] = "flow.parquet has no per-layer rows"
         if depth_flow is None:

@@ -148,27 +148,33 @@ def mark_alerts(ax, alerts: list[dict] | None, x_of_step, color: str) -> set[str
     return drawn
 
 
-def add_action_legend(ax, actions: set[str], loc: str = "lower left") -> None:
-    """A second legend explaining the alert line styles (kept apart from the runs' legend)."""
-    if not actions:
-        return
+def action_entries(actions: set[str]) -> list[tuple[object, str]]:
+    """Legend entries explaining the alert line styles (grey: the colour is each run's), in ACTION_STYLE order."""
     from matplotlib.lines import Line2D
 
     order = [a for a in ACTION_STYLE if a in actions] + sorted(actions - set(ACTION_STYLE))
-    handles = [
-        Line2D(
-            [],
-            [],
-            color="0.3",
-            linestyle=ACTION_STYLE.get(a, ACTION_STYLE["warn"])[0],
-            linewidth=ACTION_STYLE.get(a, ACTION_STYLE["warn"])[1],
-        )
-        for a in order
-    ]
-    first = ax.get_legend()
-    ax.legend(handles, [f"alert: {a}" for a in order], loc=loc, fontsize=7)
-    if first is not None:
-        ax.add_artist(first)
+    entries = []
+    for a in order:
+        style, width, _ = ACTION_STYLE.get(a, ACTION_STYLE["warn"])
+        entries.append((Line2D([], [], color="0.3", linestyle=style, linewidth=width), f"alert: {a}"))
+    return entries
+
+
+# Legend entries per column before a legend outside the axes wraps into a second column.
+LEGEND_ROWS = 16
+
+
+def legend_outside(ax, extra: list[tuple[object, str]] = (), **kw) -> None:
+    """The axes' legend to the right of its plot, where it cannot cover a line (constrained layout makes room);
+    `extra` (handle, label) entries join it, so there is one legend per axes and none stacks on another."""
+    handles, labels = ax.get_legend_handles_labels()
+    for handle, label in extra:
+        handles.append(handle)
+        labels.append(label)
+    if not handles:
+        return
+    ncol = max(1, -(-len(handles) // LEGEND_ROWS))
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, ncol=ncol, **kw)
 
 
 _XML_HEAD = re.compile(r"^.*?(?=<svg)", re.S)
