@@ -22,7 +22,7 @@ import torch
 from flowtrain.errors import ConfigError, DataError
 from flowtrain.model.gpt import GPT
 
-_SMALL_FILES = 1 << 20  # rng.safetensors, state.json, config.yaml, meta.json: well under a MiB
+_SMALL_FILES = 64 << 10  # rng.safetensors, state.json, config.yaml, meta.json: a few KB together
 
 
 def shorten_warmup(cfg) -> str | None:
