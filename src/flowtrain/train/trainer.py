@@ -89,6 +89,7 @@ class Trainer:
         self.progress = cfg.log.console if progress is None else progress
         tc = cfg.train
         warmup_notice = preflight.shorten_warmup(cfg)  # before the schedule is built
+        preflight.check_stop_after(stop_after, 0)  # before anything is created; a resumed step is checked below
         self._writes_to = Path(run_dir or resume_dir or tc.out_dir)
         preflight.check_writable(self._writes_to)
         # distributed (torchrun): join the group first; the device is then cuda:LOCAL_RANK or cpu
@@ -102,7 +103,8 @@ class Trainer:
         self._in_loop = self._running = False
         try:
             self.run, self.resume_from = self._run_directory(run_dir, resume_dir)
-            preflight.check_stop_after(stop_after, self.resume_from.step if self.resume_from else 0)
+            if self.resume_from is not None:
+                preflight.check_stop_after(stop_after, self.resume_from.step)
             self._build(resume_dir is not None)
         except BaseException:
             if self._lock is not None and resume_dir is None:  # a new run that never started leaves nothing
