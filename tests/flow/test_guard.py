@@ -110,11 +110,12 @@ def test_loss_spike_rolls_back_skips_the_data_and_recovers(small_text, tmp_path)
     spikes = [a for a in alerts if a["detector"] == "loss_spike"]
     assert spikes and spikes[0]["step"] == 101 and spikes[0]["action"] == "rollback"  # within 1 step
     rollbacks = [a for a in alerts if a["detector"] == "guard" and a["action"] == "rollback"]
-    assert len(rollbacks) == 1 and rollbacks[0]["values"]["to_step"] == 100
+    # the snapshot at step 100 was not confirmed yet (10 clean steps): back to the one at 80
+    assert len(rollbacks) == 1 and rollbacks[0]["values"]["to_step"] == 80
     assert spiky.steps == 160
     # the undone step stays visible but flagged; the surviving history has every step once
     metrics = read_jsonl(spiky.run_dir / "metrics.jsonl")
-    assert [m["step"] for m in metrics if m.get("discarded")] == [101]
+    assert [m["step"] for m in metrics if m.get("discarded")] == list(range(81, 102))
     assert [m["step"] for m in metrics if not m.get("discarded")] == list(range(1, 161))
     final_clean = read_jsonl(clean.run_dir / "eval.jsonl")[-1]["val_loss"]
     final_spiky = read_jsonl(spiky.run_dir / "eval.jsonl")[-1]["val_loss"]
@@ -152,7 +153,7 @@ def test_rollbacks_into_one_corrupted_region_never_serve_a_skipped_batch_again(s
     corrupted = [n for n in served if 101 <= n <= 110]
     assert corrupted == [101, 104, 107, 110]  # served once each; the rest skipped by the rollbacks
     rows = read_jsonl(summary.run_dir / "alerts.jsonl")
-    assert [r["values"]["to_step"] for r in rows if r["action"] == "rollback" and r["detector"] == "guard"] == [100] * 4
+    assert [r["values"]["to_step"] for r in rows if r["action"] == "rollback" and r["detector"] == "guard"] == [80] * 4
     final = [read_jsonl(r.run_dir / "eval.jsonl")[-1]["val_loss"] for r in (clean, summary)]
     assert abs(final[1] - final[0]) / final[0] < 0.05
 
@@ -166,6 +167,17 @@ def test_a_rollback_in_the_first_steps_has_a_good_state_to_return_to(small_text,
     assert [(r["step"], r["detector"], r["action"]) for r in rows] == [(4, "nonfinite", "rollback"),
                                                                        (4, "guard", "rollback")]  # fmt: skip
     assert rows[1]["values"]["to_step"] == 0 and "blocks.0.mlp.fc.weight" in rows[0]["explanation"]
+
+
+def test_a_snapshot_taken_just_before_the_damage_shows_is_not_returned_to(small_text, tmp_path):
+    """An LR spike at a snapshot step: the snapshot holds the damaged weights (the loss shows it one step later),
+    so the rollback goes to the confirmed one before it and the run recovers instead of stopping."""
+    spike = {"fault.lr_spike_from": 100, "fault.lr_spike_steps": 1, "fault.lr_spike_factor": 1000.0}
+    summary = _trainer(small_text, tmp_path, **{**SPIKE_RUN, **spike}).run_loop()
+    assert summary.steps == 160
+    rows = read_jsonl(summary.run_dir / "alerts.jsonl")
+    back = [r["values"]["to_step"] for r in rows if r["detector"] == "guard" and r["action"] == "rollback"]
+    assert back and all(step < 100 for step in back)
 
 
 def test_no_false_alarm_on_healthy_runs(small_text, tmp_path):

@@ -24,14 +24,21 @@ from flowtrain.train.step import TrainState
 class Recovery:
     """Keeps a last-good snapshot every `guard.snapshot_interval` steps and rolls `state` back on request.
 
+    A snapshot becomes the one to return to only after `CONFIRM_STEPS` clean steps have followed it: a bad update
+    shows in the loss of the steps after it, so a snapshot taken right after one (an LR spike, a corrupted
+    batch) is not yet known to be good. Until then the previous one stays the rollback target.
+
     `others`: the other loop helpers whose keys are part of the training state (they come back too); the
     rollbacks' LR factor so far is this object's own key (`lr_scale`).
     """
 
+    CONFIRM_STEPS = 10
+
     def __init__(self, state: TrainState, cfg: GuardConfig, checkpoints: Path, others: Sequence[Owner] = ()):
         self.state, self.cfg, self.checkpoints = state, cfg, checkpoints
         self.owners: tuple[Owner, ...] = (*others, self)
-        self.snapshot: Snapshot | None = None
+        self.snapshot: Snapshot | None = None  # the confirmed last good state
+        self.candidate: Snapshot | None = None  # a newer one, waiting for CONFIRM_STEPS clean steps
         self.lr_scale = 1.0
 
     def state_dict(self) -> dict[str, Any]:
@@ -44,12 +51,20 @@ class Recovery:
         """The state the loop starts from is the first good one (step 0, or the resumed step)."""
         if self.snapshot is None or self.snapshot.step != self.state.step:
             self.snapshot = take_snapshot(self.state, self.owners)
+        self.candidate = None
 
     def maybe_snapshot(self, verdict: Verdict) -> None:
-        """Keep the state as the last good one at snapshot steps whose verdict was a clean proceed."""
+        """Take a candidate at snapshot steps whose verdict was a clean proceed; confirm it after CONFIRM_STEPS
+        clean steps (any warning or action in between discards it)."""
+        clean = verdict.action == "proceed" and not any(a.severity != "info" for a in verdict.alerts)
+        if not clean:
+            self.candidate = None
+            return
+        if self.candidate is not None and self.state.step - self.candidate.step >= self.CONFIRM_STEPS:
+            self.snapshot, self.candidate = self.candidate, None
         every = self.cfg.snapshot_interval
-        if every and self.state.step % every == 0 and verdict.action == "proceed" and not verdict.alerts:
-            self.snapshot = take_snapshot(self.state, self.owners)
+        if every and self.state.step % every == 0:
+            self.candidate = take_snapshot(self.state, self.owners)
 
     def roll_back(self, event_step: int) -> str:
         """Return to the last good state before an event at `event_step`; a line saying what was done."""
@@ -57,6 +72,7 @@ class Recovery:
         lr_scale_wanted = self.lr_scale * self.cfg.rollback_lr_factor
         rollbacks = guard.rollbacks
         served = state.loader.position  # every batch up to the event's: none of them is served again
+        self.candidate = None  # not confirmed: the event may be its doing
         source: ckpt.Checkpoint | Snapshot | None = self.snapshot
         if source is None or source.step >= event_step:
             latest = ckpt.latest_checkpoint(self.checkpoints)
