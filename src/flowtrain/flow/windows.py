@@ -106,21 +106,12 @@ class TrendDetector:
     def __init__(self, window: int, min_rise: float):
         self.values: deque[float] = deque(maxlen=window)
         self.min_rise = min_rise
-        self._x: np.ndarray | None = None
 
     def observe(self, loss: float) -> float | None:
         """The fitted rise of log loss over a full window when it exceeds min_rise (then the window restarts)."""
-        if not math.isfinite(loss) or loss <= 0:
+        if not _full_after(self.values, loss):
             return None
-        self.values.append(math.log(loss))
-        if len(self.values) < self.values.maxlen:
-            return None
-        y = np.fromiter(self.values, dtype=np.float64)
-        if self._x is None or len(self._x) != len(y):  # centred positions, for the least-squares slope
-            x = np.arange(len(y), dtype=np.float64)
-            self._x = (x - x.mean()) / float(((x - x.mean()) ** 2).sum())
-        slope = float(self._x @ y)  # = cov(x, y) / var(x): one dot product instead of a polyfit per step
-        rise = slope * (len(y) - 1)  # fitted change of log loss across the window
+        rise = fitted_change(self.values)
         if rise <= self.min_rise:
             return None
         self.values.clear()  # report once per window, not every step after
@@ -132,6 +123,14 @@ class TrendDetector:
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(state["values"])
+
+
+def _full_after(values: deque[float], loss: float) -> bool:
+    """Add log(loss) to a window (a non-finite or non-positive loss enters none); True when it is full."""
+    if not math.isfinite(loss) or loss <= 0:
+        return False
+    values.append(math.log(loss))
+    return len(values) == values.maxlen
 
 
 def fitted_change(values: deque[float]) -> float:
@@ -152,10 +151,7 @@ class StallWindow:
 
     def observe(self, loss: float) -> float | None:
         """The change over the last two blocks when neither fell (then it starts over), else None."""
-        if not math.isfinite(loss) or loss <= 0:
-            return None
-        self.values.append(math.log(loss))
-        if len(self.values) < self.values.maxlen:
+        if not _full_after(self.values, loss):
             return None
         change = fitted_change(self.values)
         self.values.clear()

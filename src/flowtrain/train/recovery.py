@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flowtrain.errors import GuardStop
-from flowtrain.flow.guard import GuardConfig, Verdict
+from flowtrain.flow.guard import Alert, GuardConfig, Verdict
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.restore import Owner, Snapshot, restore, take_snapshot
 from flowtrain.train.step import TrainState
@@ -65,6 +65,39 @@ class Recovery:
         every = self.cfg.snapshot_interval
         if every and self.state.step % every == 0:
             self.candidate = take_snapshot(self.state, self.owners)
+
+    def act_on(self, verdict: Verdict, log) -> bool:
+        """Log the verdict's alerts (to `log`, the run's RunLog) and carry out rollback / stop; every action and the
+        final stop with its reason are rows of alerts.jsonl. True when the step was rolled back."""
+        step, guard = self.state.step, self.state.guard
+        for alert in verdict.alerts:
+            log.alert(alert)
+        if verdict.action == "stop":
+            detectors = ", ".join(sorted({a.detector for a in verdict.alerts})) or "repeated skips"
+            message = (
+                f"stopped by the guard at step {step}: {detectors} after {guard.rollbacks} rollback(s) (budget "
+                f"guard.max_rollbacks={self.cfg.max_rollbacks}); checkpoints in {self.checkpoints} are intact: "
+                "lower optim.lr or check the data, then --resume"
+            )
+            self._stop(
+                log, Alert(step, "guard", "stop", {"rollbacks": float(guard.rollbacks)}, message, "", "critical")
+            )
+        if verdict.action != "rollback":
+            return False
+        try:
+            what = self.roll_back(step)
+        except GuardStop as stop:
+            self._stop(log, Alert(step, "guard", "stop", {}, str(stop), "", "critical"))
+        log.mark_discarded_after(self.state.step)
+        log.alert(Alert(step, "guard", "rollback", {"to_step": float(self.state.step)}, what, "", "critical"))
+        log.flush_alerts(final=True)  # the steps are rewound: every fold closes before them
+        return True
+
+    @staticmethod
+    def _stop(log, alert: Alert) -> None:
+        log.alert(alert)
+        log.flush_alerts(final=True)
+        raise GuardStop(alert.explanation)
 
     def roll_back(self, event_step: int) -> str:
         """Return to the last good state before an event at `event_step`; a line saying what was done."""

@@ -26,8 +26,8 @@ from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.loader import BatchLoader, eval_batches
 from flowtrain.data.prepare import dataset_for
 from flowtrain.data.tokenizers import tokenizer_from_json
-from flowtrain.errors import CheckpointError, ConfigError, DataError, DivergedError, GuardStop
-from flowtrain.flow.guard import Alert, Guard
+from flowtrain.errors import CheckpointError, ConfigError, DataError, DivergedError
+from flowtrain.flow.guard import Guard
 from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
 from flowtrain.fsutil import DirectoryLock, atomic_write_text
@@ -265,35 +265,6 @@ class Trainer:
             bytes_per_token=self.dataset.bytes_per_token("val"),
         )
 
-    def _act_on(self, verdict) -> bool:
-        """Log the verdict's alerts and carry out rollback / stop. True when the step was rolled back."""
-        log, step = self.log, self.state.step
-        for alert in verdict.alerts:
-            log.alert(alert)
-        if verdict.action == "stop":
-            detectors = ", ".join(sorted({a.detector for a in verdict.alerts})) or "repeated skips"
-            guard = self.state.guard
-            message = (
-                f"stopped by the guard at step {step}: {detectors} after "
-                f"{guard.rollbacks} rollback(s) (budget guard.max_rollbacks={self.cfg.guard.max_rollbacks}); "
-                f"checkpoints in {self.run.checkpoints} are intact: lower optim.lr or check the data, then --resume"
-            )
-            log.alert(Alert(step, "guard", "stop", {"rollbacks": float(guard.rollbacks)}, message, "", "critical"))
-            log.flush_alerts(final=True)
-            raise GuardStop(message)
-        if verdict.action == "rollback":
-            try:
-                what = self.recovery.roll_back(step)
-            except GuardStop as stop:
-                log.alert(Alert(step, "guard", "stop", {}, str(stop), "", "critical"))
-                log.flush_alerts(final=True)
-                raise
-            log.mark_discarded_after(self.state.step)
-            log.alert(Alert(step, "guard", "rollback", {"to_step": float(self.state.step)}, what, "", "critical"))
-            log.flush_alerts(final=True)  # the steps are rewound: every fold closes before them
-            return True
-        return False
-
     # ---- the loop ----------------------------------------------------------------------------------------
     def run_loop(self) -> RunSummary:
         """Train to the end (max_steps, or stop_after): every iteration of steps(), then the run's summary."""
@@ -348,7 +319,7 @@ class Trainer:
                     rows.add(Row(state.step, out, lr, step_time), now, step_time, urgent=acting)
                 elif not parallel.is_main:
                     self.flow.discard()  # other ranks measure (their sums join rank 0's) but write nothing
-                if self._act_on(out.verdict):  # rolled back: the loop goes on from the restored step
+                if self.recovery.act_on(out.verdict, log):  # rolled back: the loop goes on from there
                     timer.restart()
                     yield state.step
                     continue
