@@ -43,7 +43,8 @@ def test_each_flow_judgment_fires_on_its_numbers_only():
     assert kinds([summary(s, resid=1e-8) for s in range(5)]) == ["vanishing"]
     assert kinds([summary(s, signal=1e-20) for s in range(5)]) == ["vanishing"]  # the forward signal dies
     # the input side gets no gradient at all (deep stack without norm or residual): vanishing, not "stalled"
-    assert kinds([summary(s, grad=[1.0, 0.0, 0.0, 1.0]) for s in range(5)]) == ["vanishing"]
+    (starved,) = judge_flow([summary(s, grad=[1.0, 0.0, 0.0, 1.0]) for s in range(5)], Thresholds(), Context())
+    assert starved.kind == "vanishing" and starved.evidence[-1]["metric"] == "layers_without_gradient"
     # one layer further up loses its gradient: that layer has stalled
     (stalled,) = judge_flow([summary(s, grad=[1.0, 1.0, 0.0, 1.0]) for s in range(5)], Thresholds(), Context())
     assert stalled.kind == "stalled" and stalled.where == "block.1"

@@ -241,8 +241,9 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
             [evidence("median_update_ratio", ratio, ">", th.update_ratio_high)],
         ))  # fmt: skip
     resid = _median(s.resid_ratio for s in window)
-    if resid > th.explode_ratio:  # (the growth of the global norm over a few steps is no sign: healthy runs
-        found.append(Finding(     # grow it 10-40x within 5 steps early on, measured)
+    # (the growth of the global norm over a few steps is no sign: healthy runs grow it 10-40x in 5 steps early on)
+    if resid > th.explode_ratio:
+        found.append(Finding(
             "exploding", "warning",
             f"the residual-stream gradient grows {resid:.3g}x from the output back to the input ({steps}): "
             "gradients explode with depth",
@@ -260,6 +261,8 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
             ev.append(evidence("resid_grad_ratio_h0_hL", resid, "<", th.vanish_ratio))
         if signal < th.signal_collapse:
             ev.append(evidence("act_rms_ratio_hL_h0", signal, "<", th.signal_collapse))
+        if dead:
+            ev.append(evidence("layers_without_gradient", len(dead), ">", 0))
         parts = []
         if resid < th.vanish_ratio:
             parts.append(f"the gradient reaching the input is {resid:.3g}x the one at the output")
