@@ -17,6 +17,7 @@ import numpy as np
 
 from flowtrain.flow import health
 from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS, FlowRecord
+from flowtrain.flow.summary import jsonable
 
 TABLE_COLUMNS = ("grad_norm", "grad_rms", "update_ratio", "resid_grad_norm", "act_rms")
 
@@ -39,17 +40,7 @@ class Diagnosis:
 
     def to_json(self) -> str:
         """JSON text (NaN written as null) for `flowtrain diagnose --json`."""
-
-        def clean(value):
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return value
-
-        return json.dumps(clean(self.to_dict()), indent=1)
+        return json.dumps(jsonable(self.to_dict()), indent=1, allow_nan=False)
 
     def render(self) -> str:
         """A text table (one row per layer) followed by the verdict, cause and suggestion."""

@@ -134,19 +134,17 @@ def nonfinite(loss: float, grad_norm: float, first_bad: str | None, ctx: Context
         where = first_bad
         place = f", first in {first_bad} (backward order)" if first_bad else ""
         what = f"the loss was finite ({loss:.6g}) but the gradient is not (norm {grad_norm}){place}"
-    return Finding(
-        "nonfinite",
-        "critical",
-        what,
-        ctx.advise(
-            ("lower optim.lr", True),
-            ("use train.dtype=bfloat16 rather than float16", ctx.dtype == "float16"),
-            ("add train.z_loss=1e-4", not ctx.z_loss),
-            ("turn clipping on (clip.kind=norm)", ctx.clip_kind == "off"),
-            ("check the data around this step", True),
-        ),
-        [evidence("loss", loss), evidence("grad_norm_preclip", grad_norm)],
-        where,
+    evidenced = [evidence("loss", loss), evidence("grad_norm_preclip", grad_norm)]
+    return Finding("nonfinite", "critical", what, _nonfinite_advice(ctx), evidenced, where)
+
+
+def _nonfinite_advice(ctx: Context) -> str:
+    return ctx.advise(
+        ("lower optim.lr", True),
+        ("use train.dtype=bfloat16 rather than float16", ctx.dtype == "float16"),
+        ("add train.z_loss=1e-4", not ctx.z_loss),
+        ("turn clipping on (clip.kind=norm)", ctx.clip_kind == "off"),
+        ("check the data around this step", True),
     )
 
 
@@ -225,10 +223,10 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
     found: list[Finding] = []
     steps = f"steps {window[0].step}-{window[-1].step}" if len(window) > 1 else f"step {window[0].step}"
     bad = next((s for s in window if s.first_nonfinite), None)
-    if bad is not None:
-        found.append(nonfinite(1.0, math.inf, bad.first_nonfinite, ctx))
-        found[-1].explanation = f"non-finite gradient values at step {bad.step}, first in {bad.first_nonfinite} " \
-            "(backward order)"  # fmt: skip
+    if bad is not None:  # a record names the tensor; the loss and global norm are the per-step check's
+        what = f"non-finite gradient values at step {bad.step}, first in {bad.first_nonfinite} (backward order)"
+        found.append(Finding("nonfinite", "critical", what, _nonfinite_advice(ctx), [evidence("step", bad.step)],
+                             bad.first_nonfinite))  # fmt: skip
     ratio = _median(float(np.nanmedian(s.update_ratio)) if np.isfinite(s.update_ratio).any() else None
                     for s in window)  # fmt: skip
     if ratio > th.update_ratio_high:

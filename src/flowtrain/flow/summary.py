@@ -59,7 +59,7 @@ class FlowSummary:
 
     def to_json(self) -> dict:
         """Plain JSON (NaN as null), saved with the guard's state so a resumed run judges the same window."""
-        return {k: _jsonable(v) for k, v in self.__dict__.items()}
+        return jsonable(self.__dict__)
 
     @classmethod
     def from_json(cls, data: dict) -> FlowSummary:
@@ -71,11 +71,14 @@ class FlowSummary:
                    num(data["logsumexp"]), num(data["grad_norm_preclip"]), data["first_block"])  # fmt: skip
 
 
-def _jsonable(value):
+def jsonable(value):
+    """`value` with every non-finite float as null (strict JSON), arrays and tuples as lists, dicts recursed."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return [_jsonable(float(v)) for v in value]
+        return [jsonable(float(v)) for v in value]
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value
