@@ -2,11 +2,14 @@
 
 1. Prepare `python-stdlib` with a trained byte-level BPE (default 8192 tokens): train the tokenizer, encode,
    write. Prints wall time, MB/s, tokens/s and peak RSS (target: <= 30 s, <= 2 GB on a 2-core machine).
-2. Memory flat in corpus size: the training-side reader (BatchLoader random windows + periodic
+2. Preparing is flat in corpus size: a generated corpus of N and 4N MB (one text file, and JSONL with a
+   document a line), prepared with the char and the BPE tokenizer; peak RSS of 4N must be within 100 MB of N's.
+3. Memory flat in corpus size: the training-side reader (BatchLoader random windows + periodic
    eval_batches) and then a real `Trainer.run_loop()` (the default model, microscope and guard on) run over a
    ~2 MB and a ~2 GB token file; peak RSS must differ by <= 100 MB. Each measurement runs in its own process.
 
-    python benchmarks/prepare.py [--vocab 8192] [--big-mb 2048] [--steps 2000] [--workdir DIR]
+    python benchmarks/prepare.py [--vocab 8192] [--flat-mb 16] [--big-mb 2048] [--steps 2000] [--workdir DIR]
+        [--only prepare|flat|rss]
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
                   "train_tokens": ds.n_tokens("train")}}))
 """
 
+FLAT_CHILD = """
+import json, resource, time
+from flowtrain.data.config import DataConfig
+from flowtrain.data.prepare import prepare_dataset
+cfg = DataConfig(sources=[{src!r}], tokenizer={tok!r}, bpe_vocab_size={vocab})
+start = time.perf_counter()
+prepare_dataset(cfg, {out!r}, progress=False)
+print(json.dumps({{"wall_s": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
 TRAIN_CHILD = """
 import json, resource, tempfile
 from flowtrain.config import load_config
@@ -73,6 +87,47 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 def _child(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _generated_corpus(path: Path, mb: int, kind: str) -> Path:
+    """`mb` MB of English-like text (Zipf-distributed words from a fixed made-up vocabulary, lines of ~12 words,
+    documents of ~10 kB): one text file (kind "text") or JSONL with a document a line (kind "jsonl")."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    vocab = ["".join(rng.choice(letters, size=rng.integers(1, 10))) for _ in range(20_000)]
+    weights = 1 / np.arange(1, len(vocab) + 1)
+    weights /= weights.sum()
+    with open(path, "w", encoding="utf-8") as out:
+        written = 0
+        while written < mb << 20:
+            words = rng.choice(len(vocab), size=1600, p=weights)
+            lines = [" ".join(vocab[i] for i in words[j : j + 12]) for j in range(0, len(words), 12)]
+            doc = "\n".join(lines) + "\n"
+            out.write(json.dumps({"text": doc}) + "\n" if kind == "jsonl" else doc)
+            written += len(doc)
+    return path
+
+
+def _flat(work: Path, mb: int, vocab: int) -> None:
+    """Peak RSS preparing generated corpora of `mb` and 4 x `mb` MB, per corpus shape and tokenizer."""
+    for kind in ("text", "jsonl"):
+        corpora = {size: _generated_corpus(work / f"gen{size}.{kind}", size, kind) for size in (mb, 4 * mb)}
+        for tok in ("char", "bpe"):
+            rss = {}
+            for size, src in corpora.items():
+                out = work / f"flat-{kind}-{tok}-{size}"
+                r = _child(FLAT_CHILD.format(src=str(src), tok=tok, vocab=vocab, out=str(out)))
+                shutil.rmtree(out)
+                rss[size] = r["peak_rss_mb"]
+                print(
+                    f"prepare a {size} MB {kind} corpus, {tok}: peak RSS {r['peak_rss_mb']:.0f} MB, "
+                    f"{r['wall_s']:.1f} s ({size / r['wall_s']:.2f} MB/s)"
+                )
+            delta = rss[4 * mb] - rss[mb]
+            print(f"  {kind}, {tok}: {4 * mb} vs {mb} MB {delta:+.0f} MB [target <= 100 MB: "
+                  f"{'PASS' if delta <= 100 else 'FAIL'}]")  # fmt: skip
+        for src in corpora.values():
+            src.unlink()
 
 
 def _tiled_dataset(src: Path, out: Path, n_tokens: int) -> Path:
@@ -108,11 +163,18 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=2048, help="size of the large token file")
     parser.add_argument("--steps", type=int, default=2000, help="loader batches per RSS measurement")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
-    parser.add_argument("--skip-rss", action="store_true", help="only the BPE prepare benchmark")
+    parser.add_argument("--flat-mb", type=int, default=16, help="size N of the generated corpora (N and 4N MB)")
+    parser.add_argument(
+        "--only", choices=["prepare", "flat", "rss"], help="one part (rss also runs prepare, whose dataset it tiles)"
+    )
     parser.add_argument("--train-steps", type=int, default=300, help="steps of the real training run per file")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="flowtrain-bench-"))
     try:
+        if args.only in (None, "flat"):
+            _flat(work, args.flat_mb, args.vocab)
+        if args.only == "flat":
+            return
         r = _child(PREPARE_CHILD.format(vocab=args.vocab, out=str(work / "bpe")))
         mb = r["bytes"] / 1e6
         print(
@@ -121,7 +183,7 @@ def main() -> None:
             f"peak RSS {r['peak_rss_mb']:.0f} MB  [target <= 30 s, <= 2048 MB: "
             f"{'PASS' if r['wall_s'] <= 30 and r['peak_rss_mb'] <= 2048 else 'FAIL'}]"
         )
-        if args.skip_rss:
+        if args.only == "prepare":
             return
         itemsize = np.dtype(json.loads((work / "bpe" / "meta.json").read_text())["dtype"]).itemsize
         small = _tiled_dataset(work / "bpe", work / "small", (2 << 20) // itemsize)

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flowtrain.data.corpora import Corpus, DirectorySource, HFDiskSource, StdlibSource
+from flowtrain.data.corpora import Corpus, DirectorySource, StdlibSource
+from flowtrain.data.hf_disk import HFDiskSource
 from flowtrain.errors import DataError
 
 
@@ -128,7 +129,9 @@ def test_hf_dataset_dict_directory(tmp_path):
     _save_like_hf(tmp_path / "dd" / "train", ["a", "b"])
     _save_like_hf(tmp_path / "dd" / "test", ["c", "d"])
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    assert list(Corpus([str(tmp_path / "dd")]).documents()) == ["a", "b", "c", "d"]
+    corpus = Corpus([str(tmp_path / "dd")])  # flowtrain has no test split: it is not used (and not trained on)
+    assert list(corpus.documents()) == ["a", "b"]
+    assert corpus.predefined_splits() == {str(tmp_path / "dd"): {"train": "train", "val": None, "unused": ["test"]}}
 
 
 def test_identity_changes_when_a_file_changes(tmp_path):

@@ -31,6 +31,11 @@ class DataConfig(Section):
         description="document: whole documents go to val; tokens: the last fraction of the token stream "
         "(the classic single-file split); auto: document when the corpus has >= 10 documents",
     )
+    splits: dict[Literal["train", "val"], str] = Field(
+        default_factory=dict,
+        description="a DatasetDict source (save_to_disk): which of its splits are train and val, when they are not "
+        "called train and validation/valid/val/dev, e.g. {train: train_sft, val: test_sft} (data/hf_disk.py)",
+    )
     split_seed: int = Field(0, description="seed of the document split (fixed, so every run sees the same val set)")
     token_dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="dtype of the token files; auto: uint16 when the vocab fits, else uint32"

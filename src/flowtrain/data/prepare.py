@@ -10,8 +10,8 @@ Layout of a dataset directory (format version FORMAT_VERSION):
 The directory is built under `<out>.tmp-<pid>` and renamed into place only when complete, so an interrupted
 prepare never leaves something that looks like a dataset; what a killed one leaves is removed by the next
 prepare there (the writer holds a lock inside its temporary while it works: a free lock means it died).
-Tokens stream through a scratch file on disk, so memory stays flat in corpus size; the split is then a copy
-of contiguous runs of documents.
+Text is read in pieces (data/readers.py) and tokens stream through a scratch file on disk, so memory stays flat
+in corpus size; the split is then a copy of contiguous runs of documents (data/splits.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from flowtrain.data.config import DataConfig
 from flowtrain.data.corpora import Corpus
+from flowtrain.data.readers import Piece, join_pieces
+from flowtrain.data.splits import SPLIT_CODES, Tokenized, write_splits
 from flowtrain.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer_file
 from flowtrain.errors import DataError
 from flowtrain.fsutil import DirectoryLock, fsync_dir, pid_alive, write_synced
@@ -50,6 +52,10 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     return np.dtype(np.uint32)
 
 
+def corpus_for(cfg: DataConfig) -> Corpus:
+    return Corpus(cfg.sources, text_field=cfg.text_field, include=cfg.include, exclude=cfg.exclude, splits=cfg.splits)
+
+
 def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
     """The tokenizer for this corpus: loaded from cfg.tokenizer_path, or built (char) / trained (BPE) on it."""
     if cfg.tokenizer_path:
@@ -57,14 +63,17 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "char":
-        return CharTokenizer.train(corpus.documents())
-    return BPETokenizer.train(corpus.documents(), cfg.bpe_vocab_size)
+        return CharTokenizer.train(corpus.texts())
+    return BPETokenizer.train(corpus.texts(), cfg.bpe_vocab_size)
 
 
-def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Path, progress: bool):
-    """Encode every document (+ EOT) into `scratch`; return per-document token and UTF-8 byte counts."""
-    doc_tokens, doc_bytes = array("q"), array("q")
-    eot = np.array([tokenizer.eot_id], dtype=dtype)
+def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Path, progress: bool) -> Tokenized:
+    """Encode every document (+ EOT) into `scratch`, ~1 MB of text at a time; count tokens and UTF-8 bytes per
+    document and per piece."""
+    docs = {"tokens": array("q"), "bytes": array("q"), "split": array("b")}
+    ends = {"tokens": array("q"), "bytes": array("q")}  # running totals at the end of every piece
+    run = {"tokens": 0, "bytes": 0, "doc_tokens": 0, "doc_bytes": 0}
+    eot = np.array([tokenizer.eot_id], dtype=dtype).tobytes()
     bar = tqdm(
         total=corpus.size_bytes() or None,
         unit="B",
@@ -73,96 +82,45 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Pa
         disable=not progress,
         file=sys.stderr,
     )
+    pieces = corpus.pieces() if tokenizer.piecewise else join_pieces(corpus.pieces())
     with bar, open(scratch, "wb") as out:  # the bar is closed before any error is printed below it
-        pending: list[str] = []
+        pending: list[Piece] = []
         pending_chars = 0
 
         def flush() -> None:
-            for text, ids in zip(pending, tokenizer.encode_many(pending), strict=True):
+            for piece, ids in zip(pending, tokenizer.encode_many([p.text for p in pending]), strict=True):
                 out.write(ids.astype(dtype).tobytes())
-                out.write(eot.tobytes())
-                n_bytes = len(text.encode("utf-8"))
-                doc_tokens.append(len(ids) + 1)
-                doc_bytes.append(n_bytes)
+                n_tokens, n_bytes = len(ids), len(piece.text.encode("utf-8"))
+                if piece.end:
+                    out.write(eot)
+                    n_tokens += 1
+                run["tokens"] += n_tokens
+                run["bytes"] += n_bytes
+                ends["tokens"].append(run["tokens"])
+                ends["bytes"].append(run["bytes"])
+                run["doc_tokens"] += n_tokens
+                run["doc_bytes"] += n_bytes
+                if piece.end:
+                    docs["tokens"].append(run["doc_tokens"])
+                    docs["bytes"].append(run["doc_bytes"])
+                    docs["split"].append(SPLIT_CODES[piece.split])
+                    run["doc_tokens"] = run["doc_bytes"] = 0
                 bar.update(n_bytes)
             pending.clear()
 
-        for text in corpus.documents():
-            pending.append(text)
-            pending_chars += len(text)
+        for piece in pieces:
+            pending.append(piece)
+            pending_chars += len(piece.text)
             if pending_chars >= _CHUNK_CHARS:
                 flush()
                 pending_chars = 0
         flush()
-    return np.frombuffer(doc_tokens, dtype=np.int64), np.frombuffer(doc_bytes, dtype=np.int64)
 
+    def arr(values: array, dt) -> np.ndarray:
+        return np.frombuffer(values, dtype=dt) if len(values) else np.zeros(0, dtype=dt)
 
-def _copy_runs(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray, mask: np.ndarray, dst: Path) -> None:
-    """Append the documents selected by `mask` to `dst`, copying maximal contiguous runs at once."""
-    with open(dst, "wb") as out:
-        if not mask.any():
-            return
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
-        for first, stop in zip(edges[0::2], edges[1::2], strict=True):
-            begin, end = starts[first], starts[stop - 1] + lengths[stop - 1]
-            for lo in range(begin, end, 1 << 24):  # 16M tokens at a time keeps memory flat
-                out.write(np.ascontiguousarray(src[lo : min(end, lo + (1 << 24))]).tobytes())
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _split_documents(cfg: DataConfig, n_docs: int) -> np.ndarray:
-    """Boolean mask of the documents that go to val: a seeded choice of whole documents."""
-    n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
-    mask = np.zeros(n_docs, dtype=bool)
-    mask[np.random.default_rng(cfg.split_seed).choice(n_docs, size=n_val, replace=False)] = True
-    return mask
-
-
-def _write_splits(cfg, tokenizer, all_tokens, doc_tokens, doc_bytes, tmp: Path) -> tuple[dict, str]:
-    n_docs, n_tokens = len(doc_tokens), int(doc_tokens.sum())
-    starts = np.concatenate(([0], np.cumsum(doc_tokens)[:-1])).astype(np.int64)
-    split_by = cfg.split_by if cfg.split_by != "auto" else ("document" if n_docs >= 10 else "tokens")
-    counts: dict[str, dict] = {}
-    if split_by == "document":
-        if n_docs < 2:
-            raise DataError(
-                f"split_by=document needs at least 2 documents, the corpus has {n_docs}; use data.split_by=tokens"
-            )
-        val_mask = _split_documents(cfg, n_docs)
-        for name, mask in (("train", ~val_mask), ("val", val_mask)):
-            _copy_runs(all_tokens, starts, doc_tokens, mask, tmp / f"{name}.bin")
-            lengths = doc_tokens[mask]
-            np.save(tmp / f"{name}_docs.npy", np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
-            counts[name] = {
-                "tokens": int(lengths.sum()),
-                "documents": int(mask.sum()),
-                "bytes": int(doc_bytes[mask].sum()),
-            }
-    else:
-        if n_tokens < 2:
-            raise DataError(f"the corpus has only {n_tokens} token(s), too few to split; give more text")
-        cut = min(n_tokens - 1, max(1, round(n_tokens * (1 - cfg.val_fraction))))
-        cut_doc = int(np.searchsorted(starts, cut, side="right") - 1)  # document holding the cut
-        head = int(cut - starts[cut_doc])
-        # UTF-8 bytes of the cut document's train part: decode its head (EOT decodes to nothing).
-        head_bytes = len(tokenizer.decode(all_tokens[starts[cut_doc] : cut].tolist()).encode("utf-8")) if head else 0
-        head_bytes = min(head_bytes, int(doc_bytes[cut_doc]))
-        train_bytes = int(doc_bytes[:cut_doc].sum()) + head_bytes
-        val_starts = starts[starts >= cut] - cut
-        if head:
-            val_starts = np.concatenate(([0], val_starts))
-        for name, lo, hi in (("train", 0, cut), ("val", cut, n_tokens)):
-            _copy_runs(all_tokens, np.array([lo]), np.array([hi - lo]), np.ones(1, dtype=bool), tmp / f"{name}.bin")
-        np.save(tmp / "train_docs.npy", starts[starts < cut].astype(np.int64))
-        np.save(tmp / "val_docs.npy", val_starts.astype(np.int64))
-        counts["train"] = {"tokens": cut, "documents": int((starts < cut).sum()), "bytes": train_bytes}
-        counts["val"] = {
-            "tokens": n_tokens - cut,
-            "documents": len(val_starts),
-            "bytes": int(doc_bytes.sum()) - train_bytes,
-        }
-    return counts, split_by
+    per_doc = arr(docs["tokens"], np.int64), arr(docs["bytes"], np.int64), arr(docs["split"], np.int8)
+    return Tokenized(scratch, np.dtype(dtype), *per_doc, arr(ends["tokens"], np.int64), arr(ends["bytes"], np.int64))
 
 
 def prepare_dataset(
@@ -180,7 +138,7 @@ def prepare_dataset(
     """
     out = Path(out_dir).expanduser()
     _refuse_foreign(out)
-    corpus = Corpus(cfg.sources, text_field=cfg.text_field, include=cfg.include, exclude=cfg.exclude)
+    corpus = corpus_for(cfg)
     try:
         return _prepare(cfg, corpus, out, progress, replace, cache_key)
     except OSError as exc:
@@ -215,15 +173,14 @@ def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace
     try:
         tokenizer = build_tokenizer(cfg, corpus)
         dtype = token_dtype(tokenizer.vocab_size, cfg.token_dtype)
-        doc_tokens, doc_bytes = _tokenize(corpus, tokenizer, dtype, tmp / "all.scratch", progress)
+        tokenized = _tokenize(corpus, tokenizer, dtype, tmp / "all.scratch", progress)
         skipped = {k: int(v) for k, v in sorted(corpus.skipped.items())}
-        if len(doc_tokens) == 0:
+        if len(tokenized.doc_tokens) == 0:
             detail = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "nothing readable"
             raise DataError(f"data.sources {cfg.sources} hold no documents (skipped: {detail}); give non-empty text")
-        all_tokens = np.memmap(tmp / "all.scratch", dtype=dtype, mode="r")
-        counts, split_by = _write_splits(cfg, tokenizer, all_tokens, doc_tokens, doc_bytes, tmp)
-        del all_tokens
+        counts, split_by = write_splits(cfg, tokenizer, tokenized, tmp)
         (tmp / "all.scratch").unlink()
+        predefined = corpus.predefined_splits()
         write_synced(tmp / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -245,6 +202,7 @@ def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace
                 "requested": cfg.split_by,
                 "val_fraction": cfg.val_fraction,
                 "seed": cfg.split_seed,
+                "from_sources": predefined,
             },
             "skipped": skipped,
             "cache_key": cache_key,
@@ -264,12 +222,20 @@ def _prepare(cfg: DataConfig, corpus: Corpus, out: Path, progress: bool, replace
         held.release()
     if progress:
         note = f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())} file(s)/record(s)" if skipped else ""
+        note += "".join(_splits_note(name, plan) for name, plan in predefined.items())
         print(
             f"prepared {out}: {counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val tokens, "
             f"{sum(c['documents'] for c in counts.values()):,} documents{note}",
             file=sys.stderr,
         )
     return out
+
+
+def _splits_note(name: str, plan: dict) -> str:
+    """What the prepare line says of a DatasetDict's splits: where val came from, and the splits not used."""
+    val = f"val = its {plan['val']!r}" if plan["val"] else f"val drawn from its {plan['train']!r}"
+    unused = f", not used: {', '.join(plan['unused'])} (data.splits maps others)" if plan["unused"] else ""
+    return f"; {name}: train = its {plan['train']!r}, {val}{unused}"
 
 
 _DATASET_FILES = {"meta.json", "tokenizer.json", "train.bin", "val.bin", "train_docs.npy", "val_docs.npy"}
@@ -324,7 +290,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def cache_key(cfg: DataConfig) -> str:
     """Hash of everything that affects a prepared dataset's bytes."""
-    corpus = Corpus(cfg.sources, text_field=cfg.text_field, include=cfg.include, exclude=cfg.exclude)
+    corpus = corpus_for(cfg)
     tok: dict = {"kind": cfg.tokenizer}
     if cfg.tokenizer_path:
         try:

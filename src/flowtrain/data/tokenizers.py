@@ -32,6 +32,8 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     pad_id: int | None
+    # encoding a text in the pieces data/readers.py cuts gives the tokens of the whole text
+    piecewise: bool = True
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -142,6 +144,7 @@ class BPETokenizer(Tokenizer):
         self.pad_id = hf_tokenizer.token_to_id(PAD_TEXT)
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self._json = hf_tokenizer.to_str()
+        self.piecewise = _splits_like_gpt2(json.loads(self._json))
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> BPETokenizer:
@@ -172,6 +175,19 @@ class BPETokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return self._json
+
+
+def _splits_like_gpt2(spec: dict) -> bool:
+    """Whether a tokenizer.json splits text exactly as GPT-2's byte-level pattern does (ours and GPT-2's do): no
+    normalizer, and ByteLevel pre-tokenization with that pattern and no prefix space. Any other tokenizer is given
+    whole documents."""
+    pre = spec.get("pre_tokenizer") or {}
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+    )
 
 
 def tokenizer_from_json(text: str, *, source: str = "tokenizer JSON") -> Tokenizer:
