@@ -39,7 +39,10 @@ class FlowConfig(Section):
     attn_batch: int = Field(1, ge=1, description="attention sample: first N sequences of the first micro-batch")
     logits: bool = Field(True, description="output logits: max |z| and mean log-sum-exp (hook on the head)")
     histogram_interval: int = Field(
-        0, ge=0, description="per-layer gradient samples for TensorBoard histograms every N steps (0 = off)"
+        100,
+        ge=0,
+        description="per-layer samples of the gradients and the weights for TensorBoard's histograms at the first "
+        "monitored step of every N steps (0 = off; off when log.tensorboard is off; its cost: docs/performance.md)",
     )
     histogram_values: int = Field(4096, ge=16, description="at most this many values per layer histogram")
     clip_rate_window: int = Field(100, ge=1, description="steps in the rolling clip rate")

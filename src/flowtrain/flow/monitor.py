@@ -83,11 +83,13 @@ class StepStats:
     depth: torch.Tensor | None = None  # [8, L+1]: depth.RAW_ROWS + RAW_MAX_ROWS
     logits: torch.Tensor | None = None  # [3]: logits.LogitsProbe.raw
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> sampled gradient values
+    weight_histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> sampled weights, after
 
     def on_device(self) -> dict[str, torch.Tensor]:
         """The tensors that travel to the host, by name."""
         named = {"tensors": self.tensors, "depth": self.depth, "logits": self.logits}
         named.update({"hist:" + k: v for k, v in self.histograms.items()})
+        named.update({"whist:" + k: v for k, v in self.weight_histograms.items()})
         return {k: v for k, v in named.items() if v is not None}
 
 
@@ -188,10 +190,16 @@ class FlowMonitor:
             stats = StepStats(self.step_index, self.is_monitored())
             if stats.monitored:  # between monitored steps the microscope costs nothing
                 stats.weight_sumsq, stats.grads = self.params.before_step()
-                hist = self.cfg.histogram_interval
-                if hist and self.step_index % hist == 0:
+                if self._histogram_due(self.step_index):
                     stats.histograms = self.params.histogram_samples(self.layers, self.cfg.histogram_values)
             self._pending = stats
+
+    def _histogram_due(self, step: int) -> bool:
+        """Histograms at the first monitored step of every `histogram_interval` steps (a monitored step whose
+        predecessor under the interval lies in an earlier window): steps that are multiples of both intervals
+        would be rare under `auto`."""
+        every = self.cfg.histogram_interval
+        return bool(every) and step // every != (step - self.interval.every) // every
 
     @property
     def grad_sumsq(self) -> torch.Tensor | None:
@@ -222,6 +230,9 @@ class FlowMonitor:
                     stats.depth = self.depth.raw(device, self.sync, self.backward_scale)
                 if self.logits is not None:
                     stats.logits = self.logits.raw(device, self.sync)
+                if stats.histograms:  # the weights the next step starts from
+                    values = self.cfg.histogram_values
+                    stats.weight_histograms = self.params.histogram_samples(self.layers, values, of="weight")
             self._ready.append(stats)
         stats.flow_interval = self.interval.every
         if self.interval.step_done(self.step_index, stats.monitored) and self.sync:
@@ -338,6 +349,7 @@ class FlowMonitor:
         if "logits" in host:
             scalars["logits_max_abs"], scalars["logits_lse_mean"] = logits_figures(host["logits"])
         record.histograms = {k[5:]: v for k, v in host.items() if k.startswith("hist:")}
+        record.weight_histograms = {k[6:]: v for k, v in host.items() if k.startswith("whist:")}
         return record
 
     def _tensor_table(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:

@@ -90,14 +90,17 @@ class ParamStats:
             return sums
         return self._nan().index_copy_(0, torch.tensor(index).to(self.device, non_blocking=True), sums)
 
-    def histogram_samples(self, layers: list[str], values: int) -> dict[str, torch.Tensor]:
-        """Per layer, an evenly strided sample of at most `values` gradient values (on the device)."""
+    @torch.no_grad()
+    def histogram_samples(self, layers: list[str], values: int, of: str = "grad") -> dict[str, torch.Tensor]:
+        """Per layer, an evenly strided sample of at most `values` gradient (of="grad") or weight (of="weight")
+        values, on the device."""
         by_layer: dict[str, list[torch.Tensor]] = {}
         for layer, p in zip(layers, self.params, strict=True):
-            if p.grad is not None:
-                by_layer.setdefault(layer, []).append(tensorstats.local(p.grad.detach()).reshape(-1))
+            tensor = p.grad if of == "grad" else p
+            if tensor is not None:
+                by_layer.setdefault(layer, []).append(tensorstats.local(tensor.detach()).reshape(-1))
         out = {}
-        for layer, grads in by_layer.items():
-            stride = max(1, -(-sum(g.numel() for g in grads) // values))
-            out[layer] = torch.cat([g[::stride] for g in grads])[:values].float()
+        for layer, tensors in by_layer.items():
+            stride = max(1, -(-sum(t.numel() for t in tensors) // values))
+            out[layer] = torch.cat([t[::stride] for t in tensors])[:values].float()
         return out

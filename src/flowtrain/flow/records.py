@@ -116,6 +116,7 @@ class FlowRecord:
     depth_layers: list[str] = field(default_factory=list)
     depth_stats: np.ndarray | None = None  # [L+1, len(DEPTH_STATS)]
     histograms: dict[str, np.ndarray] = field(default_factory=dict)  # "layer" -> sampled gradient values
+    weight_histograms: dict[str, np.ndarray] = field(default_factory=dict)  # "layer" -> sampled weights after the step
 
     def tensor(self, name: str) -> dict[str, float]:
         """One parameter tensor's statistics by model name."""

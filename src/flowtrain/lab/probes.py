@@ -68,7 +68,7 @@ def init_profile(cfg: RunConfig, n_batches: int) -> InitProfile:
     dataset = open_dataset(cfg)
     model = fresh_model(cfg)
     model.train()
-    monitor = FlowMonitor(model, None, FlowConfig(updates=False, attention=False, logits=False))
+    monitor = FlowMonitor(model, None, FlowConfig(updates=False, attention=False, logits=False, histogram_interval=0))
     loader = BatchLoader(dataset, "train", cfg.train.batch_size, cfg.model.block_size, cfg.data.loader, cfg.train.seed)
     records, losses = [], []
     try:

@@ -353,11 +353,15 @@ class SlotLoaders:
             loader.load_state_dict(state)
 
 
-def flow_config_for(flow, ctx: DistContext):
-    """Histograms reshape sharded gradients and are switched off under FSDP; everything else is exact
-    (update norms snapshot each rank's shard; attention is read at the kernel, inside FSDP's forward)."""
-    if ctx.strategy == "fsdp" and flow.enabled and flow.histogram_interval:
-        print("flowtrain: under FSDP gradient histograms are off")
+def flow_config_for(flow, ctx: DistContext, tensorboard: bool = True):
+    """Histograms are only drawn by TensorBoard: off without it. They reshape sharded tensors and are switched
+    off under FSDP (said when the config asked for them); everything else is exact (update norms snapshot each
+    rank's shard; attention is read at the kernel, inside FSDP's forward)."""
+    if not flow.histogram_interval or not flow.enabled:
+        return flow
+    if ctx.strategy == "fsdp" and "histogram_interval" in flow.model_fields_set:
+        print("flowtrain: under FSDP gradient and weight histograms are off")
+    if ctx.strategy == "fsdp" or not tensorboard:
         flow = flow.model_copy(update={"histogram_interval": 0})
     return flow
 

@@ -61,13 +61,15 @@ class RunLog:
         progress: bool = True,
         on_record: Callable[[Any], None] | None = None,
     ):
-        self.state, self.monitor, self.guard = state, state.monitor, state.guard
+        self.cfg, self.state, self.monitor, self.guard = cfg, state, state.monitor, state.guard
         self.device, self.world_size = state.device, state.parallel.world_size
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.on_record = on_record
         self.run, self.tb, self.flow_writer = run, None, None
         self.pending: list[Alert] = []  # written in step order at the next flush_alerts()
         self.folder = AlertFolder(cfg.guard.spike_window)
+        self.last_loss: float | None = None  # of the last row written, and the last evaluation: the run's end
+        self.last_eval: dict[str, float] = {}
         start_step = state.step
         if not state.parallel.is_main:
             self.metrics = self.alerts = self.evals = self.console = Silent()
@@ -90,6 +92,7 @@ class RunLog:
             from flowtrain.sinks.tensorboard import TensorBoardSink
 
             self.tb = TensorBoardSink(run.tensorboard, purge_step=start_step + 1 if continues else None)
+            self.tb.write_config(start_step, cfg.to_yaml())  # what this process runs (a resume may override)
             self.sinks.append(self.tb)
         write_env(run, self.device, state.optimizer, allocator())
         if cfg.log.wandb:
@@ -128,6 +131,7 @@ class RunLog:
                 written += 1
             for sink in self.sinks:
                 sink.write(row.step, scalars)
+            self.last_loss = scalars["loss"]
         for record in records[written:]:
             self.write_record(record)
         self.flush_alerts()  # every record up to the last step is in: its alerts and the steps' are complete
@@ -182,6 +186,7 @@ class RunLog:
 
     # ---- evaluations, alerts, rollbacks --------------------------------------------------------------------
     def write_eval(self, step: int, result: dict[str, float]) -> None:
+        self.last_eval = result
         self.evals.write(step, result)
         for sink in self.sinks:
             if not isinstance(sink, (JsonlSink, ConsoleSink)):
@@ -190,6 +195,23 @@ class RunLog:
             f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
             f"bits/byte {result['val_bpb']:.4f}"
         )
+
+    def finish(self, best_val_loss: float | None, full_eval: dict[str, float]) -> None:
+        """The run reached train.max_steps (every row written): its settings and final figures to TensorBoard's
+        HParams view, the metrics as `final/*` scalars at the last step."""
+        if self.tb is None:
+            return
+        from flowtrain.sinks.tensorboard import hparams_of
+
+        final = {
+            "final/train_loss": self.last_loss,
+            "final/val_loss": self.last_eval.get("val_loss"),
+            "final/val_bpb": self.last_eval.get("val_bpb"),
+            "final/best_val_loss": best_val_loss,
+            "final/val_loss_full": full_eval.get("val_loss"),
+        }
+        metrics = {k: float(v) for k, v in final.items() if v is not None}
+        self.tb.write_hparams(self.state.step, hparams_of(self.cfg.model_dump(mode="json")), metrics)
 
     def alert(self, alert: Alert) -> None:
         """Queue an alert; flush_alerts writes the queue in step order (sinks/alerts.py folds repeats)."""

@@ -166,7 +166,7 @@ class Trainer:
             restore(self.state, self.resume_from, self.recovery.owners)
             self.last_checkpoint = self.resume_from.path
         # the microscope attaches hooks from outside; monitoring off builds it disabled (no hooks, no copies)
-        flow_cfg = dist_util.flow_config_for(cfg.flow, ctx)
+        flow_cfg = dist_util.flow_config_for(cfg.flow, ctx, tensorboard=cfg.log.tensorboard)
         self.flow = FlowMonitor(
             self.raw_model, optimizer, flow_cfg, start_step=self.state.step, sync=self.parallel.world_size > 1
         )
@@ -332,9 +332,12 @@ class Trainer:
                     if checkpoint_due:
                         self._checkpoint(rows, log)
                 yield state.step
-            if state.step == tc.max_steps and tc.eval_full_at_end:
-                self.final_eval = final = self.evaluate(full=True)
-                log.evals.write(state.step, {f"{k}_full": v for k, v in final.items()})
+            if state.step == tc.max_steps:
+                if tc.eval_full_at_end:
+                    self.final_eval = final = self.evaluate(full=True)
+                    log.evals.write(state.step, {f"{k}_full": v for k, v in final.items()})
+                rows.flush()
+                log.finish(self.evaluation.best_val_loss, self.final_eval)
         except BaseException:
             self._in_loop = False
             with contextlib.suppress(Exception):  # the error in flight is the one to report, not a second one
