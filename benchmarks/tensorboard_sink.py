@@ -44,7 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = shakespeare_trainer(Path(tmp), "tb", ["flow.interval=1", "flow.histogram_interval=1"])
+        # log.tensorboard: the trainer samples histograms only for TensorBoard (no sink opens without steps())
+        overrides = ["flow.interval=1", "flow.histogram_interval=1", "log.tensorboard=true"]
+        trainer = shakespeare_trainer(Path(tmp), "tb", overrides)
         state, monitor = trainer.state, trainer.state.monitor
         step_ms = 1e3 * statistics.median(time_steps(trainer, 30))
         out = train_step(state)
