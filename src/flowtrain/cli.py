@@ -58,8 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume); SIGTERM / SIGINT stop it after the step it is in, with a checkpoint (interrupts.py)."""
     from flowtrain.config import load_config
     from flowtrain.interrupts import Interrupted, StopOnSignals, exit_code, where_it_stands
+    from flowtrain.train.load import config_for_resume
     from flowtrain.train.run_files import run_of
-    from flowtrain.train.trainer import Trainer, config_for_resume
+    from flowtrain.train.trainer import Trainer
 
     rest, overrides = _split_overrides(args.items)
     if rest:
@@ -157,7 +158,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     from flowtrain.config import load_config
     from flowtrain.flow.diagnose import diagnose
-    from flowtrain.train.trainer import Trainer, config_for_resume
+    from flowtrain.train.load import config_for_resume
+    from flowtrain.train.trainer import Trainer
 
     rest, overrides = _split_overrides(args.items)
     if len(rest) > 1:
