@@ -39,6 +39,11 @@ class ModelConfig(Section):
     embd_dropout: float = Field(0.0, ge=0, lt=1)
     attn_dropout: float = Field(0.0, ge=0, lt=1)
     resid_dropout: float = Field(0.0, ge=0, lt=1)
+    init_from: str | None = Field(
+        None,
+        description="start from these weights and their tokenizer: a transformers directory (GPT-2 or Llama "
+        "layout) or a flowtrain run or checkpoint directory; the architecture comes from it (docs/interop.md)",
+    )
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -67,3 +72,12 @@ class ModelConfig(Section):
 def swiglu_hidden(n_embd: int, mlp_ratio: float) -> int:
     """SwiGLU has three matrices instead of two, so 2/3 of the width keeps the parameter count (rounded up to 8)."""
     return int(math.ceil(2 / 3 * mlp_ratio * n_embd / 8) * 8)
+
+
+# What model.init_from takes from its source: everything that decides the function the weights compute.
+# block_size comes from it too, unless set (a shorter context is fine); init, init_std and the dropouts stay
+# the run's own (they shape training, not the function).
+ARCHITECTURE_FIELDS = (
+    "n_layer", "n_head", "n_embd", "vocab_size", "pos_encoding", "rope_theta", "norm", "norm_placement",
+    "norm_eps", "activation", "mlp_ratio", "mlp_hidden", "residual", "bias", "qk_norm", "tie_embeddings",
+)  # fmt: skip
