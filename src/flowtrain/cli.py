@@ -181,7 +181,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, [*overrides, f"train.out_dir={scratch}"])
             _tune_process(cfg)
             trainer = Trainer(cfg, on_record=records.append)
-            source = f"config {args.config or 'default'} at initialization"
+            start = f"from model.init_from={cfg.model.init_from}" if cfg.model.init_from else "at initialization"
+            source = f"config {args.config or 'default'} {start}"
         for _ in trainer.steps(until=trainer.step + args.steps):
             pass
     from flowtrain.flow.health import Context

@@ -230,10 +230,13 @@ def _architecture_replaced(tree: dict[str, Any], over: dict[str, Any]) -> dict[s
     return {**tree, "model": kept}
 
 
-def _build_naming_the_file(tree: dict[str, Any], overrides: list[str], source: str, fix: str = "") -> RunConfig:
-    """build_config of the file's tree with the overrides; an error the file alone has names the file."""
+def _build_naming_the_file(
+    tree: dict[str, Any], overrides: list[str], source: str, fix: str = "", fresh: bool = True
+) -> RunConfig:
+    """build_config of the file's tree with the overrides; an error the file alone has names the file. `fresh`:
+    the file describes a run to start (a run's own config.yaml is what ran: init_from replaces nothing there)."""
     over = parse_overrides(overrides)
-    tree = _architecture_replaced(tree, over)
+    tree = _architecture_replaced(tree, over) if fresh else tree
     try:
         return build_config(_merge(tree, over))
     except ConfigError as exc:
@@ -263,4 +266,4 @@ def load_run_config(path: Path, overrides: list[str] | None = None, restore_from
     missing = [name for name in RunConfig.model_fields if name not in tree]
     if missing:
         raise ConfigError(f"{path} is incomplete (no {missing[0]}: section; truncated?); {fix}")
-    return _build_naming_the_file(tree, overrides or [], str(path), fix)
+    return _build_naming_the_file(tree, overrides or [], str(path), fix, fresh=False)

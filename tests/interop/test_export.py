@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -180,3 +182,14 @@ def test_a_diverged_checkpoint_is_refused(tmp_path, small_text, capsys):
     assert export(run, tmp_path / "hf") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "non-finite weights" in err and "--checkpoint STEP" in err
+
+
+def test_the_export_follows_the_umask(tmp_path, small_text):
+    run = train_run(tmp_path, small_text, "a", steps=2)
+    old = os.umask(0o027)
+    try:
+        assert export(run, tmp_path / "hf") == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()} == {0o640}
