@@ -138,3 +138,15 @@ def test_other_model_types_and_foreign_tensors_are_refused(tmp_path):
     with pytest.raises(InteropError, match=r"transformer\.h\.1\..*no place for"):
         open_source(tmp_path / "m").state_dict(ModelConfig(**{**open_source(tmp_path / "m").fields, "block_size": 8}))
     assert transformers  # the fixture module's import (skips without transformers)
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"), ({"n_embd": "big"}, "wrong type")],
+)
+def test_a_config_json_flowtrain_cannot_build_is_one_line(config, named, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", **config}))
+    with pytest.raises(InteropError, match=named) as err:
+        open_source(tmp_path / "m")
+    assert "\n" not in str(err.value)

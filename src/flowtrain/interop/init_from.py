@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from flowtrain.config import RunConfig
 from flowtrain.data.tokenizers import load_tokenizer_file
 from flowtrain.errors import ConfigError, DataError
@@ -72,7 +74,13 @@ def take_from_source(cfg: RunConfig) -> Source:
             source.positions,
             f"learned positions stop there: set model.block_size <= {source.positions} or drop it",
         )
-    cfg.model = ModelConfig.model_validate({**model.model_dump(), **update})
+    try:
+        cfg.model = ModelConfig.model_validate({**model.model_dump(), **update})
+    except ValidationError as exc:  # the run's own settings with the source's shape (block_size vs RoPE, ...)
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(
+            f"model.init_from={model.init_from}: the run's model settings do not fit its model ({msg})"
+        ) from None
     _take_tokenizer(cfg, source)
     return source
 

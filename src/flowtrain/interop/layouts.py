@@ -70,7 +70,7 @@ def dropped_settings(cfg: ModelConfig, layout: str) -> list[str]:
 
 
 def hf_config(cfg: ModelConfig, layout: str, specials: Specials) -> dict[str, Any]:
-    """config.json for the layout (float32 weights), readable by transformers 4 and 5."""
+    """config.json for the layout (float32 weights): the keys transformers 5 reads, and the ones 4 read instead."""
     pad = specials.pad_id if specials.pad_id is not None else specials.eot_id
     common = {
         "architectures": [ARCHITECTURES[layout]],
@@ -131,7 +131,6 @@ class Imported:
     layout: str
     fields: dict[str, Any]  # ModelConfig fields (bias: whether the layout has biases; GPT-2 always does)
     positions: int  # n_positions / max_position_embeddings
-    bias_declared: tuple[bool, bool] = (True, True)  # (attention, MLP) biases in the tensors
 
 
 def _mlp_fields(activation: str, n_embd: int, hidden: int) -> dict[str, Any]:
@@ -221,7 +220,7 @@ def read_hf_config(config: dict[str, Any], source: str) -> Imported:
             "bias": attention_bias or mlp_bias,  # the other part's biases then start at zero
         }
         positions = get("max_position_embeddings", 2048)
-        return Imported(LLAMA, {**_always(), **fields}, positions, (attention_bias, mlp_bias))
+        return Imported(LLAMA, {**_always(), **fields}, positions)
     raise InteropError(
         f"cannot import {source}: its config.json has model_type={kind!r}; flowtrain imports the gpt2 and llama "
         "layouts (docs/interop.md)"

@@ -125,7 +125,11 @@ def _load_tensors(files: list[Path]) -> Tensors:
 
 
 def _transformers_source(path: Path) -> Source:
-    imported = read_hf_config(_read_config(path), str(path))
+    try:
+        imported = read_hf_config(_read_config(path), str(path))
+    except (TypeError, ValueError, AttributeError) as exc:  # a number that is text, a list that is a number...
+        raise InteropError(f"cannot import {path}: its config.json has a value of the wrong type ({exc})") from None
+    _buildable(imported.fields, imported.positions, path)
     tensors = weights.normalise_names(_load_tensors(weight_files(path)), imported.layout)
     fields = dict(imported.fields)
     if imported.layout == GPT2:
@@ -157,6 +161,21 @@ def _transformers_source(path: Path) -> Source:
         tied=fields["tie_embeddings"],
         _state=state,
     )
+
+
+def _buildable(fields: dict[str, Any], positions: int, path: Path) -> None:
+    """The config.json's numbers make a ModelConfig (types, ranges, n_embd a multiple of n_head, ...)."""
+    from pydantic import ValidationError
+
+    try:
+        ModelConfig(**fields, block_size=positions)
+    except (ValidationError, TypeError) as exc:
+        error = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
+        where = ".".join(str(p) for p in error["loc"])
+        raise InteropError(
+            f"cannot import {path}: its config.json gives no model flowtrain can build "
+            f"({where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')})"
+        ) from None
 
 
 def _check_vocab(rows: int, tokenizer: Tokenizer, path: Path) -> None:

@@ -21,7 +21,14 @@ def compare_logits(model: GPT, directory: Path, seed: int = 0) -> float:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise InteropError("flowtrain export --verify needs transformers: pip install transformers") from None
-    theirs = AutoModelForCausalLM.from_pretrained(str(directory)).eval()  # float32: what config.json says
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(str(directory)).eval()  # float32: what config.json says
+    except Exception as exc:  # whatever transformers raises: the export is not usable there, so it is not written
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InteropError(
+            f"transformers cannot load the exported model ({first}); nothing was written: please report it "
+            "with the run's config.yaml and your transformers version"
+        ) from None
     n = min(SEQ_LEN, model.cfg.block_size)
     ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
     was_training = model.training
