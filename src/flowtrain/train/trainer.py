@@ -121,15 +121,16 @@ class Trainer:
         seed_everything(tc.seed)
         # model.init_from (a resumed run has its weights): the source's architecture and tokenizer go into the
         # config before the data is opened; its weights go into the model once it is built
-        self.init_source = init_source(cfg) if self.resume_from is None else None
+        source = init_source(cfg) if self.resume_from is None else None
         self._open_data()
         preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
         preflight.check_free_space(self._writes_to, cfg, extra=len(self.tokenizer.to_json()))
 
         # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
-        if self.init_source is not None:
-            self.init_source.load_into(self.raw_model)
+        if source is not None:
+            source.load_into(self.raw_model)
+            del source  # its tensors are the model's now: do not hold a second copy for the whole run
         wrapped = dist_util.wrap_model(self.raw_model, ctx, self.device, tc.dtype == "bfloat16")
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
