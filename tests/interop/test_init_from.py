@@ -14,9 +14,10 @@ from flowtrain.config import load_run_config
 from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.loader import IGNORE_INDEX, BatchLoader
 from flowtrain.data.prepare import dataset_for
+from flowtrain.interop.source import open_source
 from flowtrain.train.load import load_trained
 from tests.conftest import tiny_overrides
-from tests.interop.conftest import save_hf_model, train_run
+from tests.interop.conftest import save_hf_model, train_run, transformers
 
 QUICK = {
     "train.max_steps": 3,
@@ -68,8 +69,16 @@ def test_training_from_a_transformers_directory_starts_at_its_loss(family, tmp_p
     assert cfg.model.block_size == 32  # tiny_overrides' context, shorter than the source's 64
     with torch.no_grad():
         expected = cross_entropy(theirs(input_ids=batch.inputs).logits, batch.targets)
-    print(f"{family}: first loss {logged:.6f}, transformers on that batch {expected:.6f}")
+    print(f"{family}: first loss {logged:.7f}, transformers on that batch {expected:.7f}, diff {logged - expected:.1e}")
     assert abs(logged - expected) <= 1e-5
+    # and back: the fine-tuned run exports with the source's tokenizer (Llama's </s> included) and family
+    assert cli.main(["export", str(run), "-o", str(tmp_path / "back"), "--verify"]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    assert back.eos_token == dataset.tokenizer.eot_text
+    assert open_source(tmp_path / "back").tokenizer.fingerprint == dataset.tokenizer.fingerprint
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == family
+    assert config.get("n_positions", 32) == 32 and config.get("intermediate_size", 44) == 44  # the run's, the source's
 
 
 def test_training_from_a_flowtrain_run_starts_at_its_loss_and_resumes(tmp_path, small_text):
