@@ -5,9 +5,10 @@ directory (where the paths the README names, like path/to/tinyshakespeare.txt, e
 the command's own entry point (cli.main, in this process), `torchrun` and `tensorboard` as real processes.
 Only settings that make it tiny are appended (a small model, a few steps, the test corpus); the README's own
 arguments are parsed and validated first. The placeholder runs NAME, A and B are the first three runs
-trained. The lab's studies train for minutes each even with --quick (tests/lab runs them): their lines are
-checked against the command's parser and the list of studies instead. The ```python blocks run against a
-tiny flowtrain GPT, and every `record.<...>` the comments mention is evaluated.
+trained, `tuned` the one trained from an export (model.init_from). The lab's studies train for minutes each even
+with --quick (tests/lab runs them): their lines are checked against the command's parser and the list of
+studies instead. The ```python blocks run against a tiny flowtrain GPT, and every `record.<...>` the comments
+mention is evaluated; the ones that use transformers run after the bash commands, on the directory exported.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from flowtrain.lab import STUDIES
 from tests.conftest import corpus_text, write_corpus
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-RUNS = ("NAME", "A", "B", "torchrun")  # the runs the README's commands train, in order
-TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "data.cache_dir=cache",
+RUNS = ("NAME", "A", "B", "tuned", "torchrun")  # the runs the README's commands train, in order
+# block_size 64: the README's transformers snippet generates 40 tokens after a prompt from the exported model
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=64", "data.cache_dir=cache",
               "train.batch_size=2", "train.tune_allocator=false"]  # fmt: skip
 TINY_TRAIN = [*TINY_MODEL, "data.sources=[small.txt]", "data.tokenizer=char", "train.max_steps=4",
               "train.eval_interval=2", "train.eval_batches=1", "train.checkpoint_interval=2", "train.sample_tokens=8",
@@ -39,6 +41,11 @@ TINY_TRAIN = [*TINY_MODEL, "data.sources=[small.txt]", "data.tokenizer=char", "t
 
 def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def uses_transformers(snippet: str) -> bool:
+    """A snippet that loads an exported directory with transformers (run where the export exists)."""
+    return "from transformers import" in snippet
 
 
 def readme_commands() -> list[list[str]]:
@@ -108,7 +115,7 @@ def test_every_bash_command_of_the_readme_runs_as_written(tmp_path, monkeypatch,
         (tmp_path / "my_corpus" / f"part{i}.txt").write_text(corpus_text()[i * 20_000 : (i + 1) * 20_000])
     runners = {"flowtrain": _flowtrain, "torchrun": _torchrun, "tensorboard": _tensorboard}
     commands = readme_commands()
-    run_names = iter(RUNS[:3])
+    run_names = iter(RUNS[:4])
     for argv in commands:
         assert argv[0] in runners, f"README command {shlex.join(argv)!r} has no runner here: add one"
         if argv[0] == "flowtrain":
@@ -121,6 +128,14 @@ def test_every_bash_command_of_the_readme_runs_as_written(tmp_path, monkeypatch,
     assert json.loads((tmp_path / "data" / "mine" / "meta.json").read_text())["tokenizer"]["kind"] == "bpe"
     assert (tmp_path / "report.html").is_file() and (tmp_path / "compare.html").is_file()
     assert len(list((tmp_path / "figs").glob("*.svg"))) >= 4
+    # the export: a transformers directory the README's snippets load, and a run trained from it
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    tuned = (tmp_path / "runs" / "tuned" / "config.yaml").read_text()
+    assert "init_from: exported" in tuned and "tokenizer_path: exported" in tuned
+    snippets = [s for s in readme_blocks("python") if uses_transformers(s)]
+    assert snippets
+    for snippet in snippets:
+        exec(compile(snippet, str(README), "exec"), {})
 
 
 def test_the_python_snippets_of_the_readme_run():
@@ -131,7 +146,7 @@ def test_the_python_snippets_of_the_readme_run():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     data = torch.randint(0, 32, (3, 2, 9))
-    for snippet in readme_blocks("python"):
+    for snippet in [s for s in readme_blocks("python") if not uses_transformers(s)]:
         scope = {
             "model": model,
             "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),

@@ -183,7 +183,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, [*overrides, f"train.out_dir={scratch}"])
             _tune_process(cfg)
             trainer = Trainer(cfg, on_record=records.append)
-            source = f"config {args.config or 'default'} at initialization"
+            start = f"from model.init_from={cfg.model.init_from}" if cfg.model.init_from else "at initialization"
+            source = f"config {args.config or 'default'} {start}"
         for _ in trainer.steps(until=trainer.step + args.steps):
             pass
     from flowtrain.flow.health import Context
@@ -194,6 +195,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     else:
         print(f"flowtrain diagnose: {source}, {args.steps} step(s) on real batches")
         print(result.render())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flowtrain.interop import export_run
+
+    done = export_run(Path(args.run), Path(args.out), args.checkpoint, verify=args.verify,
+                      notice=lambda m: print(f"flowtrain: note: {m}", file=sys.stderr))  # fmt: skip
+    print(f"exported {done.checkpoint} as {done.architecture}: {done.out}")
+    if done.max_logit_diff is not None:
+        print(f"verified: transformers' logits equal flowtrain's (max difference {done.max_logit_diff:.2g})")
     return 0
 
 
@@ -258,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")
     s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face transformers model directory (GPT-2 or Llama layout)",
+        description="Write a run's checkpoint as a transformers model directory: model.safetensors, config.json "
+        "(GPT2LMHeadModel for learned positions + LayerNorm + GELU/ReLU, LlamaForCausalLM for RoPE + RMSNorm + "
+        "SwiGLU), generation_config.json and the tokenizer, for AutoModelForCausalLM / AutoTokenizer. A model "
+        "that fits neither is refused, naming the option (docs/interop.md).",
+    )
+    x.add_argument("run", metavar="RUN_DIR", help="a run directory or a checkpoints/step_N directory")
+    x.add_argument("-o", "--out", required=True, metavar="DIR", help="the directory to write (new, or an export)")
+    x.add_argument("--checkpoint", default="latest", help="latest (the newest usable), best, or a step number")
+    x.add_argument(
+        "--verify", action="store_true", help="load DIR with transformers and compare logits (needs transformers)"
+    )
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser(
         "report",

@@ -22,6 +22,10 @@ class CheckpointError(FlowtrainError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
+class InteropError(FlowtrainError):
+    """A model cannot go to, or come from, another library's format (transformers: docs/interop.md)."""
+
+
 class DivergedError(FlowtrainError):
     """A model's outputs are not finite numbers: its weights diverged (NaN or inf)."""
 

@@ -55,7 +55,11 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
 
 
 def load_trained(path: Path, which: str = "latest", device: str | torch.device = "cpu") -> LoadedModel:
-    c = ckpt.read_checkpoint(resolve_checkpoint(path, which))
+    return load_checkpoint(ckpt.read_checkpoint(resolve_checkpoint(path, which)), device)
+
+
+def load_checkpoint(c: ckpt.Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model, tokenizer and config of a verified checkpoint (read_checkpoint's), in eval mode."""
     fix = "use another checkpoint (--checkpoint)"
     cfg = build_config(parse_yaml(c.config_yaml, f"{c.path}/config.yaml", fix))
     model = GPT(cfg.model)

@@ -31,6 +31,7 @@ from flowtrain.flow.guard import Guard
 from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
 from flowtrain.fsutil import DirectoryLock, atomic_write_text
+from flowtrain.interop.init_from import init_source
 from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.optimizers import build_optimizer
@@ -115,12 +116,18 @@ class Trainer:
         cfg, tc, ctx = self.cfg, self.cfg.train, self.parallel.ctx
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
+        # model.init_from (a resumed run has its weights): the source's architecture and tokenizer go into the
+        # config before the data is opened; its weights go into the model once it is built
+        source = init_source(cfg) if self.resume_from is None else None
         self._open_data()
         preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
         preflight.check_free_space(self._writes_to, cfg, extra=len(self.tokenizer.to_json()))
 
         # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
+        if source is not None:
+            source.load_into(self.raw_model)
+            del source  # its tensors are the model's now: do not hold a second copy for the whole run
         wrapped = dist_util.wrap_model(self.raw_model, ctx, self.device, tc.dtype == "bfloat16")
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
