@@ -6,7 +6,8 @@ Found by itself on common architectures, or given (docs/flow.md, "Which model st
 * blocks: `model.blocks` (flowtrain's GPT), else the largest ModuleList/Sequential whose modules are structurally
   identical (same class, same parameter names and shapes): GPT-2 and nanoGPT `transformer.h`, Llama, Mistral and
   Qwen `model.layers`, GPT-NeoX `gpt_neox.layers`, ViT `vit.encoder.layer`. "Largest" is by parameter count;
-* head: `model.lm_head`, else what `model.get_output_embeddings()` returns (transformers' convention);
+* head: `model.lm_head`, else the one module named `lm_head` inside it, else what `model.get_output_embeddings()`
+  returns (transformers' convention);
 * layers: a parameter inside a block belongs to the block's path (`transformer.h.3`); any other to the module
   beside the blocks' container or one of its ancestors that holds it (`transformer.wte`, `transformer.ln_f`,
   `lm_head`). A model with its own `layer_of(name)` (flowtrain's GPT: embedding, block.i, head) is asked instead.
@@ -86,14 +87,17 @@ def resolve_blocks(model: nn.Module, blocks: BlocksSpec) -> list[nn.Module]:
 
 
 def resolve_head(model: nn.Module, head: nn.Module | str | None) -> nn.Module | None:
-    """The module whose output is the logits: given (a module or its path), `model.lm_head`, or transformers'
-    `get_output_embeddings()`."""
+    """The module whose output is the logits: given (a module or its path), `model.lm_head`, the one module named
+    `lm_head` further down, or transformers' `get_output_embeddings()`."""
     if isinstance(head, str):
         return _module_at(model, head, "head")
     if head is not None:
         return head
     if isinstance(getattr(model, "lm_head", None), nn.Module):
         return model.lm_head
+    nested = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "lm_head"]
+    if len(nested) == 1:  # a wrapper's model (a LightningModule holding a transformers model)
+        return nested[0]
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
