@@ -47,4 +47,3 @@ def read_records(
                 rec.depth_names, rec.depth_layers, rec.depth_stats = names, layers, block
         records.append(rec)
     return records
-

@@ -31,9 +31,7 @@ try:
     import transformers
     from transformers import TrainerCallback
 except ImportError:
-    raise MissingDependency(
-        "flowtrain.integrations.hf needs transformers: pip install 'transformers[torch]'"
-    ) from None
+    raise MissingDependency("flowtrain.integrations.hf needs transformers: pip install 'transformers[torch]'") from None
 
 
 def _torch_optimizer(optimizer):

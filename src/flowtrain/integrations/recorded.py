@@ -35,7 +35,8 @@ def diagnose_recorded(run_dir: Path, steps: int, config: dict) -> tuple[Diagnosi
     try:
         thresholds = GuardConfig(**(config.get("guard") or {}))
     except pydantic.ValidationError as exc:
-        raise DataError(f"{run.config}: its guard section is not valid ({exc.errors()[0]['msg']}); restore it") from None
+        why = exc.errors()[0]["msg"]
+        raise DataError(f"{run.config}: its guard section is not valid ({why}); restore it") from None
     scalars = {row["step"]: row for row in read_jsonl(run.metrics)} if run.metrics.is_file() else {}
     records = read_records(run.flow, steps, scalars, config.get("unavailable") or {})
     if not records:

@@ -40,16 +40,17 @@ OBSERVED = "observed"  # config.yaml's marker of a run flowtrain observed (integ
 
 
 def warn_only(guard: GuardConfig | None) -> GuardConfig:
-    """The guard for an observed loop: every detector warns (default), or is off; acting ones are refused."""
-    if guard is None:
-        return GuardConfig(**dict.fromkeys(ACTIONS, "warn"))
+    """The guard for an observed loop: every detector warns, or is off; an acting one set explicitly is refused
+    (the acting defaults, skip and rollback, become warn)."""
+    guard = guard or GuardConfig()
     for key in ACTIONS:
-        if getattr(guard, key) not in ("warn", "off"):
+        if key in guard.model_fields_set and getattr(guard, key) not in ("warn", "off"):
             raise ConfigError(
                 f"guard.{key}={getattr(guard, key)}: flowtrain only watches a loop it does not run, it never acts on "
                 "it; set it to warn or off"
             )
-    return guard
+    acting = {k: "warn" for k in ACTIONS if getattr(guard, k) not in ("warn", "off")}
+    return guard.model_copy(update=acting)
 
 
 def single_process() -> None:
@@ -84,7 +85,9 @@ def _claim(root: Path) -> DirectoryLock:
     try:
         held = DirectoryLock.acquire(root, LOCK_FILE, create=True)
     except Locked as exc:
-        raise RunDirError(f"run directory {root} is in use by another process ({exc.holder}); pass another run_dir")
+        raise RunDirError(
+            f"run directory {root} is in use by another process ({exc.holder}); pass another run_dir"
+        ) from None
     except OSError as exc:
         raise RunDirError(f"cannot write in run directory {root} ({exc.strerror}); pass a writable run_dir") from None
     if any(p.name != LOCK_FILE for p in root.iterdir()):

@@ -1,15 +1,15 @@
 """`flowtrain.watch`: the microscope and the guard's warnings in a plain training loop, written to a run directory.
 
-    watcher = flowtrain.watch(model, optimizer, run_dir="runs/mine")
-    for inputs, targets in batches:
-        loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        watcher.after_backward()      # the gradients as backward left them, before any clipping: read only
-        clip_grad_norm_(model.parameters(), 1.0)   # whatever the loop does
-        optimizer.step()              # a step pre-hook on the optimizer reads the gradients it gets (post-clip)
-        watcher.after_step(loss)      # the update that happened, the loss, the guard's warnings
-        optimizer.zero_grad()
-    watcher.close()                   # flowtrain report runs/mine; flowtrain diagnose runs/mine
+watcher = flowtrain.watch(model, optimizer, run_dir="runs/mine")
+for inputs, targets in batches:
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    watcher.after_backward()      # the gradients as backward left them, before any clipping: read only
+    clip_grad_norm_(model.parameters(), 1.0)   # whatever the loop does
+    optimizer.step()              # a step pre-hook on the optimizer reads the gradients it gets (post-clip)
+    watcher.after_step(loss)      # the update that happened, the loss, the guard's warnings
+    optimizer.zero_grad()
+watcher.close()                   # flowtrain report runs/mine; flowtrain diagnose runs/mine
 """
 
 from __future__ import annotations
