@@ -86,3 +86,37 @@ def test_bad_use_is_a_one_line_error(tmp_path):
             watcher.after_step()
     with pytest.raises(FlowtrainError, match="takes a torch.optim.Optimizer"):
         flowtrain.watch(model, None, tmp_path / "d")
+
+
+def test_a_model_without_blocks_is_reported_and_diagnosed_as_inconclusive(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with flowtrain.watch(model, opt, tmp_path / "run", flow=FlowConfig(interval=1)) as watcher:
+        for _ in range(6):
+            loss = F.mse_loss(model(torch.randn(5, 4)), torch.zeros(5, 2))
+            loss.backward()
+            watcher.after_backward()
+            opt.step()
+            watcher.after_step(loss)
+            opt.zero_grad()
+    assert cli.main(["diagnose", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: INCONCLUSIVE" in out and "no repeated blocks found in Sequential" in out
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "INCONCLUSIVE" in page and "act_rms is not available for this model" in page
+
+
+def test_a_missing_framework_says_what_to_install(monkeypatch):
+    import importlib
+    import re
+    import sys
+
+    for framework, module, hint in (("transformers", "hf", "pip install 'transformers[torch]'"),
+                                    ("lightning", "lightning", "pip install lightning")):  # fmt: skip
+        monkeypatch.setitem(sys.modules, framework, None)  # what `import` finds for a package not installed
+        monkeypatch.delitem(sys.modules, f"flowtrain.integrations.{module}", raising=False)
+        with pytest.raises(ImportError, match=re.escape(hint)) as caught:
+            importlib.import_module(f"flowtrain.integrations.{module}")
+        assert isinstance(caught.value, FlowtrainError)
