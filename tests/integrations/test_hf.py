@@ -69,7 +69,11 @@ def test_trainer_run_recorded_pre_clip_and_checked(tmp_path, capsys):
     # step 2 recomputed: all rows of the dataset (the step's two micro-batches, in another order), the loss as
     # the Trainer scales it (the summed token losses over num_items_in_batch, which counts every label of the
     # step here: ROWS * SEQ), a forward pass written out
-    rec = read_records(run / "flow.parquet", scalars={})[1]
+    records = read_records(run / "flow.parquet")
+    for row, each in zip(rows, records, strict=True):  # the per-tensor figures are of the pre-clip gradients too
+        per_tensor = each.tensor_stats[:, 0].astype("float64")  # grad_norm
+        assert float((per_tensor**2).sum() ** 0.5) == pytest.approx(row["grad_norm_preclip"], rel=1e-5)
+    rec = records[1]
     assert rec.step == 2 and rec.depth_layers == ["transformer.wte", "transformer.h.0", "transformer.h.1"]
     twin = tiny_gpt2()
     twin.load_state_dict(before.weights)
