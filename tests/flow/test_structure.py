@@ -217,3 +217,36 @@ def test_flowtrains_gpt_keeps_its_layer_names_and_attention():
     rec = monitor.collect(1)
     assert rec.layer_names == ["embedding", "block.0", "block.1", "head"] and rec.unavailable == {}
     assert all(math.isfinite(v) for v in rec.depth("attn_entropy")[1:])
+
+
+def test_blocks_called_by_keyword_and_returning_tuples_are_measured():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, hidden_states):
+            return (hidden_states + torch.tanh(self.lin(hidden_states)), None)  # transformers 4.x style
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(hidden_states=x)[0]
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    monitor = FlowMonitor(model, None, FlowConfig(interval=1))
+    x = torch.randn(3, 4, requires_grad=True)
+    hs = [x]
+    model(x).square().sum().backward()
+    monitor.after_backward()
+    monitor.after_step()
+    rec = monitor.collect(1)
+    assert rec.depth_layers == ["input", "layers.0", "layers.1"]  # h_0: no parameter outside the blocks
+    assert rec.depth("act_rms")[0] == pytest.approx(float(hs[0].detach().pow(2).mean().sqrt()), rel=1e-6)
+    assert all(v > 0 for v in rec.depth("resid_grad_norm"))
