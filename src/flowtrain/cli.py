@@ -166,6 +166,19 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise FlowtrainError(f"diagnose takes one run directory (got {len(rest)}); overrides look like key=value")
     if args.steps < 1:
         raise FlowtrainError("--steps must be >= 1")
+    if rest and Path(rest[0]).is_dir():
+        from flowtrain.integrations.recorded import diagnose_recorded, observed_config
+
+        observed = observed_config(Path(rest[0]))
+        if observed is not None:  # a run flowtrain observed in another loop: judged as recorded, never re-run
+            if overrides or args.config:
+                raise FlowtrainError(
+                    f"{rest[0]} was recorded in another training loop (no flowtrain config to re-run): its steps are "
+                    "judged as recorded; drop the overrides and -c"
+                )
+            result, source = diagnose_recorded(Path(rest[0]), args.steps, observed)
+            print(result.to_json() if args.json else f"flowtrain diagnose: {source}\n{result.render()}")
+            return 0
     # watch everything, act on nothing: no guard actions, no evaluations, no console or TensorBoard
     never = 2**31 - 1
     overrides += ["flow.enabled=true", "flow.interval=1", "guard.enabled=false", "log.console=false",

@@ -38,3 +38,15 @@ class GuardStop(FlowtrainError):
     """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
 
     exit_code = 3
+
+
+class StructureError(FlowtrainError):
+    """What was said about a model's structure (blocks=, head=) does not match the model."""
+
+
+class NotAvailable(FlowtrainError):
+    """A statistic the microscope cannot measure on this model (or did not measure at this step)."""
+
+
+class MissingDependency(FlowtrainError, ImportError):
+    """An optional package an integration needs is not installed."""
