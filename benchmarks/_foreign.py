@@ -75,7 +75,9 @@ class ForeignGPT(nn.Module):
 class Run:
     """One instance: model, optimizer, its own seeded batch stream, and a FlowMonitor when `flow` is given."""
 
-    def __init__(self, data: torch.Tensor, vocab: int, device: torch.device, flow: FlowConfig | None) -> None:
+    def __init__(
+        self, data: torch.Tensor, vocab: int, device: torch.device, flow: FlowConfig | None, fused: bool = True
+    ) -> None:
         torch.manual_seed(SEED)
         self.model = ForeignGPT(vocab, **SHAPE).to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -84,7 +86,7 @@ class Run:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         try:
-            self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99), fused=True)
+            self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99), fused=fused or None)
         except (RuntimeError, TypeError):  # no fused kernel for this device in this torch
             self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99))
         self.monitor = FlowMonitor(self.model, self.optimizer, flow) if flow is not None else None

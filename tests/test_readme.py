@@ -5,9 +5,10 @@ directory (where the paths the README names, like path/to/tinyshakespeare.txt, e
 the command's own entry point (cli.main, in this process), `torchrun` and `tensorboard` as real processes.
 Only settings that make it tiny are appended (a small model, a few steps, the test corpus); the README's own
 arguments are parsed and validated first. The placeholder runs NAME, A and B are the first three runs
-trained. The lab's studies train for minutes each even with --quick (tests/lab runs them): their lines are
-checked against the command's parser and the list of studies instead. The ```python blocks run against a
-tiny flowtrain GPT, and every `record.<...>` the comments mention is evaluated.
+trained, `tuned` the one trained from an export (model.init_from). The lab's studies train for minutes each even
+with --quick (tests/lab runs them): their lines are checked against the command's parser and the list of
+studies instead. The ```python blocks run against a tiny flowtrain GPT, and every `record.<...>` the comments
+mention is evaluated; the ones that use transformers run after the bash commands, on the directory exported.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from flowtrain.lab import STUDIES
 from tests.conftest import corpus_text, write_corpus
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-RUNS = ("NAME", "A", "B", "torchrun")  # the runs the README's commands train, in order
-TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "data.cache_dir=cache",
+RUNS = ("NAME", "A", "B", "tuned", "torchrun")  # the runs the README's commands train, in order
+# block_size 64: the README's transformers snippet generates 40 tokens after a prompt from the exported model
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=64", "data.cache_dir=cache",
               "train.batch_size=2", "train.tune_allocator=false"]  # fmt: skip
 TINY_TRAIN = [*TINY_MODEL, "data.sources=[small.txt]", "data.tokenizer=char", "train.max_steps=4",
               "train.eval_interval=2", "train.eval_batches=1", "train.checkpoint_interval=2", "train.sample_tokens=8",
@@ -39,6 +41,11 @@ TINY_TRAIN = [*TINY_MODEL, "data.sources=[small.txt]", "data.tokenizer=char", "t
 
 def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def loads_the_export(snippet: str) -> bool:
+    """A snippet that loads the exported directory with transformers (run where the export exists)."""
+    return 'from_pretrained("exported")' in snippet
 
 
 def readme_commands() -> list[list[str]]:
@@ -108,7 +115,7 @@ def test_every_bash_command_of_the_readme_runs_as_written(tmp_path, monkeypatch,
         (tmp_path / "my_corpus" / f"part{i}.txt").write_text(corpus_text()[i * 20_000 : (i + 1) * 20_000])
     runners = {"flowtrain": _flowtrain, "torchrun": _torchrun, "tensorboard": _tensorboard}
     commands = readme_commands()
-    run_names = iter(RUNS[:3])
+    run_names = iter(RUNS[:4])
     for argv in commands:
         assert argv[0] in runners, f"README command {shlex.join(argv)!r} has no runner here: add one"
         if argv[0] == "flowtrain":
@@ -121,24 +128,73 @@ def test_every_bash_command_of_the_readme_runs_as_written(tmp_path, monkeypatch,
     assert json.loads((tmp_path / "data" / "mine" / "meta.json").read_text())["tokenizer"]["kind"] == "bpe"
     assert (tmp_path / "report.html").is_file() and (tmp_path / "compare.html").is_file()
     assert len(list((tmp_path / "figs").glob("*.svg"))) >= 4
+    # the export: a transformers directory the README's snippets load, and a run trained from it
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    tuned = (tmp_path / "runs" / "tuned" / "config.yaml").read_text()
+    assert "init_from: exported" in tuned and "tokenizer_path: exported" in tuned
+    snippets = [s for s in readme_blocks("python") if loads_the_export(s)]
+    assert snippets
+    for snippet in snippets:
+        exec(compile(snippet, str(README), "exec"), {})
 
 
-def test_the_python_snippets_of_the_readme_run():
-    """A tiny flowtrain GPT, its optimizer and a few batches are all a snippet may assume."""
+def _snippet_scope(snippet: str) -> dict:
+    """What a snippet may assume: a tiny flowtrain GPT, its optimizer and a few batches; for the transformers
+    one a tiny random GPT-2 and its dataset, for the Lightning one a module and its loader."""
+    torch.manual_seed(0)
+    if "transformers" in snippet:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50,
+                                      bos_token_id=0, eos_token_id=0)  # fmt: skip
+        rows = torch.randint(0, 50, (16, 16))
+        return {"model": transformers.GPT2LMHeadModel(cfg), "train_dataset": [{"input_ids": r, "labels": r}
+                                                                             for r in rows]}  # fmt: skip
+    if "lightning" in snippet:
+        import lightning
+
+        from flowtrain.model.config import ModelConfig
+        from flowtrain.model.gpt import GPT
+
+        class Module(lightning.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.gpt = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+
+            def training_step(self, batch, batch_idx):
+                (idx,) = batch
+                logits = self.gpt(idx[:, :-1])
+                return torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+        data = torch.utils.data.TensorDataset(torch.randint(0, 32, (16, 9)))
+        return {"module": Module(), "train_loader": torch.utils.data.DataLoader(data, batch_size=4)}
     from flowtrain.model.config import ModelConfig
     from flowtrain.model.gpt import GPT
 
-    torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     data = torch.randint(0, 32, (3, 2, 9))
-    for snippet in readme_blocks("python"):
-        scope = {
-            "model": model,
-            "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),
-            "batches": [(b[:, :-1], b[:, 1:]) for b in data],
-            "loss_fn": lambda logits, y: torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()),
-        }
+    return {
+        "model": model,
+        "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "batches": [(b[:, :-1], b[:, 1:]) for b in data],
+        "loss_fn": lambda logits, y: torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()),
+    }
+
+
+def test_the_python_snippets_of_the_readme_run(tmp_path, monkeypatch, capsys):
+    """Each snippet runs in a scratch directory; every `record.<...>` its comments mention is evaluated, and every
+    `flowtrain report/diagnose RUN` they mention runs on the directory the snippet wrote."""
+    monkeypatch.chdir(tmp_path)
+    for snippet in [s for s in readme_blocks("python") if not loads_the_export(s)]:
+        scope = _snippet_scope(snippet)
         exec(compile(snippet, str(README), "exec"), scope)
         for expression in re.findall(r"record\.\w+(?:\([^)]*\))?", snippet):
             value = eval(expression, scope)  # what the comments promise must exist
             assert value is not None and (not isinstance(value, (dict, list)) or value), expression
+        for command, run in re.findall(r"flowtrain (report|diagnose) (runs/\w+)", snippet):
+            code = cli.main([command, run])
+            assert code == 0, (command, run, capsys.readouterr().err[-2000:])

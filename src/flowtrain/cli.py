@@ -58,8 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume); SIGTERM / SIGINT stop it after the step it is in, with a checkpoint (interrupts.py)."""
     from flowtrain.config import load_config
     from flowtrain.interrupts import Interrupted, StopOnSignals, exit_code, where_it_stands
+    from flowtrain.train.load import config_for_resume
     from flowtrain.train.run_files import run_of
-    from flowtrain.train.trainer import Trainer, config_for_resume
+    from flowtrain.train.trainer import Trainer
 
     rest, overrides = _split_overrides(args.items)
     if rest:
@@ -157,13 +158,27 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     from flowtrain.config import load_config
     from flowtrain.flow.diagnose import diagnose
-    from flowtrain.train.trainer import Trainer, config_for_resume
+    from flowtrain.train.load import config_for_resume
+    from flowtrain.train.trainer import Trainer
 
     rest, overrides = _split_overrides(args.items)
     if len(rest) > 1:
         raise FlowtrainError(f"diagnose takes one run directory (got {len(rest)}); overrides look like key=value")
     if args.steps < 1:
         raise FlowtrainError("--steps must be >= 1")
+    if rest and Path(rest[0]).is_dir():
+        from flowtrain.integrations.recorded import diagnose_recorded, observed_config
+
+        observed = observed_config(Path(rest[0]))
+        if observed is not None:  # a run flowtrain observed in another loop: judged as recorded, never re-run
+            if overrides or args.config:
+                raise FlowtrainError(
+                    f"{rest[0]} was recorded in another training loop (no flowtrain config to re-run): its steps are "
+                    "judged as recorded; drop the overrides and -c"
+                )
+            result, source = diagnose_recorded(Path(rest[0]), args.steps, observed)
+            print(result.to_json() if args.json else f"flowtrain diagnose: {source}\n{result.render()}")
+            return 0
     # watch everything, act on nothing: no guard actions, no evaluations, no console or TensorBoard
     never = 2**31 - 1
     overrides += ["flow.enabled=true", "flow.interval=1", "guard.enabled=false", "log.console=false",
@@ -181,7 +196,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, [*overrides, f"train.out_dir={scratch}"])
             _tune_process(cfg)
             trainer = Trainer(cfg, on_record=records.append)
-            source = f"config {args.config or 'default'} at initialization"
+            start = f"from model.init_from={cfg.model.init_from}" if cfg.model.init_from else "at initialization"
+            source = f"config {args.config or 'default'} {start}"
         for _ in trainer.steps(until=trainer.step + args.steps):
             pass
     from flowtrain.flow.health import Context
@@ -192,6 +208,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     else:
         print(f"flowtrain diagnose: {source}, {args.steps} step(s) on real batches")
         print(result.render())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flowtrain.interop import export_run
+
+    done = export_run(Path(args.run), Path(args.out), args.checkpoint, verify=args.verify,
+                      notice=lambda m: print(f"flowtrain: note: {m}", file=sys.stderr))  # fmt: skip
+    print(f"exported {done.checkpoint} as {done.architecture}: {done.out}")
+    if done.max_logit_diff is not None:
+        print(f"verified: transformers' logits equal flowtrain's (max difference {done.max_logit_diff:.2g})")
     return 0
 
 
@@ -256,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")
     s.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face transformers model directory (GPT-2 or Llama layout)",
+        description="Write a run's checkpoint as a transformers model directory: model.safetensors, config.json "
+        "(GPT2LMHeadModel for learned positions + LayerNorm + GELU/ReLU, LlamaForCausalLM for RoPE + RMSNorm + "
+        "SwiGLU), generation_config.json and the tokenizer, for AutoModelForCausalLM / AutoTokenizer. A model "
+        "that fits neither is refused, naming the option (docs/interop.md).",
+    )
+    x.add_argument("run", metavar="RUN_DIR", help="a run directory or a checkpoints/step_N directory")
+    x.add_argument("-o", "--out", required=True, metavar="DIR", help="the directory to write (new, or an export)")
+    x.add_argument("--checkpoint", default="latest", help="latest (the newest usable), best, or a step number")
+    x.add_argument(
+        "--verify", action="store_true", help="load DIR with transformers and compare logits (needs transformers)"
+    )
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser(
         "report",

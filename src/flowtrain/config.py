@@ -21,7 +21,7 @@ from flowtrain.data.config import DataConfig
 from flowtrain.errors import ConfigError
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.guard import GuardConfig
-from flowtrain.model.config import ModelConfig
+from flowtrain.model.config import ARCHITECTURE_FIELDS, ModelConfig
 from flowtrain.optim.config import ClipConfig, OptimConfig, ScheduleConfig
 from flowtrain.train.config import LogConfig, TrainConfig
 from flowtrain.train.faults import FaultConfig
@@ -217,9 +217,26 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-def _build_naming_the_file(tree: dict[str, Any], overrides: list[str], source: str, fix: str = "") -> RunConfig:
-    """build_config of the file's tree with the overrides; an error the file alone has names the file."""
+def _architecture_replaced(tree: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A file's model section describes a model built from scratch: an override model.init_from replaces its
+    architecture (and block_size) by the source's, so those keys go. Next to init_from in the same file they
+    stay, and must agree with the source (interop/init_from.py)."""
+    model = tree.get("model")
+    if not (isinstance(over.get("model"), dict) and over["model"].get("init_from") and isinstance(model, dict)):
+        return tree
+    if model.get("init_from"):
+        return tree
+    kept = {k: v for k, v in model.items() if k not in (*ARCHITECTURE_FIELDS, "block_size")}
+    return {**tree, "model": kept}
+
+
+def _build_naming_the_file(
+    tree: dict[str, Any], overrides: list[str], source: str, fix: str = "", fresh: bool = True
+) -> RunConfig:
+    """build_config of the file's tree with the overrides; an error the file alone has names the file. `fresh`:
+    the file describes a run to start (a run's own config.yaml is what ran: init_from replaces nothing there)."""
     over = parse_overrides(overrides)
+    tree = _architecture_replaced(tree, over) if fresh else tree
     try:
         return build_config(_merge(tree, over))
     except ConfigError as exc:
@@ -249,4 +266,4 @@ def load_run_config(path: Path, overrides: list[str] | None = None, restore_from
     missing = [name for name in RunConfig.model_fields if name not in tree]
     if missing:
         raise ConfigError(f"{path} is incomplete (no {missing[0]}: section; truncated?); {fix}")
-    return _build_naming_the_file(tree, overrides or [], str(path), fix)
+    return _build_naming_the_file(tree, overrides or [], str(path), fix, fresh=False)

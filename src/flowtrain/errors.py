@@ -22,6 +22,10 @@ class CheckpointError(FlowtrainError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
+class InteropError(FlowtrainError):
+    """A model cannot go to, or come from, another library's format (transformers: docs/interop.md)."""
+
+
 class DivergedError(FlowtrainError):
     """A model's outputs are not finite numbers: its weights diverged (NaN or inf)."""
 
@@ -34,3 +38,15 @@ class GuardStop(FlowtrainError):
     """The stability guard stopped training (rollback budget exhausted, or a detector set to stop)."""
 
     exit_code = 3
+
+
+class StructureError(FlowtrainError):
+    """What was said about a model's structure (blocks=, head=) does not match the model."""
+
+
+class NotAvailable(FlowtrainError):
+    """A statistic the microscope cannot measure on this model (or did not measure at this step)."""
+
+
+class MissingDependency(FlowtrainError, ImportError):
+    """An optional package an integration needs is not installed."""

@@ -107,6 +107,9 @@ def _optimizer_step(optimizer) -> str:
     """Which torch implementation takes the optimizer step (fused, foreach or the for-loop)."""
     if optimizer is None:
         return "unknown"
+    halves = getattr(optimizer, "halves", None)  # optim/muon.py: torch's Muon and AdamW as one
+    if halves:
+        return " + ".join(_optimizer_step(h) for h in halves)
     kind = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), "for-loop")
     return f"{type(optimizer).__name__}: torch's {kind} step"
 

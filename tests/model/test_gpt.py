@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from flowtrain.errors import ConfigError, FlowtrainError
-from flowtrain.model.config import ModelConfig
+from flowtrain.model.config import ModelConfig, swiglu_hidden
 from flowtrain.model.gpt import GPT, layer_of
-from flowtrain.model.layers import swiglu_hidden
 
 
 def cfg(**overrides):

@@ -86,6 +86,8 @@ class Reference:
             h = torch.clamp(up, min=0)
         elif self.cfg.activation == "gelu":
             h = 0.5 * up * (1 + torch.erf(up / math.sqrt(2)))
+        elif self.cfg.activation == "gelu_tanh":
+            h = 0.5 * up * (1 + torch.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
         else:
             g = ref_linear(x, self.p[pre + "gate.weight"], self.get(pre + "gate.bias"))
             h = g / (1 + torch.exp(-g)) * up
@@ -132,6 +134,8 @@ CONFIGS = {
     ),
     "none-relu-learned-noresidual": dict(norm_placement="none", activation="relu", residual=False),
     "pre-ln-qknorm-bias-learned": dict(qk_norm=True, bias=True, mlp_ratio=3.0),
+    "pre-ln-gelu_tanh-bias-hidden": dict(activation="gelu_tanh", bias=True, mlp_hidden=23),
+    "pre-rms-swiglu-rope-hidden": dict(norm="rmsnorm", activation="swiglu", pos_encoding="rope", mlp_hidden=21),
 }
 
 

@@ -24,7 +24,8 @@ from flowtrain.errors import CheckpointError, ConfigError
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.distributed import resolve_strategy, slot_layout
-from flowtrain.train.trainer import Trainer, config_for_resume
+from flowtrain.train.load import config_for_resume
+from flowtrain.train.trainer import Trainer
 from tests.conftest import tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.distributed

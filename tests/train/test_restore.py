@@ -5,9 +5,10 @@ import torch
 
 from flowtrain.config import load_config
 from flowtrain.train import checkpoint as ckpt
+from flowtrain.train.load import config_for_resume
 from flowtrain.train.restore import restore, take_snapshot
 from flowtrain.train.step import train_step
-from flowtrain.train.trainer import Trainer, config_for_resume
+from flowtrain.train.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 

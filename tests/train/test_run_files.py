@@ -18,7 +18,9 @@ from flowtrain.rundir import RunDir
 from flowtrain.sinks.jsonl import read_jsonl
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import run_files
-from flowtrain.train.trainer import Trainer, config_for_resume
+from flowtrain.train.checkpoint_space import size_estimate
+from flowtrain.train.load import config_for_resume
+from flowtrain.train.trainer import Trainer
 from tests.train import killing
 
 
@@ -184,4 +186,4 @@ def test_size_estimate_is_about_what_a_checkpoint_takes(finished_run):
     loaded = load_trained(finished_run)
     optimizer = build_optimizer(loaded.model, loaded.cfg.optim, "cpu")
     ckpt.restore_optimizer(ckpt.read_checkpoint(path), optimizer)
-    assert on_disk <= ckpt.size_estimate(loaded.model, optimizer) <= on_disk + (64 << 10)
+    assert on_disk <= size_estimate(loaded.model, optimizer) <= on_disk + (64 << 10)

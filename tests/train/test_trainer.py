@@ -10,7 +10,8 @@ import pytest
 
 from flowtrain.config import load_config
 from flowtrain.sinks.jsonl import read_jsonl
-from flowtrain.train.trainer import Trainer, config_for_resume
+from flowtrain.train.load import config_for_resume
+from flowtrain.train.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 

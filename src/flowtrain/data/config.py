@@ -23,7 +23,11 @@ class DataConfig(Section):
     include: list[str] = Field(default_factory=list, description="glob patterns a directory's files must match")
     exclude: list[str] = Field(default_factory=list, description="glob patterns of files to skip")
     tokenizer: Literal["char", "byte", "bpe"] = "byte"
-    tokenizer_path: str | None = Field(None, description="an existing tokenizer.json to use instead of training one")
+    tokenizer_path: str | None = Field(
+        None,
+        description="an existing tokenizer.json, or a transformers model directory holding one, to use instead "
+        "of training one (model.init_from sets it to its source's)",
+    )
     bpe_vocab_size: int = Field(8192, ge=260, le=1 << 20)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_by: Literal["auto", "document", "tokens"] = Field(

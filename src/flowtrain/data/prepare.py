@@ -292,7 +292,9 @@ def cache_key(cfg: DataConfig) -> str:
     """Hash of everything that affects a prepared dataset's bytes."""
     corpus = corpus_for(cfg)
     tok: dict = {"kind": cfg.tokenizer}
-    if cfg.tokenizer_path:
+    if cfg.tokenizer_path and Path(cfg.tokenizer_path).is_dir():  # a transformers directory: its files decide
+        tok = {"fingerprint": load_tokenizer_file(cfg.tokenizer_path).fingerprint}
+    elif cfg.tokenizer_path:
         try:
             tok = {"file_sha256": hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()}
         except OSError as exc:

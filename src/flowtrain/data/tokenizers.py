@@ -3,7 +3,9 @@
 A tokenizer is identified by its JSON: `fingerprint` is the sha256 of `to_json()`, so a model trained with one
 tokenizer can refuse data (or a checkpoint) made with another. Char and byte tokenizers use a small schema of
 our own (`{"flowtrain_tokenizer": 1, "kind": ...}`); BPE uses Hugging Face's tokenizer.json unchanged, so the
-file works with any `tokenizers`-based tool.
+file works with any `tokenizers`-based tool (one imported with a model whose end-of-text token is not
+<|endoftext|> is wrapped in our schema, which names it). data/hf_tokenizers.py has the tokenizer.json forms
+of char and byte, and reads transformers model directories.
 
 Bulk encoding (`encode_array`) goes through numpy (char, byte) or the Rust batch encoder (BPE), never a
 per-token Python loop, because prepare runs it over tens of megabytes.
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,8 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     pad_id: int | None
+    eot_text: str = EOT_TEXT  # the special tokens' texts (what a transformers tokenizer_config.json names)
+    pad_text: str | None = PAD_TEXT
     # encoding a text in the pieces data/readers.py cuts gives the tokens of the whole text
     piecewise: bool = True
 
@@ -91,6 +97,7 @@ class CharTokenizer(Tokenizer):
     pad use EOT as filler and mask it out of the loss."""
 
     kind = "char"
+    pad_text = None
 
     def __init__(self, chars: str) -> None:
         if not chars:
@@ -131,20 +138,34 @@ class CharTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE from Hugging Face `tokenizers` (GPT-2 style): any text round-trips exactly."""
+    """A Hugging Face `tokenizers` tokenizer: the byte-level BPE flowtrain trains (GPT-2 style: any text
+    round-trips exactly), or one that came with an imported model (docs/interop.md).
+
+    Its end-of-text token is <|endoftext|> and its padding token <|pad|> (when it has one), unless it names
+    others (`eot_text`, `pad_text`: an imported Llama's </s>, say); then its JSON form wraps Hugging Face's
+    tokenizer.json in a small object of ours that records them, since tokenizer.json itself cannot.
+    """
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+    def __init__(self, hf_tokenizer: Any, eot_text: str = EOT_TEXT, pad_text: str | None = PAD_TEXT) -> None:
         self._hf = hf_tokenizer
-        eot = hf_tokenizer.token_to_id(EOT_TEXT)
+        eot = hf_tokenizer.token_to_id(eot_text)
         if eot is None:
-            raise DataError(f"tokenizer.json has no {EOT_TEXT} token; add it as a special token or train a new BPE")
-        self.eot_id = eot
-        self.pad_id = hf_tokenizer.token_to_id(PAD_TEXT)
+            raise DataError(f"tokenizer.json has no {eot_text} token; add it as a special token or train a new BPE")
+        self.eot_id, self.eot_text = eot, eot_text
+        self.pad_id = hf_tokenizer.token_to_id(pad_text) if pad_text is not None else None
+        self.pad_text = pad_text if self.pad_id is not None else None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self._json = hf_tokenizer.to_str()
-        self.piecewise = _splits_like_gpt2(json.loads(self._json))
+        self.hf_json = hf_tokenizer.to_str()  # Hugging Face's tokenizer.json, as it is
+        self.piecewise = _splits_like_gpt2(json.loads(self.hf_json))
+        if eot_text == EOT_TEXT and self.pad_id == hf_tokenizer.token_to_id(PAD_TEXT):
+            self._json = self.hf_json
+        else:
+            self._json = _canonical_json(
+                {"flowtrain_tokenizer": SCHEMA_VERSION, "kind": "bpe", "eot": eot_text, "pad": self.pad_text,
+                 "tokenizer": json.loads(self.hf_json)}
+            )  # fmt: skip
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> BPETokenizer:
@@ -204,20 +225,34 @@ def tokenizer_from_json(text: str, *, source: str = "tokenizer JSON") -> Tokeniz
             return ByteTokenizer()
         if kind == "char" and isinstance(obj.get("chars"), str):
             return CharTokenizer(obj["chars"])
+        if kind == "bpe" and isinstance(obj.get("tokenizer"), dict) and isinstance(obj.get("eot"), str):
+            hf = _hf_from_str(json.dumps(obj["tokenizer"]), source)
+            return BPETokenizer(hf, eot_text=obj["eot"], pad_text=obj.get("pad"))
         raise DataError(f"{source} has an unknown or incomplete tokenizer kind {kind!r}; re-run prepare")
     if "model" in obj:
-        from tokenizers import Tokenizer as HFTokenizer
+        from flowtrain.data.hf_tokenizers import flowtrain_equivalent  # it builds on the classes above
 
-        try:
-            hf = HFTokenizer.from_str(text)
-        except Exception as exc:  # the Rust side raises a bare Exception
-            raise DataError(f"{source} is not a valid Hugging Face tokenizer ({exc}); replace the file") from None
-        return BPETokenizer(hf)
+        hf = _hf_from_str(text, source)
+        return flowtrain_equivalent(obj, text) or BPETokenizer(hf)
     raise DataError(f"{source} is neither a flowtrain nor a Hugging Face tokenizer; replace the file")
 
 
+def _hf_from_str(text: str, source: str) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as exc:  # the Rust side raises a bare Exception
+        raise DataError(f"{source} is not a valid Hugging Face tokenizer ({exc}); replace the file") from None
+
+
 def load_tokenizer_file(path: str) -> Tokenizer:
-    """Read a tokenizer.json from disk (ours or Hugging Face's)."""
+    """Read a tokenizer.json from disk (ours or Hugging Face's), or the tokenizer of a transformers model
+    directory (its tokenizer.json and end-of-text token: data/hf_tokenizers.py)."""
+    if os.path.isdir(path):
+        from flowtrain.data.hf_tokenizers import load_tokenizer_dir
+
+        return load_tokenizer_dir(Path(path))
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -38,7 +38,7 @@ class DepthProbe:
         self.blocks, self.cfg = list(blocks), cfg
         self.n = len(self.blocks) + 1  # boundaries h_0..h_L
         self.attention = AttentionSampler(self.blocks, cfg) if cfg.attention else None
-        plan = [(self.blocks[0], "forward_pre", self._on_input)]
+        plan = [(self.blocks[0], "forward_pre_kwargs", self._on_input)]
         plan += [(b, "forward", functools.partial(self._on_output, i + 1)) for i, b in enumerate(self.blocks)]
         plan += self.attention.plan if self.attention is not None else []
         self.hooks = HookSet([(m, kind, timed(clock, hook)) for m, kind, hook in plan])
@@ -60,9 +60,9 @@ class DepthProbe:
     def disarm(self) -> None:
         self.hooks.detach()
 
-    def _on_input(self, module, args) -> None:
-        if args:
-            self._observe(0, first_tensor(args[0]))
+    def _on_input(self, module, args, kwargs) -> None:
+        h = args[0] if args else kwargs.get("hidden_states")  # transformers' name, for a block called by keyword
+        self._observe(0, first_tensor(h))
 
     def _on_output(self, index: int, module, args, output) -> None:
         self._observe(index, first_tensor(output))

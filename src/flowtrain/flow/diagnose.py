@@ -3,7 +3,9 @@ verdict (flow/health.py: the same judgment the guard makes online over the same 
 
 Every number is a median over the steps given. The verdict is the first warning-level finding in the health
 model's priority order (causes before symptoms), or "healthy"; its evidence says which numbers crossed which
-threshold.
+threshold. Where nothing fired but the flow along depth could not be judged (the model's residual stream was not
+measured: health.unjudged), the verdict is "inconclusive", never "healthy"; `unjudged` lists every judgment not
+made and why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ TABLE_COLUMNS = ("grad_norm", "grad_rms", "update_ratio", "resid_grad_norm", "ac
 class Diagnosis:
     """The verdict, why, what to try, and the per-layer numbers it rests on."""
 
-    verdict: str  # healthy, or a kind of health.PRIORITY
+    verdict: str  # healthy, inconclusive, or a kind of health.PRIORITY
     cause: str
     suggestion: str
     steps: list[int]
@@ -34,6 +36,7 @@ class Diagnosis:
     tensors: list[dict] = field(default_factory=list)  # {"tensor": ..., "layer": ..., TENSOR_STATS...}
     evidence: list[dict] = field(default_factory=list)  # the verdict's numbers: metric, value, op, threshold
     findings: list[dict] = field(default_factory=list)  # every finding: kind, severity, explanation, evidence
+    unjudged: dict[str, str] = field(default_factory=dict)  # judgment -> why it could not be made
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +58,7 @@ class Diagnosis:
         ]
         steps = f"steps {self.steps[0]}..{self.steps[-1]}" if self.steps else "no steps"
         lines += ["", f"verdict: {self.verdict.upper()} ({steps})", f"cause: {self.cause}", f"try: {self.suggestion}"]
+        lines += [f"not judged: {kind}: {why}" for kind, why in self.unjudged.items()]
         return "\n".join(lines)
 
 
@@ -106,18 +110,32 @@ def diagnose(
     steps = [r.step for r in records]
     layers, tensors = _layer_table(records), _tensor_table(records)
     if not records:
-        return Diagnosis("healthy", "no monitored steps were given", "run a few steps with flow.enabled=true", steps)
-    findings = health.judge_flow([health.FlowSummary.of(r) for r in records], thresholds or health.Thresholds(),
-                                 context or health.Context())  # fmt: skip
+        return Diagnosis("inconclusive", "no monitored steps were given", "run a few steps with flow.enabled=true",
+                         steps)  # fmt: skip
+    summaries = [health.FlowSummary.of(r) for r in records]
+    findings = health.judge_flow(summaries, thresholds or health.Thresholds(), context or health.Context())
     top = health.verdict_of(findings)
     every = [{"kind": f.kind, "severity": f.severity, "explanation": f.explanation, "evidence": f.evidence}
              for f in findings]  # fmt: skip
+    unavailable = {k: v for r in records for k, v in r.unavailable.items()}
+    unjudged = {k: v for k, v in health.unjudged(summaries, unavailable).items() if top is None or k != top.kind}
     if top is None:
         ratio = _median([row["update_ratio"] for row in layers])
+        ev = [health.evidence("median_update_ratio", ratio)]
+        blind = [k for k in health.DEPTH_JUDGMENTS if k in unjudged]
+        if blind:  # no evidence about the flow along depth is no evidence of health
+            return Diagnosis(
+                "inconclusive",
+                f"no judgment of the health model fired, but {' and '.join(blind)} gradients could not be judged: "
+                f"{unjudged[blind[0]]}",
+                "give the monitor the model's blocks (FlowMonitor(model, optimizer, blocks=...), docs/flow.md) so "
+                "the residual stream is measured",
+                steps, layers, tensors, ev, every, unjudged,
+            )  # fmt: skip
         return Diagnosis(
             "healthy",
             f"no judgment of the health model fired; the median ||dW||/||W|| is {ratio:.3g}",
             "nothing to fix; watch these numbers as training goes on",
-            steps, layers, tensors, [health.evidence("median_update_ratio", ratio)], every,
+            steps, layers, tensors, ev, every, unjudged,
         )  # fmt: skip
-    return Diagnosis(top.kind, top.explanation, top.suggestion, steps, layers, tensors, top.evidence, every)
+    return Diagnosis(top.kind, top.explanation, top.suggestion, steps, layers, tensors, top.evidence, every, unjudged)

@@ -19,7 +19,7 @@ Suggestions are conditioned on the run's config (`Context`): nothing already set
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,16 @@ PRIORITY = (
     "clip_saturation",
 )
 SEVERITIES = ("info", "warning", "critical")
+# the statistic each judgment of the microscope's records needs: without it that judgment is not made
+NEEDS = {
+    "vanishing": "resid_grad_norm",
+    "exploding": "resid_grad_norm",
+    "attention_logit_growth": "attn_max_logit",
+    "attention_collapse": "attn_entropy",
+    "logit_divergence": "logits_lse_mean",
+}
+# without these no run is called healthy: how the gradient flows along depth is what the microscope is for
+DEPTH_JUDGMENTS = ("vanishing", "exploding")
 
 
 class Thresholds(Section):
@@ -318,6 +328,25 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
             [evidence("mean_logsumexp", lse, "|>|", th.max_logsumexp)],
         ))  # fmt: skip
     return found
+
+
+def unjudged(window: Sequence[FlowSummary], unavailable: Mapping[str, str] | None = None) -> dict[str, str]:
+    """judgment -> why it could not be made: its statistic is unavailable for the model (`unavailable`: stat ->
+    reason, FlowRecord.unavailable), or no summary of the window has a finite value of it."""
+    reasons = dict(unavailable or {})
+    seen = {
+        "resid_grad_norm": [s.resid_ratio for s in window],
+        "attn_max_logit": [s.max_attn_logit[0] for s in window],
+        "attn_entropy": [s.min_entropy[0] for s in window],
+        "logits_lse_mean": [s.logsumexp for s in window],
+    }
+    out = {}
+    for judgment, stat in NEEDS.items():
+        if stat in reasons:
+            out[judgment] = f"{stat} is not available for this model: {reasons[stat]}"
+        elif window and not any(math.isfinite(v) for v in seen[stat]):
+            out[judgment] = f"no recorded step has a finite {stat}"
+    return out
 
 
 def _dead_layers(window: Sequence[FlowSummary]) -> list[str]:

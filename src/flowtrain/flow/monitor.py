@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowtrain.flow import structure
 from flowtrain.flow.budget import Interval, Stopwatch
 from flowtrain.flow.config import FlowConfig
 from flowtrain.flow.depth import DepthProbe, depth_table
@@ -39,15 +40,17 @@ CLIP_FIELDS = ("grad_norm_preclip", "grad_norm_postclip", "clip_coef", "clipped"
 MAX_UNCOLLECTED = 1000
 
 
-def default_layer_of(model: nn.Module) -> Callable[[str], str]:
-    """Group parameters by top-level child; children that are ModuleList/Sequential split by index.
-
-    GPT-like names: tok_emb.weight -> "tok_emb", blocks.3.attn.qkv.weight -> "blocks.3", lm_head.weight ->
-    "lm_head". A model with its own `layer_of(name)` method (flowtrain's GPT) is asked instead.
+def default_layer_of(model: nn.Module, blocks: Sequence[nn.Module] = ()) -> Callable[[str], str]:
+    """Group parameters by module path: with blocks, the block holding them or the module beside the blocks that
+    holds them (flow/structure.py: transformer.h.3, transformer.wte, lm_head); without, by top-level child, split
+    by index for ModuleList/Sequential children. A model with its own `layer_of(name)` method (flowtrain's GPT)
+    is asked instead.
     """
     own = getattr(model, "layer_of", None)
     if callable(own):
         return own
+    if blocks:
+        return structure.path_layer_of(model, blocks)
     if isinstance(model, (nn.ModuleList, nn.Sequential)):
         return lambda name: name.split(".", 1)[0]
     containers = {n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))}
@@ -59,13 +62,6 @@ def default_layer_of(model: nn.Module) -> Callable[[str], str]:
         return parts[0]
 
     return by_child
-
-
-def _default_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
-        return list(blocks)
-    return []
 
 
 @dataclass
@@ -96,9 +92,10 @@ class StepStats:
 class FlowMonitor:
     """Statistics of gradients, updates and the residual stream, for any nn.Module and torch optimizer.
 
-    blocks: the modules whose outputs are the residual stream (default: `model.blocks` when it is a
-    ModuleList); head: the module that produces the logits (default: `model.lm_head`); layer_of: parameter
-    name -> layer label (default: `model.layer_of`, else default_layer_of); start_step: the step number of the
+    blocks: the modules whose outputs are the residual stream: modules, a container's path ("transformer.h") or
+    module paths (default: `model.blocks`, else found: flow/structure.py); head: the module that produces the
+    logits, or its path (default: `model.lm_head`, else `get_output_embeddings()`); layer_of: parameter name ->
+    layer label (default: `model.layer_of`, else default_layer_of); start_step: the step number of the
     first step (so a resumed run monitors the same steps); sync: combine activation-side statistics (residual
     gradients, activations, attention, logits) over the ranks of a data-parallel job.
     """
@@ -110,8 +107,8 @@ class FlowMonitor:
         cfg: FlowConfig | None = None,
         layer_of: Callable[[str], str] | None = None,
         *,
-        blocks: Sequence[nn.Module] | None = None,
-        head: nn.Module | None = None,
+        blocks: structure.BlocksSpec = None,
+        head: nn.Module | str | None = None,
         start_step: int = 0,
         sync: bool = False,
     ) -> None:
@@ -123,7 +120,8 @@ class FlowMonitor:
         self.model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
-        self.layer_of = layer_of or default_layer_of(model)
+        blocks, head = structure.resolve_blocks(model, blocks), structure.resolve_head(model, head)
+        self.layer_of = layer_of or default_layer_of(model, blocks)
         self.layers = [self.layer_of(n) for n in self.names]
         self.step_index = start_step
         self.clock = Stopwatch()  # the microscope's own seconds this step (hooks and the calls below)
@@ -134,19 +132,20 @@ class FlowMonitor:
         self.params: ParamStats | None = None
         self.depth: DepthProbe | None = None
         self.logits: LogitsProbe | None = None
+        self.structure = structure.describe(model, blocks, head)  # what was found, for run directories
+        self.unavailable: dict[str, str] = {}  # stat -> why it cannot be measured on this model
         if not self.cfg.enabled:
             return
         self.params = ParamStats([p for _, p in named], optimizer, self.cfg.updates)
         self._numels = np.array([p.numel() for _, p in named], dtype=np.float64)  # whole tensors, also sharded
         self._layer_groups = LayerGroups(self.layers, self._numels)
-        blocks = list(blocks) if blocks is not None else _default_blocks(model)
         if blocks and (self.cfg.residual or self.cfg.activations or self.cfg.attention):
             self.depth = DepthProbe(blocks, self.cfg, self.clock)
             self.depth_layers = self._depth_layers(model, blocks)
-        if head is None and isinstance(getattr(model, "lm_head", None), nn.Module):
-            head = model.lm_head
         if self.cfg.logits and head is not None:
             self.logits = LogitsProbe(head, self.clock)
+        sampler = self.depth.attention if self.depth is not None else None
+        self.unavailable = structure.unavailable(model, self.cfg, blocks, sampler, head)
         self._arm()
 
     def _depth_layers(self, model: nn.Module, blocks: list[nn.Module]) -> list[str]:
@@ -182,15 +181,20 @@ class FlowMonitor:
             if probe is not None:
                 probe.arm() if on else probe.disarm()
 
-    def after_backward(self) -> None:
-        """Read the accumulated gradients (and copy the weights) before clipping and the optimizer step."""
+    def after_backward(self, grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Read the accumulated gradients (and copy the weights) before clipping and the optimizer step.
+
+        `grads`: the step's gradient figures taken before clipping by other means (flow/pre_clip.py), for loops
+        that clip before an observer may look (transformers' Trainer); used instead of reading `.grad`."""
         if self.params is None:
             return
         with self.booked():
             stats = StepStats(self.step_index, self.is_monitored())
             if stats.monitored:  # between monitored steps the microscope costs nothing
                 stats.weight_sumsq, stats.grads = self.params.before_step()
-                if self._histogram_due(self.step_index):
+                if grads is not None:
+                    stats.grads = grads
+                if self._histogram_due(self.step_index) and grads is None:  # .grad may be clipped when given
                     stats.histograms = self.params.histogram_samples(self.layers, self.cfg.histogram_values)
             self._pending = stats
 
@@ -230,7 +234,7 @@ class FlowMonitor:
                     stats.depth = self.depth.raw(device, self.sync, self.backward_scale)
                 if self.logits is not None:
                     stats.logits = self.logits.raw(device, self.sync)
-                if stats.histograms:  # the weights the next step starts from
+                if self._histogram_due(stats.step):  # the weights the next step starts from
                     values = self.cfg.histogram_values
                     stats.weight_histograms = self.params.histogram_samples(self.layers, values, of="weight")
             self._ready.append(stats)
@@ -336,7 +340,7 @@ class FlowMonitor:
             scalars["clip_rate"] = sum(self._clipped) / len(self._clipped)
         scalars["flow_ms"] = stats.flow_ms
         scalars["flow_interval"] = float(stats.flow_interval)
-        record = FlowRecord(step=step, scalars=scalars)
+        record = FlowRecord(step=step, scalars=scalars, unavailable=self.unavailable)
         if "tensors" in host:
             table, totals = self._tensor_table(host["tensors"])
             scalars.update(totals)

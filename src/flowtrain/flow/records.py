@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flowtrain.errors import DataError
+from flowtrain.errors import DataError, FlowtrainError, NotAvailable
 
 # per parameter tensor (and per layer): flow.parquet's stat columns of 'tensor' and 'layer' rows
 TENSOR_STATS = (
@@ -117,6 +117,7 @@ class FlowRecord:
     depth_stats: np.ndarray | None = None  # [L+1, len(DEPTH_STATS)]
     histograms: dict[str, np.ndarray] = field(default_factory=dict)  # "layer" -> sampled gradient values
     weight_histograms: dict[str, np.ndarray] = field(default_factory=dict)  # "layer" -> sampled weights after the step
+    unavailable: dict[str, str] = field(default_factory=dict)  # stat -> why it cannot be measured on this model
 
     def tensor(self, name: str) -> dict[str, float]:
         """One parameter tensor's statistics by model name."""
@@ -126,7 +127,13 @@ class FlowRecord:
         return dict(zip(TENSOR_STATS, self.layer_stats[self.layer_names.index(name)].tolist(), strict=True))
 
     def depth(self, stat: str) -> list[float]:
-        """One depth statistic along h_0..h_L."""
+        """One depth statistic along h_0..h_L; NotAvailable (saying why) where it was not measured."""
+        if stat not in DEPTH_STATS:
+            raise FlowtrainError(f"unknown depth statistic {stat!r}; choose one of: {', '.join(DEPTH_STATS)}")
+        if stat in self.unavailable:
+            raise NotAvailable(f"{stat} is not available for this model: {self.unavailable[stat]}")
+        if self.depth_stats is None:
+            raise NotAvailable(f"step {self.step} has no depth statistics: it was not a monitored step (flow.interval)")
         return self.depth_stats[:, DEPTH_STATS.index(stat)].tolist()
 
     def _parts(self):

@@ -112,7 +112,8 @@ def _tensor_col(stat: str) -> int:
 def _local_gradient(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """|d hidden / d pre-activation| per token and hidden unit [tokens, hidden] for this MLP's input x.
 
-    relu: 1 where fc(x) > 0 else 0;  gelu (exact): Phi(a) + a*phi(a);  swiglu, hidden = silu(g) * u with
+    relu: 1 where fc(x) > 0 else 0;  gelu (exact): Phi(a) + a*phi(a), gelu_tanh too (its derivative is within
+    1e-3 of that);  swiglu, hidden = silu(g) * u with
     g = gate(x), u = fc(x): the larger of |d/du| = |silu(g)| and |d/dg| = |silu'(g) * u|.
     """
     x = x.reshape(-1, x.shape[-1]).float()

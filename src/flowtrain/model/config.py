@@ -1,5 +1,6 @@
 """Configuration of the GPT model (see model/gpt.py)."""
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -22,8 +23,13 @@ class ModelConfig(Section):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_placement: Literal["pre", "post", "none"] = "pre"
     norm_eps: float = Field(1e-5, gt=0)
-    activation: Literal["relu", "gelu", "swiglu"] = "gelu"
+    activation: Literal["relu", "gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu", description="gelu is exact (erf); gelu_tanh is the tanh approximation GPT-2 was trained with"
+    )
     mlp_ratio: float = Field(4.0, gt=0, description="FFN hidden width / n_embd (SwiGLU uses 2/3 of it)")
+    mlp_hidden: int | None = Field(
+        None, ge=1, description="FFN hidden width in units; when set it replaces mlp_ratio (imports set it)"
+    )
     residual: bool = Field(True, description="residual connections (off only for gradient-flow studies)")
     bias: bool = False
     qk_norm: bool = False
@@ -33,6 +39,11 @@ class ModelConfig(Section):
     embd_dropout: float = Field(0.0, ge=0, lt=1)
     attn_dropout: float = Field(0.0, ge=0, lt=1)
     resid_dropout: float = Field(0.0, ge=0, lt=1)
+    init_from: str | None = Field(
+        None,
+        description="start from these weights and their tokenizer: a transformers directory (GPT-2 or Llama "
+        "layout) or a flowtrain run or checkpoint directory; the architecture comes from it (docs/interop.md)",
+    )
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -47,3 +58,26 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The FFN's hidden width: mlp_hidden, else mlp_ratio * n_embd (SwiGLU: 2/3 of it, rounded up to 8)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.activation == "swiglu":
+            return swiglu_hidden(self.n_embd, self.mlp_ratio)
+        return int(round(self.mlp_ratio * self.n_embd))
+
+
+def swiglu_hidden(n_embd: int, mlp_ratio: float) -> int:
+    """SwiGLU has three matrices instead of two, so 2/3 of the width keeps the parameter count (rounded up to 8)."""
+    return int(math.ceil(2 / 3 * mlp_ratio * n_embd / 8) * 8)
+
+
+# What model.init_from takes from its source: everything that decides the function the weights compute.
+# block_size comes from it too, unless set (a shorter context is fine); init, init_std and the dropouts stay
+# the run's own (they shape training, not the function).
+ARCHITECTURE_FIELDS = (
+    "n_layer", "n_head", "n_embd", "vocab_size", "pos_encoding", "rope_theta", "norm", "norm_placement",
+    "norm_eps", "activation", "mlp_ratio", "mlp_hidden", "residual", "bias", "qk_norm", "tie_embeddings",
+)  # fmt: skip

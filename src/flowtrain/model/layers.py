@@ -25,11 +25,6 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     raise ValueError(f"unknown norm kind {kind!r}; use 'layernorm' or 'rmsnorm'")
 
 
-def swiglu_hidden(n_embd: int, mlp_ratio: float) -> int:
-    """SwiGLU has three matrices instead of two, so 2/3 of the width keeps the parameter count (rounded up to 8)."""
-    return int(math.ceil(2 / 3 * mlp_ratio * n_embd / 8) * 8)
-
-
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE), "rotate-half" layout.
 
@@ -171,17 +166,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: fc -> activation -> proj, or SwiGLU: proj(silu(gate(x)) * fc(x))."""
+    """Position-wise feed-forward: fc -> activation -> proj, or SwiGLU: proj(silu(gate(x)) * fc(x)); hidden
+    width cfg.ffn_hidden."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.activation = cfg.activation
-        if cfg.activation == "swiglu":
-            hidden = swiglu_hidden(cfg.n_embd, cfg.mlp_ratio)
-            self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        else:
-            hidden = int(round(cfg.mlp_ratio * cfg.n_embd))
-            self.gate = None
+        hidden = cfg.ffn_hidden
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.activation == "swiglu" else None
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
@@ -190,6 +182,8 @@ class MLP(nn.Module):
             hidden = F.silu(self.gate(x)) * self.fc(x)
         elif self.activation == "relu":
             hidden = F.relu(self.fc(x))
+        elif self.activation == "gelu_tanh":
+            hidden = F.gelu(self.fc(x), approximate="tanh")
         else:
             hidden = F.gelu(self.fc(x))  # exact (erf) GELU
         return self.proj(hidden)

@@ -10,7 +10,9 @@ from flowtrain._base import Section
 class OptimConfig(Section):
     """Which torch.optim optimizer, its hyperparameters, and which parameters get weight decay."""
 
-    name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
+    name: Literal["adamw", "adam", "sgd", "rmsprop", "muon"] = Field(
+        "adamw", description="muon: torch's Muon for the blocks' matrices, AdamW for the rest (optim/muon.py)"
+    )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0)

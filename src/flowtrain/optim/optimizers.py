@@ -11,6 +11,8 @@ Weight decay per optimizer, as torch implements it:
   rescales (so it is not weight decay; Loshchilov & Hutter 2019). We therefore build Adam with one group, "all",
   and no decay at all, whatever cfg.weight_decay says; use adamw for decay.
 * sgd, rmsprop: weight_decay is the L2 penalty (for plain SGD that equals decoupled decay), decay group only.
+* muon: the decay group's matrices (not the head) take torch's Muon with decoupled decay, the rest AdamW
+  (optim/muon.py); groups "muon", "decay", "no_decay".
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from torch import nn
 
 from flowtrain.errors import ConfigError
 from flowtrain.optim.config import OptimConfig
+from flowtrain.optim.muon import MuonWithAdamW
+
+try:
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - builds without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 ParamKind = Literal["embedding", "norm", "bias", "weight"]
 
@@ -108,8 +116,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def _hyperparameters(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    if cfg.name in ("adamw", "adam"):
-        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    if cfg.name in ("adamw", "adam", "muon"):  # muon: its AdamW half decides the implementation
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls, {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum == 0:
@@ -136,10 +144,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     """
     cls, hyper = _hyperparameters(cfg)
     groups = param_groups(model, cfg)
+    make = lambda impl: cls(groups, **impl, **hyper)  # noqa: E731
+    if cfg.name == "muon":
+        muon, rest = _muon_groups(model, groups)
+        make = lambda impl: MuonWithAdamW(muon, rest, adamw_impl=impl, **hyper)  # noqa: E731
     impl = cfg.implementation
     if impl in ("auto", "fused") and fused_available(cls, device_type):
         try:
-            return cls(groups, fused=True, **hyper)
+            return make({"fused": True})
         except (RuntimeError, ValueError) as exc:
             if impl == "fused":
                 raise ConfigError(
@@ -151,4 +163,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
             f"optim.implementation=fused: torch has no fused {cls.__name__} for device {device_type!r}; "
             "use implementation=auto or foreach"
         )
-    return cls(groups, foreach=impl != "loop", **hyper)
+    return make({"foreach": impl != "loop"})
+
+
+def _muon_groups(model: nn.Module, groups: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(Muon's group, AdamW's groups): the decay group's 2-D weights go to Muon, except the output head
+    (`model.lm_head`; an untied head stays with AdamW, as Muon's authors and torch's docs advise)."""
+    head = (
+        {id(p) for p in model.lm_head.parameters()} if isinstance(getattr(model, "lm_head", None), nn.Module) else set()
+    )
+    decay = groups[0]
+    picked = [i for i, p in enumerate(decay["params"]) if p.ndim == 2 and id(p) not in head]
+    if any(DTensor is not None and isinstance(decay["params"][i], DTensor) for i in picked):
+        raise ConfigError(
+            "optim.name=muon orthogonalizes whole matrices, and FSDP shards them; use train.parallel=ddp or "
+            "optim.name=adamw"
+        )
+    muon = {"name": "muon", "weight_decay": decay["weight_decay"]}
+    muon["params"] = [decay["params"][i] for i in picked]
+    muon["names"] = [decay["names"][i] for i in picked]
+    rest = {**decay, "params": [p for i, p in enumerate(decay["params"]) if i not in picked]}
+    rest["names"] = [n for i, n in enumerate(decay["names"]) if i not in picked]
+    return [muon], [rest, *groups[1:]]

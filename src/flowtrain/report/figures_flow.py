@@ -78,7 +78,8 @@ def _with_flow(runs: list[RunData], out: ReportFigure, attr: str, stat: str | No
             )
             out.notes.append(f"{run.name}: {why}")
         elif stat is not None and stat not in grid.stats:
-            out.notes.append(f"{run.name}: flow.parquet has no '{stat}' values (that probe was off)")
+            why = run.missing.get(f"stat:{stat}", f"flow.parquet has no '{stat}' values (that probe was off)")
+            out.notes.append(f"{run.name}: {why}")
         else:
             kept.append((i, run))
     return kept
@@ -270,7 +271,8 @@ def _per_run_lines(runs, out, attr, panels, *, row_height=2.8) -> ReportFigure:
             mat = grid.stats.get(stat)
             if mat is None:
                 ax.set_axis_off()
-                out.notes.append(f"{run.name}: flow.parquet has no '{stat}' values")
+                why = run.missing.get(f"stat:{stat}", f"flow.parquet has no '{stat}' values")
+                out.notes.append(f"{run.name}: {why}")
                 continue
             rows = [r for r in range(len(grid.names)) if np.isfinite(mat[r]).any()]
             if not rows:

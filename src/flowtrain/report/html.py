@@ -39,6 +39,7 @@ nav a{margin-right:.8rem;font-size:.85rem}
 .act-warn{color:#8a6d00}.act-skip{color:#b35900}.act-rollback{color:#c62828;font-weight:600}
 .act-stop{color:#fff;background:#c62828;font-weight:600}
 .verdict strong{color:#c62828}.verdict strong.v-healthy{color:#2e7d32}.verdict strong.v-unjudged{color:#666}
+.verdict strong.v-inconclusive{color:#666}
 """
 
 
@@ -104,8 +105,14 @@ def verdict_text(run: RunData) -> tuple[str, str]:
     acted = ", ".join(f"{n} {a}" + ("s" if n > 1 else "") for a, n in sorted(v["actions"].items()))
     acted = f" Guard actions: {acted}." if acted else ""
     notes = f" Noted (information, nothing wrong): {', '.join(v['info'])}." if v["info"] else ""
+    unjudged = health.unjudged([], {k[5:]: why for k, why in run.missing.items() if k.startswith("stat:")})
+    blind = [k for k in health.DEPTH_JUDGMENTS if k in unjudged]
+    if v["verdict"] == "healthy" and blind:  # no evidence along depth is no evidence of health
+        why = unjudged[blind[0]]
+        return "inconclusive", f"No warning, but {' and '.join(blind)} gradients could not be judged: {why}.{acted}"
     if v["verdict"] == "healthy":
-        return "healthy", f"No warning from the health model.{acted}{notes}"
+        missed = f" Not judged (not available for this model): {', '.join(unjudged)}." if unjudged else ""
+        return "healthy", f"No warning from the health model.{missed}{acted}{notes}"
     span = (
         f"step {v['first_step']}" if v["first_step"] == v["last_step"] else f"steps {v['first_step']}–{v['last_step']}"
     )

@@ -232,6 +232,9 @@ def load_run(path: str | Path) -> RunData:
         alerts = _read_records(run.alerts, notices)
     else:
         missing["alerts.jsonl"] = "alerts.jsonl not found: the stability guard was off for this run"
+    unavailable = config.get("unavailable") if isinstance(config.get("unavailable"), dict) else {}
+    for stat, why in unavailable.items():  # a run recorded in another loop says what its model could not give
+        missing[f"stat:{stat}"] = f"{stat} is not available for this model: {why}"
     layer_flow = depth_flow = None
     if run.flow.is_file():
         table = read_flow(run.flow)
@@ -241,7 +244,9 @@ def load_run(path: str | Path) -> RunData:
         if layer_flow is None:
             missing["flow.parquet:layer"] = "flow.parquet has no per-layer rows"
         if depth_flow is None:
-            missing["flow.parquet:depth"] = "flow.parquet has no depth rows (residual / activation probes were off)"
+            missing["flow.parquet:depth"] = missing.get(
+                "stat:act_rms", "flow.parquet has no depth rows (residual / activation probes were off)"
+            )
     else:
         missing["flow.parquet"] = "flow.parquet not found: the run was made without the flow monitor (flow.enabled)"
     summary = _read_json(run.summary) if run.summary.is_file() else None

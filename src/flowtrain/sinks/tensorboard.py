@@ -124,7 +124,7 @@ class TensorBoardSink:
 
     def write_layers(self, step: int, record) -> None:
         """A FlowRecord's per-layer and along-depth series and its histograms, for `step`'s event."""
-        from flowtrain.flow.records import TENSOR_STATS
+        from flowtrain.flow.records import DEPTH_STATS, TENSOR_STATS
 
         values: list = []
         if record.layer_stats is not None:
@@ -134,10 +134,11 @@ class TensorBoardSink:
         if record.depth_stats is not None:
             width = len(str(len(record.depth_names) - 1))  # h03 sorts before h10
             boundaries = [f"h{i:0{width}d}" for i in range(len(record.depth_names))]
-            for stat in DEPTH_SERIES:
-                self._series(values, f"{stat}_by_depth", boundaries, record.depth(stat))
+            column = {stat: record.depth_stats[:, DEPTH_STATS.index(stat)].tolist() for stat in DEPTH_STATS}
+            for stat in DEPTH_SERIES:  # a statistic the model does not offer is NaN throughout: no tag
+                self._series(values, f"{stat}_by_depth", boundaries, column[stat])
             for stat in ATTENTION_SERIES:
-                self._series(values, f"{stat}_by_layer", record.depth_layers[1:], record.depth(stat)[1:])
+                self._series(values, f"{stat}_by_layer", record.depth_layers[1:], column[stat][1:])
         values += self._histograms(record)
         if self._pending is not None:
             self._write_values(*self._pending)

@@ -23,12 +23,9 @@ leaves either nothing or a complete checkpoint; `meta.json`'s hashes catch later
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from flowtrain.errors import CheckpointError
 from flowtrain.fsutil import atomic_directory, sha256_file
 from flowtrain.train import distributed as dist_util
 from flowtrain.train.checkpoint_dcp import load_sharded, save_sharded
+from flowtrain.train.checkpoint_space import full_disk_reported
 
 try:
     from torch.distributed.tensor import DTensor
@@ -86,8 +84,12 @@ def save_checkpoint(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     is_main = not distributed or torch.distributed.get_rank() == 0
     small = (step, rng, state, tokenizer_json, config_yaml)
+
+    def _full_disk_reported():  # the message says whether earlier checkpoints are there to resume from
+        return full_disk_reported(final, target, optimizer, lambda: bool(list_checkpoints(checkpoints)))
+
     if layout == "sharded":
-        with _full_disk_reported(final, target, optimizer):
+        with _full_disk_reported():
             save_sharded(final, target, optimizer, lambda tmp: _write_small(tmp, *small, layout="sharded"), is_main)
     elif _is_sharded(target):  # FSDP, gathered to rank 0 (collective), written as one file like any other
         from torch.distributed.checkpoint.state_dict import (
@@ -100,70 +102,17 @@ def save_checkpoint(
         model_state = get_model_state_dict(target, options=opts)
         optim_state = _fqn_to_index(get_optimizer_state_dict(target, optimizer, options=opts))
         if is_main:
-            with _full_disk_reported(final, target, optimizer), atomic_directory(final) as tmp:
+            with _full_disk_reported(), atomic_directory(final) as tmp:
                 save_file(_dedup_tied(target, model_state), str(tmp / "model.safetensors"))
                 torch.save(optim_state, tmp / "optimizer.pt")
                 _write_small(tmp, *small, layout="full")
     elif is_main:
-        with _full_disk_reported(final, target, optimizer), atomic_directory(final) as tmp:
+        with _full_disk_reported(), atomic_directory(final) as tmp:
             save_model(target, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             _write_small(tmp, *small, layout="full")
     dist_util.barrier()
     return final
-
-
-def size_estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """About how many bytes a checkpoint of `model` and `optimizer` takes: the tensors they save (a sharded
-    model's in full, a tied weight once) plus 64 kB for the small files."""
-    seen, total = set(), 64 << 10
-    tensors = list(model.state_dict().values())
-    if optimizer is not None:
-        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        try:
-            key = (t.data_ptr(), t.numel())  # tied weights share their storage
-        except RuntimeError:  # no storage to point at (a DTensor): count it
-            key = id(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _no_space(exc: BaseException | None) -> bool:
-    """Whether a write failed for want of space (the OS's ENOSPC / EDQUOT, or torch.save's own words for a
-    short write), anywhere in the exception's chain."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(words in str(exc) for words in ("No space left", "unexpected pos", "file write failed")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-@contextlib.contextmanager
-def _full_disk_reported(final: Path, model: torch.nn.Module, optimizer) -> Iterator[None]:
-    """A checkpoint that did not fit on the disk is one line (after atomic_directory removed its partial
-    temporary), saying how much it needs: the checkpoints before it are untouched."""
-    try:
-        yield
-    except Exception as exc:
-        need, free = size_estimate(model, optimizer), shutil.disk_usage(final.parent).free
-        if not _no_space(exc) and free >= need:
-            raise
-        mb, run = 1 << 20, final.parent.parent
-        then = (
-            f"the earlier checkpoints are intact: free some space (or lower train.keep_last), then continue with "
-            f"flowtrain train --resume {run}"
-            if list_checkpoints(final.parent)
-            else f"free some space, then flowtrain train --resume {run} starts it over"
-        )
-        raise CheckpointError(
-            f"no space left on the device for checkpoint {final.name} in {final.parent}: it needs about "
-            f"{need / mb:.1f} MB, {free / mb:.1f} MB are free; {then}"
-        ) from None
 
 
 def _write_small(tmp: Path, step: int, rng, state, tokenizer_json: str, config_yaml: str, layout: str) -> None:

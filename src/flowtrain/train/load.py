@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flowtrain.config import RunConfig, build_config, parse_yaml
+from flowtrain.config import RunConfig, build_config, load_run_config, parse_yaml
 from flowtrain.data.tokenizers import tokenizer_from_json
 from flowtrain.errors import CheckpointError
 from flowtrain.model.gpt import GPT
@@ -55,10 +55,23 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
 
 
 def load_trained(path: Path, which: str = "latest", device: str | torch.device = "cpu") -> LoadedModel:
-    c = ckpt.read_checkpoint(resolve_checkpoint(path, which))
+    return load_checkpoint(ckpt.read_checkpoint(resolve_checkpoint(path, which)), device)
+
+
+def load_checkpoint(c: ckpt.Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model, tokenizer and config of a verified checkpoint (read_checkpoint's), in eval mode."""
     fix = "use another checkpoint (--checkpoint)"
     cfg = build_config(parse_yaml(c.config_yaml, f"{c.path}/config.yaml", fix))
     model = GPT(cfg.model)
     ckpt.restore_model(c, model)
     model.to(device).eval()
     return LoadedModel(model, tokenizer_from_json(c.tokenizer_json), cfg, c)
+
+
+def config_for_resume(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The resumed run's config: what the run directory says ran, with any overrides applied."""
+    path = RunDir(Path(run_dir)).config
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: it has no config.yaml; is it a flowtrain run directory?")
+    latest = ckpt.latest_checkpoint(RunDir(Path(run_dir)).checkpoints)
+    return load_run_config(path, overrides, restore_from=latest / "config.yaml" if latest else None)

@@ -84,8 +84,9 @@ def checkpoint_bytes(cfg) -> tuple[int, int]:
         model = GPT(cfg.model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     optim = cfg.optim
-    # moments per weight: Adam(W) two, SGD one with momentum, RMSprop its square average (+ momentum)
-    copies = {"adamw": 2, "adam": 2, "sgd": int(optim.momentum > 0), "rmsprop": 1 + int(optim.momentum > 0)}
+    # moments per weight: Adam(W) two, SGD one with momentum, RMSprop its square average (+ momentum), muon at
+    # most two (Muon keeps one, its AdamW half two)
+    copies = {"adamw": 2, "adam": 2, "muon": 2, "sgd": int(optim.momentum > 0), "rmsprop": 1 + int(optim.momentum > 0)}
     return weights, weights * copies[optim.name]
 
 

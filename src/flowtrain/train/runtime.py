@@ -127,3 +127,17 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     cuda = sorted((k for k in state if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[k].cpu() for k in cuda][: torch.cuda.device_count()])
+
+
+# bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
+_KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
+    """The MFU denominator: the configured peak, else a known accelerator's bf16 peak, else None (no MFU)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _KNOWN_PEAKS.items() if k in name), None)
+    return None

@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
-from flowtrain.config import RunConfig, load_run_config
+from flowtrain.config import RunConfig
 from flowtrain.data.dataset import TokenDataset
 from flowtrain.data.loader import BatchLoader, eval_batches
 from flowtrain.data.prepare import dataset_for
 from flowtrain.data.tokenizers import tokenizer_from_json
-from flowtrain.errors import CheckpointError, ConfigError, DataError, DivergedError
+from flowtrain.errors import ConfigError, DataError, DivergedError
 from flowtrain.flow.guard import Guard
 from flowtrain.flow.health import Context
 from flowtrain.flow.monitor import FlowMonitor
 from flowtrain.fsutil import DirectoryLock, atomic_write_text
+from flowtrain.interop.init_from import init_source
 from flowtrain.model.gpt import GPT
 from flowtrain.optim.clipping import GradClipper
 from flowtrain.optim.optimizers import build_optimizer
@@ -40,19 +41,16 @@ from flowtrain.sample import generate
 from flowtrain.sinks.rows import RowBuffer, StepTimer
 from flowtrain.train import distributed as dist_util
 from flowtrain.train import preflight, run_files
-from flowtrain.train.checkpoint import Checkpoint, latest_checkpoint
+from flowtrain.train.checkpoint import Checkpoint
 from flowtrain.train.checkpoints import Checkpoints
 from flowtrain.train.evaluate import Evaluation, evaluate
 from flowtrain.train.faults import attach_faults
 from flowtrain.train.recovery import Recovery
 from flowtrain.train.restore import restore
 from flowtrain.train.run_log import Row, RunLog
-from flowtrain.train.runtime import seed_everything, select_device, select_precision
+from flowtrain.train.runtime import peak_flops, seed_everything, select_device, select_precision
 from flowtrain.train.step import TrainState, train_step
 from flowtrain.train.stopping import StopRequest
-
-# bf16 dense matmul peaks (FLOP/s) of common accelerators, for MFU when train.peak_tflops is unset.
-_KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 @dataclass
@@ -118,12 +116,18 @@ class Trainer:
         cfg, tc, ctx = self.cfg, self.cfg.train, self.parallel.ctx
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
+        # model.init_from (a resumed run has its weights): the source's architecture and tokenizer go into the
+        # config before the data is opened; its weights go into the model once it is built
+        source = init_source(cfg) if self.resume_from is None else None
         self._open_data()
         preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
         preflight.check_free_space(self._writes_to, cfg, extra=len(self.tokenizer.to_json()))
 
         # model (sharded in place by FSDP2 before the optimizer sees its parameters), optimizer, schedule, clipping
         self.raw_model = GPT(cfg.model).to(self.device)
+        if source is not None:
+            source.load_into(self.raw_model)
+            del source  # its tensors are the model's now: do not hold a second copy for the whole run
         wrapped = dist_util.wrap_model(self.raw_model, ctx, self.device, tc.dtype == "bfloat16")
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
@@ -243,14 +247,6 @@ class Trainer:
         self.stop.request(reason)
         return self._in_loop or self._running
 
-    def _peak_flops(self) -> float | None:
-        if self.cfg.train.peak_tflops:
-            return self.cfg.train.peak_tflops * 1e12
-        if self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            return next((v for k, v in _KNOWN_PEAKS.items() if k in name), None)
-        return None
-
     # ---- work around the step ------------------------------------------------------------------------------
     def evaluate(self, full: bool = False) -> dict[str, float]:
         """Every rank evaluates the same fixed batches (FSDP's forward is collective); rank 0 records."""
@@ -293,7 +289,7 @@ class Trainer:
             self.run,
             state,
             flops_per_token=self.raw_model.flops_per_token(),
-            peak_flops=self._peak_flops(),
+            peak_flops=peak_flops(self.device, self.cfg.train.peak_tflops),
             continues=self.continues,
             write_config=self.resume_from is None,
             progress=self.progress,
@@ -392,35 +388,16 @@ class Trainer:
             self.close()
         return summary
 
+    @torch.no_grad()
     def _closing_sample(self) -> str:
         """The sample that ends a run; a diverged model has none, which is said rather than raised: the run is
         over, and its summary must still be written."""
+        tc, tok = self.cfg.train, self.tokenizer
         try:
-            return self.sample_text()
+            new = generate(self.raw_model, [tok.eot_id], tc.sample_tokens, temperature=0.8, top_k=200, seed=tc.seed,
+                           eos_id=tok.eot_id)  # fmt: skip
         except DivergedError as exc:
             if self.parallel.is_main:
                 print(f"flowtrain: no closing sample: {exc}", file=sys.stderr)
             return ""
-
-    @torch.no_grad()
-    def sample_text(self, prompt: str = "", max_new_tokens: int | None = None, seed: int | None = None) -> str:
-        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
-        new = generate(
-            self.raw_model,
-            ids,
-            max_new_tokens or self.cfg.train.sample_tokens,
-            temperature=0.8,
-            top_k=200,
-            seed=self.cfg.train.seed if seed is None else seed,
-            eos_id=self.tokenizer.eot_id,
-        )
-        return self.tokenizer.decode(new)
-
-
-def config_for_resume(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The resumed run's config: what the run directory says ran, with any overrides applied."""
-    path = RunDir(Path(run_dir)).config
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume {run_dir}: it has no config.yaml; is it a flowtrain run directory?")
-    latest = latest_checkpoint(RunDir(Path(run_dir)).checkpoints)
-    return load_run_config(path, overrides, restore_from=latest / "config.yaml" if latest else None)
+        return tok.decode(new)
