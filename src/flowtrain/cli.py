@@ -250,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_OVERRIDES,
     )
     t.add_argument("items", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    t.add_argument("-c", "--config", help="a shipped config name (default, shakespeare-char, gpt2-124m) or a YAML path")
+    t.add_argument(
+        "-c",
+        "--config",
+        help="a shipped config name (default, shakespeare-char, shakespeare-fast, gpt2-124m) or a YAML path",
+    )
     t.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint dir)"
     )

@@ -2,12 +2,11 @@
 checkpoints, logging and a closing sample hung around it.
 
 The step's math lives in train/step.py and sees only a TrainState; around it the loop calls small objects:
-Evaluation (train/evaluate.py), Checkpoints (train/checkpoints.py), Recovery (train/recovery.py), RunLog
-(train/run_log.py), a RowBuffer (sinks/rows.py) and a StopRequest (train/stopping.py). Resume is exact on CPU:
-train/restore.py puts back the model, optimizer, schedule, loader position, clipper state and RNG state, the
-same way a rollback does; train/run_files.py opens the run directory (one writer, interrupted writes cleaned
-up, the logs cut back to the checkpoint). The trainer does not tune the CPU allocator or install signal
-handlers (the CLI does; train/runtime.py, interrupts.py).
+Evaluation, Checkpoints, Recovery, RunLog, a RowBuffer (sinks/rows.py) and a StopRequest. Resume is exact on
+CPU: train/restore.py puts back model, optimizer, schedule, loader position, clipper and RNG state, the same
+way a rollback does; train/run_files.py opens the run directory (one writer, interrupted writes cleaned up,
+logs cut back to the checkpoint). The CLI, not the trainer, tunes the CPU allocator and installs signal
+handlers (train/runtime.py, interrupts.py).
 """
 
 from __future__ import annotations
@@ -116,9 +115,8 @@ class Trainer:
         cfg, tc, ctx = self.cfg, self.cfg.train, self.parallel.ctx
         self.precision = select_precision(tc.dtype, self.device)
         seed_everything(tc.seed)
-        # model.init_from (a resumed run has its weights): the source's architecture and tokenizer go into the
-        # config before the data is opened; its weights go into the model once it is built
-        source = init_source(cfg) if self.resume_from is None else None
+        # model.init_from: architecture and tokenizer into the config now, weights into the model once built
+        source = init_source(cfg) if self.resume_from is None else None  # a resumed run has its own weights
         self._open_data()
         preflight.check_splits(self.dataset, cfg.model.block_size, cfg.data.loader)
         preflight.check_free_space(self._writes_to, cfg, extra=len(self.tokenizer.to_json()))
@@ -127,7 +125,6 @@ class Trainer:
         self.raw_model = GPT(cfg.model).to(self.device)
         if source is not None:
             source.load_into(self.raw_model)
-            del source  # its tensors are the model's now: do not hold a second copy for the whole run
         wrapped = dist_util.wrap_model(self.raw_model, ctx, self.device, tc.dtype == "bfloat16")
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
