@@ -57,7 +57,7 @@ def shakespeare_trainer(
 
     Another `config` (e.g. gpt2-124m) keeps its own data sources (the built-in corpus).
     """
-    data = [f"data.sources=[{corpus_path()}]"] if config == "shakespeare-char" else []
+    data = [f"data.sources=[{corpus_path()}]"] if config.startswith("shakespeare") else []
     cache = os.environ.get("FLOWTRAIN_BENCH_CACHE") or workdir / "cache"  # one prepared dataset for several scripts
     cfg = load_config(
         config,

@@ -1,11 +1,11 @@
 """Precision of the health model: the shipped CPU configs at full length over several seeds must give no warning.
 
-    python benchmarks/healthy_runs.py [--seeds 1 2 3 4 5] [--configs default shakespeare-char]
+    python benchmarks/healthy_runs.py [--seeds 1 2 3 4 5] [--configs default shakespeare-char shakespeare-fast]
 
 Each run is the config exactly as shipped (the main job `default` on the built-in corpus, `shakespeare-char`
-on Tiny Shakespeare), only the seed changed, with the guard and the microscope at their defaults. It prints,
-per run, the warnings and critical findings (must be none), the guard's actions, the information notes and
-the final val loss. gpt2-124m is a GPU config and is not run here.
+and `shakespeare-fast` on Tiny Shakespeare), only the seed changed, with the guard and the microscope at their
+defaults. It prints, per run, the warnings and critical findings (must be none), the guard's actions, the
+information notes and the final val loss. gpt2-124m is a GPU config and is not run here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--configs", nargs="+", default=["default", "shakespeare-char"])
+    ap.add_argument("--configs", nargs="+", default=["default", "shakespeare-char", "shakespeare-fast"])
     args = ap.parse_args()
     total = 0
     with tempfile.TemporaryDirectory(prefix="flowtrain-healthy-") as tmp:

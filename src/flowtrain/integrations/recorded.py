@@ -9,7 +9,7 @@ from pathlib import Path
 import pydantic
 
 from flowtrain.config import parse_yaml, read_text
-from flowtrain.errors import DataError
+from flowtrain.errors import DataError, FlowtrainError
 from flowtrain.flow.diagnose import Diagnosis, diagnose
 from flowtrain.flow.guard import GuardConfig
 from flowtrain.flow.health import Context
@@ -20,12 +20,16 @@ from flowtrain.sinks.jsonl import read_jsonl
 
 
 def observed_config(run_dir: Path) -> dict | None:
-    """The config.yaml of a run an integration wrote (it has an `observed` section), else None."""
+    """The config.yaml of a run an integration wrote (it has an `observed` section), else None (also when it
+    cannot be read: the reading of a flowtrain run's config then names the fix, its checkpoint's copy)."""
     path = RunDir(Path(run_dir)).config
     if not path.is_file():
         return None
     fix = "restore it, or pass a run directory flowtrain wrote"
-    config = parse_yaml(read_text(path, fix), str(path), fix)
+    try:
+        config = parse_yaml(read_text(path, fix), str(path), fix)
+    except FlowtrainError:
+        return None
     return config if isinstance(config, dict) and isinstance(config.get(OBSERVED), dict) else None
 
 

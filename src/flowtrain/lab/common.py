@@ -60,7 +60,10 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
         "train.sample_tokens": 0,
         "train.device": "cpu",
         "train.seed": BASE_SEED,
+        "optim.name": "adamw",  # the studies' baseline, whatever the main job's recipe (configs/default.yaml)
         "optim.lr": 3e-3,
+        "model.qk_norm": False,
+        "model.tie_embeddings": True,
         "schedule.kind": "cosine",
         "schedule.warmup_steps": 0,
         "schedule.min_lr": 0.0,
