@@ -44,13 +44,15 @@ def read_only_dir(tmp_path: Path):
 
 
 def test_warmup_longer_than_the_run_is_shortened_to_a_tenth_of_it():
-    cfg = load_config("default", ["train.max_steps=50"])
+    cfg = load_config("default", ["train.max_steps=50", "schedule.warmup_steps=100"])
     assert preflight.shorten_warmup(cfg) == (
         "schedule.warmup_steps=100 is longer than train.max_steps=50; warming up for 5 steps (a tenth of the run) "
         "instead"
     )
     assert cfg.schedule.warmup_steps == 5
-    assert preflight.shorten_warmup(load_config("default", ["train.max_steps=100"])) is None
+    assert (
+        preflight.shorten_warmup(load_config("default", ["train.max_steps=100", "schedule.warmup_steps=100"])) is None
+    )
 
 
 def test_out_dir_must_be_a_writable_directory(tmp_path):
@@ -79,7 +81,7 @@ def test_checkpoint_estimate_counts_weights_and_optimizer_moments():
 
 def test_a_checkpoint_bigger_than_the_free_disk_is_refused_before_the_model_exists(small_text, tmp_path):
     # ~3.7 TB of weights and Adam moments: built on the meta device only, so this test allocates nothing
-    huge = {"model.n_layer": 24, "model.n_embd": 32768, "model.n_head": 64}
+    huge = {"model.n_layer": 24, "model.n_embd": 32768, "model.n_head": 64, "optim.name": "adamw"}
     cfg = load_config("default", tiny_overrides(small_text, tmp_path, **huge))
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ConfigError) as info:

@@ -47,7 +47,7 @@ def test_run_directory_contract(small_text, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert not {"cpu_kernels", "cpu_hooks", "tensorboard_checksum"} & set(env)  # gone with the C++ and the patch
     assert env["cpu_allocator"] and env["run_dir_version"] == 1
-    assert env["optimizer_step"] == "AdamW: torch's fused step"
+    assert env["optimizer_step"] == "Muon: torch's for-loop step + AdamW: torch's fused step"  # the default: muon
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
