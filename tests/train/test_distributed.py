@@ -26,7 +26,16 @@ from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.distributed import resolve_strategy, slot_layout
 from flowtrain.train.load import config_for_resume
 from flowtrain.train.trainer import Trainer
-from tests.conftest import tiny_overrides, write_corpus
+from tests.conftest import tiny_overrides as _tiny_overrides
+from tests.conftest import write_corpus
+
+
+def tiny_overrides(text, tmp, **extra):
+    """The tests' tiny run with the classic recipe (AdamW 2e-3, cosine): these compare data-parallel runs with
+    one process (FSDP refuses Muon), and the guard's actions with the rows they expect."""
+    classic = {"optim.name": "adamw", "optim.lr": 2e-3, "schedule.kind": "cosine", "schedule.min_lr": 2e-4}
+    return _tiny_overrides(text, tmp, **{**classic, **extra})
+
 
 pytestmark = pytest.mark.distributed
 HELPER = Path(__file__).with_name("dist_nan_helper.py")
