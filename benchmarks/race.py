@@ -73,7 +73,7 @@ def reached(curve: list[tuple[float, int, float]], target: float) -> float | Non
 
 
 def loss_at(curve: list[tuple[float, int, float]], seconds: float) -> float:
-    """The last evaluated val loss at or before `seconds` of training."""
+    """The best val loss evaluated at or before `seconds` of training."""
     return min((loss for t, _, loss in curve if t <= seconds), default=float("nan"))
 
 

@@ -39,6 +39,9 @@ def test_groups_matrices_of_the_blocks_go_to_muon_the_head_and_the_rest_to_adamw
     assert names["decay"] == ["lm_head.weight"]  # untied head: AdamW, with decay
     assert "tok_emb.weight" in names["no_decay"] and all(n not in names["no_decay"] for n in expected)
     assert [type(h).__name__ for h in opt.halves] == ["Muon", "AdamW"]
+    decaying = build_optimizer(model, OptimConfig(name="muon", no_decay=["bias", "norm"]), "cpu")
+    groups = {g["name"]: g["names"] for g in decaying.param_groups}
+    assert groups["muon"] == expected and "tok_emb.weight" in groups["decay"]  # embeddings never go to Muon
 
 
 def test_steps_equal_torchs_muon_and_adamw_stepped_side_by_side():

@@ -167,13 +167,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def _muon_groups(model: nn.Module, groups: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(Muon's group, AdamW's groups): the decay group's 2-D weights go to Muon, except the output head
-    (`model.lm_head`; an untied head stays with AdamW, as Muon's authors and torch's docs advise)."""
-    head = (
-        {id(p) for p in model.lm_head.parameters()} if isinstance(getattr(model, "lm_head", None), nn.Module) else set()
-    )
+    """(Muon's group, AdamW's groups): the decay group's 2-D weights go to Muon, except embeddings (when
+    optim.no_decay lets them decay) and the output head (`model.lm_head`): those stay with AdamW, as Muon's
+    authors and torch's docs advise."""
+    lm_head = getattr(model, "lm_head", None)
+    kept = {id(p) for p in lm_head.parameters()} if isinstance(lm_head, nn.Module) else set()
+    kept |= {id(p) for _, p, kind in named_trainable(model) if kind == "embedding"}
     decay = groups[0]
-    picked = [i for i, p in enumerate(decay["params"]) if p.ndim == 2 and id(p) not in head]
+    picked = [i for i, p in enumerate(decay["params"]) if p.ndim == 2 and id(p) not in kept]
     if any(DTensor is not None and isinstance(decay["params"][i], DTensor) for i in picked):
         raise ConfigError(
             "optim.name=muon orthogonalizes whole matrices, and FSDP shards them; use train.parallel=ddp or "
@@ -182,6 +183,7 @@ def _muon_groups(model: nn.Module, groups: list[dict[str, Any]]) -> tuple[list[d
     muon = {"name": "muon", "weight_decay": decay["weight_decay"]}
     muon["params"] = [decay["params"][i] for i in picked]
     muon["names"] = [decay["names"][i] for i in picked]
-    rest = {**decay, "params": [p for i, p in enumerate(decay["params"]) if i not in picked]}
-    rest["names"] = [n for i, n in enumerate(decay["names"]) if i not in picked]
+    chosen = set(picked)
+    others = [i for i in range(len(decay["params"])) if i not in chosen]
+    rest = {**decay, "params": [decay["params"][i] for i in others], "names": [decay["names"][i] for i in others]}
     return [muon], [rest, *groups[1:]]
