@@ -254,6 +254,26 @@ def test_bpe_dataset_and_tokenizer_reuse(tmp_path, docs_dir):
     assert not (tmp_path / "bpe3").exists()
 
 
+def test_bpe_trains_on_an_even_sample_and_encodes_everything(tmp_path, docs_dir):
+    from flowtrain.data.prepare import cache_key, corpus_for
+    from flowtrain.data.tokenizers import BPETokenizer
+
+    size = corpus_for(DataConfig(sources=[str(docs_dir)])).size_bytes()
+    ds = prepare(tmp_path, [docs_dir], name="bpe", tokenizer="bpe", bpe_vocab_size=300, bpe_train_bytes=size // 3)
+    every = -(-size // (size // 3))  # one file a document, one piece a file: every k-th document
+    sample = [text for i, text in enumerate(make_docs()) if i % every == 0]
+    assert ds.tokenizer.to_json() == BPETokenizer.train(iter(sample), 300).to_json()
+    assert ds.tokenizer.to_json() != BPETokenizer.train(iter(make_docs()), 300).to_json()
+    texts = sorted(ds.tokenizer.decode(p[:-1].tolist()) for s in ("train", "val") for p in _split_docs(ds, s))
+    assert texts == sorted(make_docs())  # the whole corpus is still encoded
+
+    def key(**kw):
+        return cache_key(DataConfig(sources=[str(docs_dir)], tokenizer="bpe", **kw))
+
+    assert key(bpe_train_bytes=size // 3) != key(bpe_train_bytes=size // 2) != key(bpe_train_bytes=0)
+    assert key(bpe_train_bytes=size) == key(bpe_train_bytes=0) == key(bpe_train_bytes=10 * size)  # no sample
+
+
 def test_meta_json_is_plain_json(byte_ds):
     meta = json.loads((byte_ds.path / "meta.json").read_text())
     assert meta["format_version"] == 1 and meta["tokenizer"]["kind"] == "byte"

@@ -29,6 +29,12 @@ class DataConfig(Section):
         "of training one (model.init_from sets it to its source's)",
     )
     bpe_vocab_size: int = Field(8192, ge=260, le=1 << 20)
+    bpe_train_bytes: int = Field(
+        16_000_000,
+        ge=0,
+        description="BPE is trained on an evenly spread sample of about this many bytes of the corpus (all of it "
+        "when smaller; 0: always all); the whole corpus is still encoded",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_by: Literal["auto", "document", "tokens"] = Field(
         "auto",

@@ -64,7 +64,7 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
         return ByteTokenizer()
     if cfg.tokenizer == "char":
         return CharTokenizer.train(corpus.texts())
-    return BPETokenizer.train(corpus.texts(), cfg.bpe_vocab_size)
+    return BPETokenizer.train(corpus.texts(cfg.bpe_train_bytes), cfg.bpe_vocab_size)
 
 
 def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, scratch: Path, progress: bool) -> Tokenized:
@@ -305,6 +305,8 @@ def cache_key(cfg: DataConfig) -> str:
         import tokenizers  # the trained merges may change with the library's version
 
         tok.update(bpe_vocab_size=cfg.bpe_vocab_size, tokenizers=tokenizers.__version__)
+        if cfg.bpe_train_bytes and corpus.size_bytes() > cfg.bpe_train_bytes:  # older keys stay valid otherwise
+            tok["bpe_train_bytes"] = cfg.bpe_train_bytes
     key = {
         "format_version": FORMAT_VERSION,
         "sources": corpus.identity(),

