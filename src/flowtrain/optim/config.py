@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from flowtrain._base import Section
 
@@ -14,6 +14,12 @@ class OptimConfig(Section):
         "adamw", description="muon: torch's Muon for the blocks' matrices, AdamW for the rest (optim/muon.py)"
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    adamw_lr: float | None = Field(
+        None,
+        gt=0,
+        description="muon: the peak learning rate of what AdamW steps (embeddings, the output head, norm gains, "
+        "biases); default optim.lr. The schedule scales it as it scales optim.lr",
+    )
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(
@@ -38,6 +44,15 @@ class OptimConfig(Section):
         if unknown:
             raise ValueError(f"unknown parameter kind(s) {unknown}; use any of bias, norm, embedding")
         return kinds
+
+    @model_validator(mode="after")
+    def _adamw_lr_is_muons(self) -> "OptimConfig":
+        if self.adamw_lr is not None and self.name != "muon":
+            raise ValueError(
+                f"optim.adamw_lr is the LR of Muon's AdamW half, and optim.name is {self.name}; "
+                "remove optim.adamw_lr or set optim.name=muon"
+            )
+        return self
 
 
 class ScheduleConfig(Section):

@@ -22,7 +22,8 @@ MUON_SETTINGS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_f
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon over `muon_groups` (2-D parameters only) and torch.optim.AdamW over `adamw_groups`."""
+    """torch.optim.Muon over `muon_groups` (2-D parameters only) and torch.optim.AdamW over `adamw_groups` (at
+    `adamw_lr` when given, else at `lr`)."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         betas: tuple[float, float],
         eps: float,
         adamw_impl: dict[str, bool],
+        adamw_lr: float | None = None,
     ) -> None:
         muon_groups = [g for g in muon_groups if g["params"]]  # torch's optimizers refuse empty lists
         adamw_groups = [g for g in adamw_groups if g["params"]]
@@ -40,7 +42,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if muon_groups:
             self.halves.append(torch.optim.Muon(muon_groups, lr=lr, **MUON_SETTINGS))
         if adamw_groups:
-            self.halves.append(torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, **adamw_impl))
+            self.halves.append(torch.optim.AdamW(adamw_groups, lr=adamw_lr or lr, betas=betas, eps=eps, **adamw_impl))
         super().__init__([g for half in self.halves for g in half.param_groups], {})
         self._share()
 
