@@ -255,7 +255,9 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_earlier_checkpoint
         f'mount -t tmpfs -o size=600k none {runs} && "$@"; rc=$?; ls -A {run}/checkpoints; '
         f'"{sys.executable}" -c "{check}" && echo intact; exit $rc'
     )
-    args = killing.overrides(text, tmp_path, "full", **{"train.max_steps": 12, "optim.name": "adamw"})  # sizes: Adam
+    args = killing.overrides(
+        text, tmp_path, "full", **{"train.max_steps": 12, "optim.name": "adamw", "optim.adamw_lr_scale": 1}
+    )  # sizes: Adam
     proc = subprocess.run(
         ["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, "-m", "flowtrain", "train", *args],
         capture_output=True,

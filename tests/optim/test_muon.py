@@ -46,12 +46,12 @@ def test_groups_matrices_of_the_blocks_go_to_muon_the_head_and_the_rest_to_adamw
     assert groups["muon"] == expected and "tok_emb.weight" in groups["decay"]  # embeddings never go to Muon
 
 
-@pytest.mark.parametrize("adamw_lr", [None, 10 * LR])
-def test_steps_equal_torchs_muon_and_adamw_stepped_side_by_side(adamw_lr):
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_steps_equal_torchs_muon_and_adamw_stepped_side_by_side(scale):
     """The composite changes nothing: the same bits as the two torch optimizers torch's docs pair, under a
-    schedule that moves the LR of every group (optim.adamw_lr: AdamW's peak, scaled by the same schedule)."""
+    schedule that moves the LR of every group (optim.adamw_lr_scale: AdamW's peak a multiple of Muon's)."""
     ours, theirs = tiny(), tiny()
-    opt = build_optimizer(ours, OptimConfig(name="muon", lr=LR, adamw_lr=adamw_lr, weight_decay=WD), "cpu")
+    opt = build_optimizer(ours, OptimConfig(name="muon", lr=LR, adamw_lr_scale=scale, weight_decay=WD), "cpu")
     names = {g["name"]: set(g["names"]) for g in opt.param_groups}
     by_name = dict(theirs.named_parameters())
     muon = torch.optim.Muon([by_name[n] for n in sorted(names["muon"])], lr=LR, weight_decay=WD, **MUON_SETTINGS)
@@ -59,7 +59,7 @@ def test_steps_equal_torchs_muon_and_adamw_stepped_side_by_side(adamw_lr):
     adamw = torch.optim.AdamW(
         [{"params": decay, "weight_decay": WD}, {"params": [by_name[n] for n in sorted(names["no_decay"])],
                                                  "weight_decay": 0.0}],
-        lr=adamw_lr or LR, betas=(0.9, 0.99), eps=1e-8, fused=True,
+        lr=LR * scale, betas=(0.9, 0.99), eps=1e-8, fused=True,
     )  # fmt: skip
     schedule = ScheduleConfig(kind="cosine", warmup_steps=2, min_lr=1e-4)
     scheds = [build_scheduler(o, schedule, LR, 6) for o in (opt, muon, adamw)]
@@ -75,9 +75,10 @@ def test_steps_equal_torchs_muon_and_adamw_stepped_side_by_side(adamw_lr):
         assert torch.equal(a, b), name
 
 
-def test_adamw_lr_is_refused_without_muon():
-    with pytest.raises(ValidationError, match="remove optim.adamw_lr or set optim.name=muon"):
-        OptimConfig(name="adamw", adamw_lr=1e-2)
+def test_adamw_lr_scale_is_refused_without_muon():
+    with pytest.raises(ValidationError, match="set optim.adamw_lr_scale=1 or optim.name=muon"):
+        OptimConfig(name="adamw", adamw_lr_scale=10)
+    assert OptimConfig(name="adamw", adamw_lr_scale=1).name == "adamw"
 
 
 def test_a_muon_update_is_the_orthogonalized_gradient_at_adamws_rms():

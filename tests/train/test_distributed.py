@@ -33,7 +33,13 @@ from tests.conftest import write_corpus
 def tiny_overrides(text, tmp, **extra):
     """The tests' tiny run with the classic recipe (AdamW 2e-3, cosine): these compare data-parallel runs with
     one process (FSDP refuses Muon), and the guard's actions with the rows they expect."""
-    classic = {"optim.name": "adamw", "optim.lr": 2e-3, "schedule.kind": "cosine", "schedule.min_lr": 2e-4}
+    classic = {
+        "optim.name": "adamw",
+        "optim.adamw_lr_scale": 1,
+        "optim.lr": 2e-3,
+        "schedule.kind": "cosine",
+        "schedule.min_lr": 2e-4,
+    }
     return _tiny_overrides(text, tmp, **{**classic, **extra})
 
 

@@ -67,6 +67,9 @@ def test_out_dir_must_be_a_writable_directory(tmp_path):
         preflight.check_writable(ro / "runs")
 
 
+SCALE_1 = ["optim.adamw_lr_scale=1"]  # the default's AdamW-half scale is Muon's; another optimizer refuses it
+
+
 def test_checkpoint_estimate_counts_weights_and_optimizer_moments():
     cfg = load_config("default", ["model.vocab_size=256"])
     weights, adam = preflight.checkpoint_bytes(cfg)
@@ -74,14 +77,23 @@ def test_checkpoint_estimate_counts_weights_and_optimizer_moments():
 
     params = sum(p.numel() for p in GPT(cfg.model).parameters())  # tied embeddings counted once
     assert weights == 4 * params and adam == 2 * weights
-    assert preflight.checkpoint_bytes(load_config("default", ["model.vocab_size=256", "optim.name=sgd"]))[1] == weights
-    no_momentum = ["model.vocab_size=256", "optim.name=sgd", "optim.momentum=0"]
+    assert (
+        preflight.checkpoint_bytes(load_config("default", ["model.vocab_size=256", "optim.name=sgd", *SCALE_1]))[1]
+        == weights
+    )
+    no_momentum = ["model.vocab_size=256", "optim.name=sgd", "optim.momentum=0", *SCALE_1]
     assert preflight.checkpoint_bytes(load_config("default", no_momentum))[1] == 0
 
 
 def test_a_checkpoint_bigger_than_the_free_disk_is_refused_before_the_model_exists(small_text, tmp_path):
     # ~3.7 TB of weights and Adam moments: built on the meta device only, so this test allocates nothing
-    huge = {"model.n_layer": 24, "model.n_embd": 32768, "model.n_head": 64, "optim.name": "adamw"}
+    huge = {
+        "model.n_layer": 24,
+        "model.n_embd": 32768,
+        "model.n_head": 64,
+        "optim.name": "adamw",
+        "optim.adamw_lr_scale": 1,
+    }
     cfg = load_config("default", tiny_overrides(small_text, tmp_path, **huge))
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ConfigError) as info:

@@ -62,6 +62,7 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
         "train.seed": BASE_SEED,
         "optim.name": "adamw",  # the studies' baseline, whatever the main job's recipe (configs/default.yaml)
         "optim.lr": 3e-3,
+        "optim.adamw_lr_scale": 1.0,  # the main job's scale of Muon's AdamW half
         "model.qk_norm": False,
         "model.tie_embeddings": True,
         "schedule.kind": "cosine",
@@ -76,6 +77,8 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
 
 
 def _yaml_value(value: object) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):

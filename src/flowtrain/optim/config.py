@@ -14,11 +14,11 @@ class OptimConfig(Section):
         "adamw", description="muon: torch's Muon for the blocks' matrices, AdamW for the rest (optim/muon.py)"
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    adamw_lr: float | None = Field(
-        None,
+    adamw_lr_scale: float = Field(
+        1.0,
         gt=0,
-        description="muon: the peak learning rate of what AdamW steps (embeddings, the output head, norm gains, "
-        "biases); default optim.lr. The schedule scales it as it scales optim.lr",
+        description="muon: what AdamW steps (embeddings, the output head, norm gains, biases) runs at optim.lr "
+        "times this (the schedule moves both alike)",
     )
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0)
@@ -46,11 +46,11 @@ class OptimConfig(Section):
         return kinds
 
     @model_validator(mode="after")
-    def _adamw_lr_is_muons(self) -> "OptimConfig":
-        if self.adamw_lr is not None and self.name != "muon":
+    def _adamw_lr_scale_is_muons(self) -> "OptimConfig":
+        if self.adamw_lr_scale != 1.0 and self.name != "muon":
             raise ValueError(
-                f"optim.adamw_lr is the LR of Muon's AdamW half, and optim.name is {self.name}; "
-                "remove optim.adamw_lr or set optim.name=muon"
+                f"optim.adamw_lr_scale scales the LR of Muon's AdamW half, and optim.name is {self.name}; "
+                "set optim.adamw_lr_scale=1 or optim.name=muon"
             )
         return self
 

@@ -23,7 +23,7 @@ MUON_SETTINGS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_f
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over `muon_groups` (2-D parameters only) and torch.optim.AdamW over `adamw_groups` (at
-    `adamw_lr` when given, else at `lr`)."""
+    `adamw_lr` when given, else at `lr`; optim.adamw_lr_scale sets it)."""
 
     def __init__(
         self,
