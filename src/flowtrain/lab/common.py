@@ -77,8 +77,6 @@ def tiny_overrides(ctx: LabContext, **settings: object) -> list[str]:
 
 
 def _yaml_value(value: object) -> str:
-    if value is None:
-        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
