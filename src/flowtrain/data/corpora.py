@@ -263,8 +263,8 @@ class Corpus:
     def texts(self, sample_bytes: int = 0) -> Iterator[str]:
         """The pieces' texts (what a tokenizer is trained on: no piece holds a whole large file); with
         `sample_bytes`, every k-th piece, k chosen so that about that many bytes pass (all when fewer)."""
-        size = self.size_bytes()
-        every = -(-size // sample_bytes) if sample_bytes and size > sample_bytes else 1
+        size = self.size_bytes() if sample_bytes else 0
+        every = -(-size // sample_bytes) if size > sample_bytes else 1
         return (p.text for i, p in enumerate(self.pieces()) if i % every == 0)
 
     def documents(self) -> Iterator[str]:
