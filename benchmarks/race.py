@@ -32,7 +32,7 @@ QUIET = ["train.eval_interval=1000000", "train.checkpoint_interval=1000000", "tr
 # the recipe minus one lever: what shakespeare-fast sets, put back to shakespeare-char's (or torch's) choice
 ABLATIONS = {
     "fast - muon": ["optim.name=adamw", "optim.lr=3e-3", "optim.adamw_lr_scale=1"],  # AdamW's best peak in our trials
-    "fast - adamw_lr": ["optim.adamw_lr_scale=1"],  # the embedding and the norm gains at Muon's optim.lr
+    "fast - adamw_lr_scale": ["optim.adamw_lr_scale=1"],  # the embedding and the norm gains at Muon's optim.lr
     "fast - batch 48": ["train.batch_size=12", "train.max_steps=2132"],  # the same tokens in nanoGPT's batches
     "fast - wsd": ["schedule.kind=cosine", "schedule.min_lr=1e-4"],
 }

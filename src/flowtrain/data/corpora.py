@@ -260,11 +260,15 @@ class Corpus:
             yield from source.pieces(self.skipped, hasher)
             self.content_hashes[source.name] = hasher.hexdigest()
 
+    def sample_stride(self, sample_bytes: int) -> int:
+        """k such that every k-th piece makes about `sample_bytes` (1: all of them, also for sample_bytes=0)."""
+        size = self.size_bytes() if sample_bytes else 0
+        return -(-size // sample_bytes) if size > sample_bytes else 1
+
     def texts(self, sample_bytes: int = 0) -> Iterator[str]:
         """The pieces' texts (what a tokenizer is trained on: no piece holds a whole large file); with
-        `sample_bytes`, every k-th piece, k chosen so that about that many bytes pass (all when fewer)."""
-        size = self.size_bytes() if sample_bytes else 0
-        every = -(-size // sample_bytes) if size > sample_bytes else 1
+        `sample_bytes`, every sample_stride(sample_bytes)-th piece."""
+        every = self.sample_stride(sample_bytes)
         return (p.text for i, p in enumerate(self.pieces()) if i % every == 0)
 
     def documents(self) -> Iterator[str]:

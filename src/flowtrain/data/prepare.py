@@ -305,7 +305,7 @@ def cache_key(cfg: DataConfig) -> str:
         import tokenizers  # the trained merges may change with the library's version
 
         tok.update(bpe_vocab_size=cfg.bpe_vocab_size, tokenizers=tokenizers.__version__)
-        if cfg.bpe_train_bytes and corpus.size_bytes() > cfg.bpe_train_bytes:  # older keys stay valid otherwise
+        if corpus.sample_stride(cfg.bpe_train_bytes) > 1:  # older keys stay valid otherwise
             tok["bpe_train_bytes"] = cfg.bpe_train_bytes
     key = {
         "format_version": FORMAT_VERSION,

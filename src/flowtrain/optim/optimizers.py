@@ -147,7 +147,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     make = lambda impl: cls(groups, **impl, **hyper)  # noqa: E731
     if cfg.name == "muon":
         muon, rest = _muon_groups(model, groups)
-        make = lambda impl: MuonWithAdamW(muon, rest, adamw_impl=impl, adamw_lr=cfg.lr * cfg.adamw_lr_scale, **hyper)  # noqa: E731
+        adamw_lr = cfg.lr * cfg.adamw_lr_scale
+        make = lambda impl: MuonWithAdamW(muon, rest, adamw_impl=impl, adamw_lr=adamw_lr, **hyper)  # noqa: E731
     impl = cfg.implementation
     if impl in ("auto", "fused") and fused_available(cls, device_type):
         try:
