@@ -19,6 +19,7 @@ Suggestions are conditioned on the run's config (`Context`): nothing already set
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -216,9 +217,16 @@ def clip_saturation(fraction: float, window: int, threshold: float) -> Finding:
 
 # ---- per monitored step ---------------------------------------------------------------------------------------
 def _median(values) -> float:
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    v = v[~np.isnan(v)]
-    return float(np.median(v)) if len(v) else float("nan")
+    """Median of the values that are not None or NaN (NaN when none is), in Python: numpy's is slow on a window's
+    few values, and a guard judging every record takes a dozen (docs/performance.md)."""
+    kept = [float(x) for x in values if x is not None and not math.isnan(x)]
+    return statistics.median(kept) if kept else math.nan
+
+
+def _over_layers(values: np.ndarray, reduce) -> float | None:
+    """`reduce` (statistics.median, max) of one summary's per-layer values without NaN; None when none is finite."""
+    kept = [x for x in values.tolist() if not math.isnan(x)]
+    return reduce(kept) if any(math.isfinite(x) for x in kept) else None
 
 
 def _where(pairs: list[tuple[float, str | None]], pick) -> str | None:
@@ -237,8 +245,7 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
         what = f"non-finite gradient values at step {bad.step}, first in {bad.first_nonfinite} (backward order)"
         found.append(Finding("nonfinite", "critical", what, _nonfinite_advice(ctx), [evidence("step", bad.step)],
                              bad.first_nonfinite))  # fmt: skip
-    ratio = _median(float(np.nanmedian(s.update_ratio)) if np.isfinite(s.update_ratio).any() else None
-                    for s in window)  # fmt: skip
+    ratio = _median(_over_layers(s.update_ratio, statistics.median) for s in window)
     if ratio > th.update_ratio_high:
         found.append(Finding(
             "lr_too_high", "warning",
@@ -291,7 +298,7 @@ def judge_flow(window: Sequence[FlowSummary], th: Thresholds, ctx: Context) -> l
             "check for frozen, detached or unused parameters (a hook or a .detach() in the forward)",
             [evidence("layers_without_gradient", len(dead), ">", 0)], dead[0],
         ))  # fmt: skip
-    grads_flow = _median(float(np.nanmax(s.grad_norm)) if np.isfinite(s.grad_norm).any() else None for s in window)
+    grads_flow = _median(_over_layers(s.grad_norm, max) for s in window)
     if ratio < th.update_ratio_low and grads_flow > 0 and not dead:
         found.append(Finding(
             "lr_too_low", "warning",
