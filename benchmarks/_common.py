@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -42,6 +43,22 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 20, device: st
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def time_calls(owner, attribute: str, label: str, spent: dict[str, float]) -> None:
+    """Wrap `owner.attribute` (an instance's bound method or a class's function) so that the wall time of every
+    call adds to spent[label]."""
+    inner = getattr(owner, attribute)
+
+    @functools.wraps(inner)
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - started
+
+    setattr(owner, attribute, timed)
 
 
 def summarize(samples: list[float]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import sys
 import tempfile
 import time
@@ -22,29 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import shakespeare_trainer  # noqa: E402
+from _common import shakespeare_trainer, time_calls  # noqa: E402
 
 from flowtrain.sinks.jsonl import read_jsonl  # noqa: E402
 
 SPENT: dict[str, float] = collections.defaultdict(float)
 
 
-def with_timer(inner, label: str):
-    """`inner` plus a wall-clock timer booked under `label`."""
-
-    @functools.wraps(inner)
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            SPENT[label] += time.perf_counter() - started
-
-    return wrapper
-
-
 def timed(owner, attribute: str, label: str) -> None:
-    setattr(owner, attribute, with_timer(getattr(owner, attribute), label))
+    time_calls(owner, attribute, label, SPENT)
 
 
 def main() -> None:

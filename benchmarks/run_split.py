@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import sys
 import tempfile
 import time
@@ -24,30 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import shakespeare_trainer  # noqa: E402
+from _common import shakespeare_trainer, time_calls  # noqa: E402
 
 from flowtrain.flow.guard import Guard  # noqa: E402
 from flowtrain.flow.monitor import FlowMonitor  # noqa: E402
 from flowtrain.train.run_log import RunLog  # noqa: E402
 
 SPENT: dict[str, float] = collections.defaultdict(float)
-CALLS: dict[str, int] = collections.defaultdict(int)
 
 
 def timed(owner, attribute: str, label: str) -> None:
-    """Book the wall time of `owner.attribute` (a class's method or an instance's bound one) under `label`."""
-    inner = getattr(owner, attribute)
-
-    @functools.wraps(inner)
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            SPENT[label] += time.perf_counter() - started
-            CALLS[label] += 1
-
-    setattr(owner, attribute, wrapper)
+    time_calls(owner, attribute, label, SPENT)
 
 
 PARTS = (
@@ -65,7 +51,6 @@ PARTS = (
 
 def one_run(config: str, tensorboard: bool) -> dict[str, float]:
     SPENT.clear()
-    CALLS.clear()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = shakespeare_trainer(Path(tmp), "split", [f"log.tensorboard={str(tensorboard).lower()}"], config)
         timed(trainer.evaluation, "run", "evaluation")
