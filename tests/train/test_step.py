@@ -92,3 +92,57 @@ def test_one_process_data_parallel_is_the_trivial_case():
     with parallel.grad_sync(torch.nn.Linear(2, 2), last=False), parallel.main_first():
         parallel.barrier()
     parallel.shutdown()
+
+
+def _state(model, opt, **extra) -> TrainState:
+    return TrainState(
+        model=model,
+        raw_model=model,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        loader=_Slots(),
+        clipper=GradClipper(ClipConfig(kind="norm", max_norm=0.5)),
+        guard=Guard(GuardConfig(), list(model.named_parameters()), host_every_step=True),
+        precision=Precision(None, "cpu"),
+        parallel=DataParallel(DistContext("none"), torch.device("cpu")),
+        device=torch.device("cpu"),
+        **extra,
+    )
+
+
+def test_a_compiled_model_runs_one_graph_between_monitored_steps_and_eagerly_on_them():
+    """Dynamo does not guard on module hooks: compiled once without the microscope's hooks a graph never calls
+    them, compiled with them it breaks at each on every step. So monitored steps run the eager module (hooks
+    called, statistics taken) and the others one compiled graph; training is the eager run's."""
+    graphs = []
+
+    def counting(gm, example_inputs):  # a backend that runs dynamo's graph as it is and counts its calls
+        def run(*args):
+            graphs.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    def six_steps(compiled: bool):
+        model, opt = _model_and_optimizer()  # seeds the global RNG (dropout) the same way for both runs
+        state = (
+            _state(torch.compile(model, backend=counting), opt, eager_model=model) if compiled else _state(model, opt)
+        )
+        state.monitor = FlowMonitor(model, opt, FlowConfig(interval=2))  # steps 1, 3, 5 monitored
+        records, calls = [], []
+        for step in range(1, 7):
+            before = len(graphs)
+            train_step(state)
+            records.append(state.monitor.collect(step))
+            calls.append(len(graphs) - before)
+        return model, records, calls
+
+    torch._dynamo.reset()
+    model, records, calls = six_steps(compiled=True)
+    reference, expected, _ = six_steps(compiled=False)
+    assert calls == [0, 2, 0, 2, 0, 2]  # two micro-batches: one graph each between monitored steps, none on them
+    for record, want in zip(records[::2], expected[::2], strict=True):
+        depth = record.depth("resid_grad_norm")
+        assert all(v > 0 for v in depth) and depth == want.depth("resid_grad_norm")
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -233,3 +233,17 @@ def test_steps_drives_the_loop_one_iteration_at_a_time(small_text, tmp_path):
     run = stepped.run.root
     assert _losses(run) == _losses(whole_run)[:7]
     assert not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_compiled_run_runs_its_monitored_steps_eagerly(small_text, tmp_path, enabled):
+    """train.compile=true: the compiled module between monitored steps, the same module uncompiled on them
+    (tests/train/test_step.py runs such a state and counts the graphs); without the microscope, always compiled."""
+    cfg = load_config("default", tiny_overrides(small_text, tmp_path, **{"train.compile": True, "flow.interval": 2,
+                                                                        "flow.enabled": enabled}))  # fmt: skip
+    state = Trainer(cfg).state  # torch.compile compiles at the first call: none is made here
+    assert state.eager_model is not None and state.model is not state.eager_model
+    for step in range(4):
+        state.monitor.step_index = step
+        eager = enabled and step % 2 == 0
+        assert state.forward_model() is (state.eager_model if eager else state.model), step

@@ -50,6 +50,7 @@ class DepthProbe:
         self.act_norm: list[torch.Tensor | None] = [None] * self.n
         self.act_max: list[torch.Tensor | None] = [None] * self.n
         self.act_count = [0] * self.n
+        self.saw_forward = False  # a training forward called the hooks since arm()
 
     def arm(self) -> None:
         self._reset()
@@ -70,6 +71,7 @@ class DepthProbe:
     def _observe(self, index: int, h: torch.Tensor | None) -> None:
         if h is None or not torch.is_grad_enabled():  # evaluation and sampling are not training
             return
+        self.saw_forward = True
         if self.cfg.activations:  # on the detached tensor: no autograd graph, no no_grad() needed
             d = h.detach()
             self.act_norm[index] = _hypot(self.act_norm[index], torch.linalg.vector_norm(d, dtype=torch.float32))

@@ -23,6 +23,11 @@ class LogitsProbe:
         self.lse_sum: torch.Tensor | None = None
         self.rows = 0
 
+    @property
+    def saw_forward(self) -> bool:
+        """A training forward called the hook since arm()."""
+        return self.rows > 0
+
     def arm(self) -> None:
         self._reset()
         self.hooks.attach()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -230,6 +231,7 @@ class FlowMonitor:
                      update_sumsq, adam_v_sum]
                 )  # fmt: skip
                 stats.grads, stats.weight_sumsq = {}, None
+                self._note_hooks_called()
                 if self.depth is not None:
                     stats.depth = self.depth.raw(device, self.sync, self.backward_scale)
                 if self.logits is not None:
@@ -244,6 +246,12 @@ class FlowMonitor:
         stats.flow_ms = 1e3 * self.interval.last_spent
         self.step_index += 1
         self._arm()
+
+    def _note_hooks_called(self) -> None:
+        """Statistics of hooks that a monitored step's forward never called are unavailable, said once, not NaN."""
+        for probe, stats in ((self.depth, DEPTH_STATS), (self.logits, structure.LOGIT_STATS)):
+            if probe is not None and structure.note_hooks_called(self.unavailable, probe.saw_forward, stats):
+                warnings.warn(structure.HOOKS_NOT_CALLED, stacklevel=3)
 
     @contextlib.contextmanager
     def outside_step(self):

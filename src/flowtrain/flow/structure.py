@@ -177,5 +177,24 @@ def unavailable(model: nn.Module, cfg, blocks: Sequence[nn.Module], sampler, hea
     return out
 
 
+HOOKS_NOT_CALLED = (
+    "the microscope's forward hooks were not called on a monitored step: a model that torch.compile compiled while "
+    "they were detached never calls them; run the uncompiled module on monitored steps (FlowMonitor.is_monitored(), "
+    "docs/flow.md)"
+)
+
+
+def note_hooks_called(unavailable: dict[str, str], called: bool, stats: Sequence[str]) -> bool:
+    """After a monitored step: list `stats` as unavailable when its forward never called the hooks that take them,
+    and take that back when a later one did. Returns whether they were newly listed."""
+    if called:
+        for stat in [s for s in stats if unavailable.get(s) == HOOKS_NOT_CALLED]:
+            del unavailable[stat]
+        return False
+    new = [s for s in stats if s not in unavailable]
+    unavailable.update(dict.fromkeys(new, HOOKS_NOT_CALLED))
+    return bool(new)
+
+
 def _gives_logits(module: nn.Module) -> bool:
     return isinstance(module, Attend) or callable(getattr(module, "attention_logits", None))

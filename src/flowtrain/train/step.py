@@ -38,6 +38,7 @@ class TrainState:
     parallel: DataParallel
     device: torch.device
     monitor: FlowMonitor | None = None  # attached once the state is restored (it counts from the restored step)
+    eager_model: nn.Module | None = None  # a compiled `model` without torch.compile: the monitored steps' forward
     loss_options: dict[str, float] = field(default_factory=dict)  # lm_loss keywords (label smoothing, z-loss)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
     host_check_every: int = 1  # the guard reads numbers on the host every N steps (1 on CPU: always)
@@ -46,6 +47,14 @@ class TrainState:
 
     def __post_init__(self) -> None:
         self.named_params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
+
+    def forward_model(self) -> nn.Module:
+        """The module that runs this step's forward. A compiled model runs as compiled between monitored steps and
+        eagerly on them: dynamo does not guard on module hooks, so a graph compiled without the microscope's hooks
+        would never call them, and one compiled with them would break at every hook on every step."""
+        if self.eager_model is not None and self.monitor is not None and self.monitor.is_monitored():
+            return self.eager_model
+        return self.model
 
     def host_checks_now(self) -> bool:
         """Whether the guard reads numbers on the host in the step about to run."""
@@ -71,11 +80,12 @@ def train_step(state: TrainState) -> StepOutput:
     micro_batches = state.loader.next_step()  # batch load (this rank's slots of the global batch)
     real_targets = parallel.global_targets(sum(b.n_targets for b in micro_batches))
     step_loss = torch.zeros((), device=state.device)
+    model = state.forward_model()
     for i, batch in enumerate(micro_batches):
         inputs, targets, doc_ids = _to_device(batch, state.device)
-        with parallel.grad_sync(state.model, last=i == len(micro_batches) - 1):
+        with parallel.grad_sync(model, last=i == len(micro_batches) - 1):
             with state.precision.autocast():
-                logits = state.model(inputs, doc_ids=doc_ids)  # embedding → attention → FFN → prediction
+                logits = model(inputs, doc_ids=doc_ids)  # embedding → attention → FFN → prediction
             loss = lm_loss(logits, targets, **state.loss_options).loss  # cross-entropy (+ smoothing, z-loss)
             weight = batch.n_targets / max(real_targets, 1)  # mean over all real tokens of the step
             _backward(state, loss * (weight * parallel.world_size))  # backprop → gradients (accumulate)

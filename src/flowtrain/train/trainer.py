@@ -180,7 +180,7 @@ class Trainer:
         faults = attach_faults(cfg.fault, self.state, self.raw_model.layer_of, self.tokenizer.vocab_size)
         if faults and self.parallel.is_main:
             print(f"flowtrain: fault injection on: {'; '.join(faults)}", file=sys.stderr)
-        self.state.model = torch.compile(wrapped) if tc.compile else wrapped
+        self.state.model, self.state.eager_model = (torch.compile(wrapped), wrapped) if tc.compile else (wrapped, None)
         self.log: RunLog | None = None  # opened by steps()
         self.final_eval: dict[str, float] = {}
 
