@@ -35,6 +35,7 @@ ABLATIONS = {
     "fast - adamw_lr_scale": ["optim.adamw_lr_scale=1"],  # the embedding and the norm gains at Muon's optim.lr
     "fast - batch 48": ["train.batch_size=12", "train.max_steps=2132"],  # the same tokens in nanoGPT's batches
     "fast - wsd": ["schedule.kind=cosine", "schedule.min_lr=1e-4"],
+    "fast - warmup 25": ["schedule.warmup_steps=100"],  # shakespeare-char's warmup
 }
 
 
