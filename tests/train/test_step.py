@@ -37,9 +37,9 @@ def _model_and_optimizer():
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
-def test_the_step_is_the_textbook_loop_on_a_small_explicit_state():
-    model, opt = _model_and_optimizer()
-    state = TrainState(
+def _state(model, opt, **extra) -> TrainState:
+    """A one-process CPU state around `model` and `opt`: the slots above, a norm clip at 0.5, the guard."""
+    return TrainState(
         model=model,
         raw_model=model,
         optimizer=opt,
@@ -50,7 +50,13 @@ def test_the_step_is_the_textbook_loop_on_a_small_explicit_state():
         precision=Precision(None, "cpu"),
         parallel=DataParallel(DistContext("none"), torch.device("cpu")),
         device=torch.device("cpu"),
+        **extra,
     )
+
+
+def test_the_step_is_the_textbook_loop_on_a_small_explicit_state():
+    model, opt = _model_and_optimizer()
+    state = _state(model, opt)
     state.monitor = FlowMonitor(model, opt, FlowConfig(interval=1))
     losses = []
     for _ in range(3):
@@ -92,22 +98,6 @@ def test_one_process_data_parallel_is_the_trivial_case():
     with parallel.grad_sync(torch.nn.Linear(2, 2), last=False), parallel.main_first():
         parallel.barrier()
     parallel.shutdown()
-
-
-def _state(model, opt, **extra) -> TrainState:
-    return TrainState(
-        model=model,
-        raw_model=model,
-        optimizer=opt,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-        loader=_Slots(),
-        clipper=GradClipper(ClipConfig(kind="norm", max_norm=0.5)),
-        guard=Guard(GuardConfig(), list(model.named_parameters()), host_every_step=True),
-        precision=Precision(None, "cpu"),
-        parallel=DataParallel(DistContext("none"), torch.device("cpu")),
-        device=torch.device("cpu"),
-        **extra,
-    )
 
 
 def test_a_compiled_model_runs_one_graph_between_monitored_steps_and_eagerly_on_them():
